@@ -1,0 +1,33 @@
+# Every target sets itself up: a virtualenv with the pinned CPU torch and kineflow[dev].
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kineflow-installed
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Pinned: an unpinned torch pulls a multi-GB CUDA build on CPU-only machines.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m kineflow demo --out outputs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+	$(PY) -m ruff check kineflow tests bench
+
+bench: $(STAMP)
+	$(PY) bench/solver_speed.py
+	$(PY) bench/solver_quality.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check kineflow tests bench
+	$(PY) -m ruff format --check kineflow tests bench
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

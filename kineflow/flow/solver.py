@@ -1,0 +1,350 @@
+"""Euler solver for factorised CTMCs driven by a denoiser ``p_θ(x_1 | x_t)``.
+
+One step from ``t`` to ``t + h``, independently for every position ``i`` being generated:
+
+1. draw a target ``x_1^i ~ p_θ(· | x_t)`` (after temperature / top-k / guidance);
+2. total unit-clock rate ``λ^i = Σ_{x ≠ x_t^i} r_t(x, x_t^i | x_1^i)`` (see :mod:`kineflow.flow.path`);
+3. jump with probability ``1 − exp(−Δs · λ^i)`` to a state drawn from ``r_t(·, x_t^i | x_1^i) / λ^i``,
+   where the clock increment is ``Δs = s_{t+h} − s_t`` (``rate="integrated"``, default) or
+   ``Δs = h · ṡ_t`` (``rate="euler"``, the plain Euler rate ``h · β̇_t``);
+4. on the last step of a grid ending at t = 1, set ``x^i = x_1^i``.
+
+For the metric path ``β̇_0 = ∞`` (a < 1): the official FUDOKI solver patches this with
+``β̇_0 := 0``, which wastes the first model call. The integrated increment ``β_h − β_0`` is
+finite, so every model call moves tokens; ``bench/solver_quality.py`` measures the difference.
+
+Several modalities share one sequence through the same code path: the solver holds one path
+per modality name, ``region`` maps each name to the positions it generates, and ``model_fn``
+returns one logits tensor per name (over that modality's vocabulary). Tokens outside every
+region never change. Work is done on the flattened region positions in chunks, so peak memory
+is ``O(chunk · V)`` no matter how long the sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kineflow.flow._checks import check_ids
+from kineflow.flow.path import DiscretePath
+from kineflow.flow.sampling import categorical, sample_logits
+
+ModelFn = Callable[[Tensor, Tensor], "Tensor | Mapping[str, Tensor]"]
+_SINGLE = "tokens"  # the modality name used when the solver holds a single path
+
+
+@dataclass
+class SolverResult:
+    """Output of :meth:`EulerSolver.solve`.
+
+    Attributes:
+        samples: Long[B, N], the final sequence.
+        times: Float[n + 1], the time grid.
+        nfe: number of ``model_fn`` calls.
+        states: Long[n + 1, B, N], ``x_t`` at every grid time (``return_trajectory=True``).
+        predictions: Long[n, B, N], the targets ``x_1`` drawn at every step, equal to ``x_t``
+            outside the regions (``return_trajectory=True``).
+    """
+
+    samples: Tensor
+    times: Tensor
+    nfe: int
+    states: Tensor | None = None
+    predictions: Tensor | None = None
+
+
+def uniform_grid(steps: int, device: torch.device | str | None = None) -> Tensor:
+    """``t_k = k / steps``, k = 0..steps: Float[steps + 1]."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return torch.linspace(0.0, 1.0, steps + 1, device=device)
+
+
+class EulerSolver:
+    """Sample sequences by simulating the CTMC of one or several discrete paths.
+
+    Args:
+        path: a :class:`DiscretePath`, or a mapping from modality name to path (e.g.
+            ``{"text": text_path, "image": image_path}``).
+        rate: ``"integrated"`` (clock increment ``s_{t+h} − s_t``) or ``"euler"`` (``h·ṡ_t``).
+        max_chunk_elements: positions are processed ``max_chunk_elements // V`` at a time;
+            bounds the solver's own peak memory (each chunk holds a few Float[chunk, V]).
+    """
+
+    def __init__(
+        self,
+        path: DiscretePath | Mapping[str, DiscretePath],
+        rate: Literal["integrated", "euler"] = "integrated",
+        max_chunk_elements: int = 1 << 24,
+    ) -> None:
+        if isinstance(path, DiscretePath):
+            self.paths: dict[str, DiscretePath] = {_SINGLE: path}
+            self.single = True
+        elif isinstance(path, Mapping) and path:
+            bad = [k for k, p in path.items() if not isinstance(p, DiscretePath)]
+            if bad:
+                raise TypeError(f"paths for modalities {bad} are not DiscretePath instances")
+            self.paths = dict(path)
+            self.single = False
+        else:
+            raise TypeError("path must be a DiscretePath or a non-empty mapping of them")
+        if rate not in ("integrated", "euler"):
+            raise ValueError(f"rate must be 'integrated' or 'euler', got {rate!r}")
+        if max_chunk_elements < 1:
+            raise ValueError(f"max_chunk_elements must be positive, got {max_chunk_elements}")
+        self.rate = rate
+        self.max_chunk_elements = int(max_chunk_elements)
+
+    # -- public API ---------------------------------------------------------------------------
+    def sample(
+        self,
+        model_fn: ModelFn,
+        x_init: Tensor,
+        steps: int | None = None,
+        region: Tensor | Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> Tensor:
+        """Run the solver and return the final Long[B, N]. Keyword arguments as :meth:`solve`."""
+        return self.solve(model_fn, x_init, steps, region, generator, **kwargs).samples
+
+    def solve(
+        self,
+        model_fn: ModelFn,
+        x_init: Tensor,
+        steps: int | None = None,
+        region: Tensor | Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        time_grid: Tensor | None = None,
+        temperature: float | Mapping[str, float] = 1.0,
+        top_k: int | None | Mapping[str, int | None] = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> SolverResult:
+        """Simulate from ``x_init`` along the time grid.
+
+        Args:
+            model_fn: ``(x_t: Long[B, N], t: Float[B]) -> logits``: Float[B, N, V] for a single
+                path, else a mapping from modality name to Float[B, N, V_name].
+            x_init: Long[B, N], the start state (e.g. from :meth:`init_state`); positions
+                outside ``region`` are kept as they are (prompt, placeholders, padding).
+            steps: number of uniform steps (= model calls); or give ``time_grid``.
+            region: Bool[B, N] of positions to generate (default: all) for a single path, or a
+                mapping from every modality name to its (disjoint) Bool[B, N] region.
+            generator: source of all randomness; the same seed gives the same samples.
+            time_grid: Float[n + 1], strictly increasing in [0, 1]; a grid ending at 1 ends
+                with ``x = x_1``; one starting above 0 continues a partially generated state.
+            temperature, top_k: applied to the model's predictions of ``x_1``; a number, or a
+                mapping per modality name. ``top_k=1`` (or temperature 0) is greedy.
+            return_trajectory: also return every ``x_t`` and every predicted ``x_1``.
+            progress: show a progress bar.
+        """
+        x = self._check_state(x_init)
+        regions = self._regions(x, region)
+        grid = self._grid(steps, time_grid, x.device)
+        positions = {name: r.nonzero(as_tuple=True) for name, r in regions.items()}
+        options = {
+            name: (self._option(temperature, name, "temperature"), self._option(top_k, name, "top_k"))
+            for name in self.paths
+        }
+        x = x.clone()
+        states, predictions = ([x.clone()], []) if return_trajectory else (None, None)
+        n = grid.numel() - 1
+        ends_at_one = bool(grid[-1] == 1)
+        for k in tqdm(range(n), disable=not progress, desc="flow sampling", unit="step"):
+            t, t_next = grid[k], grid[k + 1]
+            logits = self._call_model(model_fn, x, t)
+            final = ends_at_one and k == n - 1
+            predicted = x.clone() if return_trajectory else None
+            for name, path in self.paths.items():
+                x1 = self._advance(
+                    name, path, x, logits[name], positions[name], t, t_next, final,
+                    *options[name], generator,
+                )  # fmt: skip
+                if predicted is not None:
+                    predicted[positions[name]] = x1
+            if return_trajectory:
+                states.append(x.clone())
+                predictions.append(predicted)
+        return SolverResult(
+            samples=x,
+            times=grid,
+            nfe=n,
+            states=torch.stack(states) if return_trajectory else None,
+            predictions=torch.stack(predictions) if return_trajectory else None,
+        )
+
+    def init_state(
+        self,
+        x: Tensor,
+        region: Tensor | Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A copy of ``x`` (Long[B, N]) whose region positions are drawn from each path's
+        source ``p_0`` (uniform for the metric path, all-mask for the masked path)."""
+        x = self._check_state(x)
+        out = x.clone()
+        for name, r in self._regions(x, region, check_ids_in_region=False).items():
+            count = int(r.sum())
+            out[r] = self.paths[name].sample_prior((count,), generator, device=x.device)
+        return out
+
+    # -- one step for one modality --------------------------------------------------------------
+    def _advance(
+        self,
+        name: str,
+        path: DiscretePath,
+        x: Tensor,
+        logits: Tensor,
+        positions: tuple[Tensor, Tensor],
+        t: Tensor,
+        t_next: Tensor,
+        final: bool,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Update ``x`` in place on ``positions``; return the predicted targets there (Long[M])."""
+        rows, cols = positions
+        chunk = max(1, self.max_chunk_elements // path.vocab_size)
+        if self.rate == "integrated":
+            dclock = path.clock(t_next) - path.clock(t)
+        else:
+            dclock = (t_next - t) * path.clock_dot(t)
+        targets = torch.empty(rows.numel(), dtype=torch.long, device=x.device)
+        for start in range(0, rows.numel(), chunk):
+            b, i = rows[start : start + chunk], cols[start : start + chunk]
+            x1 = self._targets(name, path, logits[b, i], t, temperature, top_k, generator)
+            targets[start : start + b.numel()] = x1
+            if final:
+                x[b, i] = x1
+                continue
+            x_t = x[b, i]
+            rates = path._unit_rates(x_t, x1, t)
+            total = rates.sum(-1)
+            # Δs may be +inf (Euler rate at t = 0): rows with zero total rate must stay put.
+            p_jump = torch.where(total > 0, -torch.expm1(-dclock * total), torch.zeros_like(total))
+            jump = torch.rand(total.shape, generator=generator, device=x.device) < p_jump
+            if jump.any():
+                x_t[jump] = categorical(rates[jump], generator)
+                x[b, i] = x_t
+        return targets
+
+    @staticmethod
+    def _targets(
+        name: str,
+        path: DiscretePath,
+        logits: Tensor,
+        t: Tensor,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        logits = logits.float()
+        if path.invalid_targets:
+            logits[:, list(path.invalid_targets)] = -torch.inf
+        # max() propagates NaN and +inf, and is -inf only when no valid target is left.
+        peak = logits.amax(-1)
+        if not torch.isfinite(peak).all():
+            raise ValueError(
+                f"model_fn returned NaN/inf logits (or no valid target) for modality {name!r} "
+                f"at t={float(t):.4f}"
+            )
+        return sample_logits(logits, temperature, top_k, generator)
+
+    # -- validation -----------------------------------------------------------------------------
+    def _check_state(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x_init must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"x_init must be an integer tensor of token ids, got dtype {x.dtype}")
+        if x.ndim != 2:
+            raise ValueError(f"x_init must have shape [B, N], got {tuple(x.shape)}")
+        return x.long()
+
+    def _regions(
+        self,
+        x: Tensor,
+        region: Tensor | Mapping[str, Tensor] | None,
+        check_ids_in_region: bool = True,
+    ) -> dict[str, Tensor]:
+        if self.single:
+            if isinstance(region, Mapping):
+                raise TypeError("region must be a Bool[B, N] tensor for a single-path solver")
+            regions = {_SINGLE: torch.ones_like(x, dtype=torch.bool) if region is None else region}
+        else:
+            if not isinstance(region, Mapping) or set(region) != set(self.paths):
+                got = sorted(region) if isinstance(region, Mapping) else type(region).__name__
+                raise ValueError(
+                    f"region must map every modality {sorted(self.paths)} to a Bool[B, N] mask, "
+                    f"got {got}"
+                )
+            regions = dict(region)
+        covered = torch.zeros_like(x, dtype=torch.int32)
+        for name, r in regions.items():
+            label = "region" if self.single else f"region[{name!r}]"
+            if not isinstance(r, Tensor) or r.dtype != torch.bool:
+                kind = r.dtype if isinstance(r, Tensor) else type(r).__name__
+                raise TypeError(f"{label} must be a bool tensor, got {kind}")
+            if r.shape != x.shape:
+                raise ValueError(
+                    f"{label} has shape {tuple(r.shape)}, expected x_init's {tuple(x.shape)}"
+                )
+            regions[name] = r = r.to(x.device)
+            covered += r
+            if check_ids_in_region:
+                ids = "x_init" if self.single else f"x_init in region[{name!r}]"
+                check_ids(ids, x[r], self.paths[name].vocab_size)
+        if (covered > 1).any():
+            raise ValueError("regions of different modalities overlap")
+        return regions
+
+    @staticmethod
+    def _grid(steps: int | None, time_grid: Tensor | None, device: torch.device) -> Tensor:
+        if time_grid is None:
+            if steps is None:
+                raise ValueError("give either steps or time_grid")
+            return uniform_grid(steps, device)
+        if not isinstance(time_grid, Tensor) or not time_grid.is_floating_point():
+            raise TypeError("time_grid must be a floating-point tensor")
+        if time_grid.ndim != 1 or time_grid.numel() < 2:
+            raise ValueError(f"time_grid must be 1-D with >= 2 times, got {tuple(time_grid.shape)}")
+        if steps is not None and steps != time_grid.numel() - 1:
+            raise ValueError(f"steps={steps} disagrees with a time_grid of {time_grid.numel()} times")
+        grid = time_grid.to(device=device, dtype=torch.get_default_dtype())
+        if (grid[0] < 0) or (grid[-1] > 1) or not (grid[1:] > grid[:-1]).all():
+            raise ValueError(f"time_grid must increase strictly within [0, 1], got {time_grid}")
+        return grid
+
+    def _option(self, value, name: str, what: str):
+        if isinstance(value, Mapping):
+            unknown = set(value) - set(self.paths)
+            if unknown:
+                raise ValueError(f"{what} names unknown modalities {sorted(unknown)}")
+            return value.get(name, 1.0 if what == "temperature" else None)
+        return value
+
+    def _call_model(self, model_fn: ModelFn, x: Tensor, t: Tensor) -> dict[str, Tensor]:
+        B, N = x.shape
+        out = model_fn(x, t.expand(B))
+        if self.single:
+            if isinstance(out, Mapping):
+                raise TypeError("model_fn must return a logits tensor for a single-path solver")
+            out = {_SINGLE: out}
+        elif not isinstance(out, Mapping) or set(out) != set(self.paths):
+            got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+            raise ValueError(f"model_fn must return logits for modalities {sorted(self.paths)}, got {got}")
+        for name, logits in out.items():
+            expected = (B, N, self.paths[name].vocab_size)
+            label = "model_fn output" if self.single else f"model_fn output[{name!r}]"
+            if not isinstance(logits, Tensor) or not logits.is_floating_point():
+                raise TypeError(f"{label} must be a floating-point tensor of logits")
+            if tuple(logits.shape) != expected:
+                raise ValueError(f"{label} has shape {tuple(logits.shape)}, expected {expected}")
+        return out
