@@ -57,20 +57,22 @@ class MaskedPath(DiscretePath):
         return self.scheduler.kappa_dot(t) / (1 - self.scheduler.kappa(t))
 
     def prior_probs(self) -> Tensor:
-        p0 = torch.zeros(self.vocab_size)
+        p0 = torch.zeros(self.vocab_size)  # the mask state is a constant: no buffers to follow
         p0[self.mask_id] = 1.0
         return p0
 
     def _log_probs(self, x1: Tensor, t: Tensor) -> Tensor:
-        kappa = self.kappa(t).to(torch.get_default_dtype()).expand(x1.shape)
-        out = torch.full((*x1.shape, self.vocab_size), -torch.inf, device=x1.device)
+        kappa = self.kappa(t).expand(x1.shape)
+        out = torch.full(
+            (*x1.shape, self.vocab_size), -torch.inf, dtype=kappa.dtype, device=x1.device
+        )
         out[..., self.mask_id] = torch.log1p(-kappa)
         # A target equal to the mask (never valid) would be overwritten here; _time rejects it.
         return out.scatter_(-1, x1.unsqueeze(-1), torch.log(kappa).unsqueeze(-1))
 
     def _unit_rates(self, x_t: Tensor, x1: Tensor, t: Tensor) -> Tensor:
         """``r(x, x_t | x1) = δ_{x1}(x)`` if ``x_t`` is the mask, else 0."""
-        rates = torch.zeros(*x1.shape, self.vocab_size, device=x1.device)
+        rates = torch.zeros(*x1.shape, self.vocab_size, dtype=t.dtype, device=x1.device)
         masked = (x_t == self.mask_id).to(rates.dtype).unsqueeze(-1)
         return rates.scatter_(-1, x1.unsqueeze(-1), masked)
 

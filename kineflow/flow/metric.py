@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 @runtime_checkable
 class Metric(Protocol):
-    """``d(·, y)`` for a batch of states ``y``: Long[...] -> Float[..., V], ``d ≥ 0``, ``d(y, y) = 0``."""
+    """``d(·, y)`` for a batch of states y: Long[...] -> Float[..., V]; d ≥ 0, d(y, y) = 0."""
 
     def __call__(self, y: Tensor) -> Tensor: ...
 
@@ -84,14 +84,15 @@ class HammingMetric(nn.Module):
     """``d(x, y) = 1[x ≠ y]``. With it the metric path becomes the uniform-noise mixture path
     ``p_t = (1 − w_t)·Uniform + w_t·δ_{x_1}`` (no notion of token similarity)."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
         self.vocab_size = int(vocab_size)
+        self.dtype = dtype
 
     def forward(self, y: Tensor) -> Tensor:
-        d = torch.ones(*y.shape, self.vocab_size, device=y.device)
+        d = torch.ones(*y.shape, self.vocab_size, dtype=self.dtype, device=y.device)
         return d.scatter_(-1, y.unsqueeze(-1), 0.0)
 
 

@@ -3,7 +3,8 @@
 For a finite data distribution ``q = Σ_k w_k δ_{s_k}`` over sequences (not factorised across
 positions), the posterior of a factorised path is available in closed form by Bayes' rule:
 
-    p(x_1 = s_k | x_t) ∝ w_k · Π_i p_t(x_t^i | s_k^i),     p(x_1^i = v | x_t) = Σ_{k: s_k^i = v} p(s_k | x_t)
+    p(x_1 = s_k | x_t) ∝ w_k · Π_i p_t(x_t^i | s_k^i)
+    p(x_1^i = v | x_t) = Σ_{k: s_k^i = v} p(x_1 = s_k | x_t)
 
 :class:`ExactPosterior` is a drop-in ``model_fn`` returning the log of those marginals. With it,
 the sampler's only error is time discretisation, and :func:`euler_law` computes the *exact*
@@ -44,7 +45,8 @@ class ExactPosterior:
         if support.ndim != 2:
             raise ValueError(f"support must be Long[K, N], got shape {tuple(support.shape)}")
         K, N = support.shape
-        weights = torch.ones(K) if weights is None else weights.float()
+        # float64 throughout: laws are compared at the 1e-3 level after hundreds of steps.
+        weights = torch.ones(K) if weights is None else weights.double()
         if weights.shape != (K,) or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError("weights must be non-negative Float[K] with a positive sum")
         self.single = isinstance(path, DiscretePath)
@@ -58,7 +60,7 @@ class ExactPosterior:
         }
         self.vocab_sizes = [self.paths[m].vocab_size for m in modality]
         self.support = support.long()
-        self.log_weights = (weights / weights.sum()).log()
+        self.log_weights = (weights / weights.sum()).double().log()
 
     def log_posterior(self, x_t: Tensor, t: Tensor) -> Tensor:
         """``log p(x_1 = s_k | x_t)``: Float[B, K], for x_t Long[B, N] and t Float[B]."""
@@ -73,7 +75,8 @@ class ExactPosterior:
                 lp = self.paths[name].log_probs(s, float(t[0])).expand(B, *s.shape, -1)
             else:
                 lp = self.paths[name].log_probs(s.expand(B, *s.shape), t)
-            log_lik += lp.gather(-1, idx[:, None, :, None].expand(B, K, -1, 1))[..., 0].sum(-1)
+            lp = lp.gather(-1, idx[:, None, :, None].expand(B, K, -1, 1))[..., 0]
+            log_lik += lp.double().sum(-1)
         # A state no data point can reach (e.g. unmasked garbage under the masked path) has
         # zero likelihood everywhere; fall back to the prior weights instead of NaN.
         unreachable = torch.isneginf(log_lik.amax(-1, keepdim=True))
@@ -87,9 +90,9 @@ class ExactPosterior:
         out = {}
         for name, pos in self.positions.items():
             V = self.paths[name].vocab_size
-            logits = torch.zeros(B, N, V)
+            logits = torch.zeros(B, N, V, dtype=torch.float64)
             if pos.numel():
-                onehot = F.one_hot(self.support[:, pos], V).float()  # [K, n, V]
+                onehot = F.one_hot(self.support[:, pos], V).double()  # [K, n, V]
                 logits[:, pos] = torch.einsum("bk,knv->bnv", post, onehot).log()
             out[name] = logits
         return out["tokens"] if self.single else out
@@ -109,13 +112,14 @@ class ExactPosterior:
     def data_law(self) -> Tensor:
         """Float[S]: the data distribution q over :meth:`states`."""
         S = int(torch.tensor(self.vocab_sizes).prod())
-        law = torch.zeros(S)
+        law = torch.zeros(S, dtype=torch.float64)
         return law.index_add_(0, self.flat_index(self.support), self.log_weights.exp())
 
     def empirical_law(self, samples: Tensor) -> Tensor:
         """Float[S]: frequencies of the rows of ``samples`` (Long[B, N])."""
         S = int(torch.tensor(self.vocab_sizes).prod())
-        return torch.bincount(self.flat_index(samples), minlength=S).float() / samples.shape[0]
+        counts = torch.bincount(self.flat_index(samples), minlength=S).double()
+        return counts / samples.shape[0]
 
 
 def total_variation(p: Tensor, q: Tensor) -> float:
@@ -137,32 +141,36 @@ def euler_law(
     of the step (stay with prob. ``e^{−Δs λ}``, else move ∝ rates); the final step of a grid
     ending at 1 has ``T_i(v | x) = p(x_1^i = v | x)``.
     """
-    grid = uniform_grid(steps) if time_grid is None else time_grid.float()
+    grid = uniform_grid(steps) if time_grid is None else time_grid
     states = posterior.states()  # [S, N]
-    mods = [next(m for m, p in posterior.positions.items() if i in p) for i in range(states.shape[1])]
-    law = torch.ones(states.shape[0])
+    mods = [
+        next(m for m, p in posterior.positions.items() if i in p) for i in range(states.shape[1])
+    ]
+    law = torch.ones(states.shape[0], dtype=torch.float64)
     for i, m in enumerate(mods):
         law = law * posterior.paths[m].prior_probs()[states[:, i]]
     n = grid.numel() - 1
     for k in range(n):
         t, t_next = grid[k], grid[k + 1]
         logits = posterior(states, t.expand(states.shape[0]))
-        kernel = torch.ones(states.shape[0], states.shape[0])
+        kernel = torch.ones(states.shape[0], states.shape[0], dtype=torch.float64)
         for i, m in enumerate(mods):
             path = posterior.paths[m]
-            marg = torch.softmax((logits if posterior.single else logits[m])[:, i], dim=-1)  # [S, V]
+            marg = torch.softmax(
+                (logits if posterior.single else logits[m])[:, i], dim=-1
+            )  # [S, V]
             if k == n - 1 and grid[-1] == 1:
                 step = marg
             else:
                 S, V = marg.shape
                 here = states[:, i, None].expand(S, V)  # current value, for every target y
-                rates = path._unit_rates(here, torch.arange(V).expand(S, V), t)  # [S, y, v]
+                rates = path._unit_rates(here, torch.arange(V).expand(S, V), t).double()
                 total = rates.sum(-1, keepdim=True)
                 if rate == "integrated":
                     dclock = path.clock(t_next) - path.clock(t)
                 else:
                     dclock = (t_next - t) * path.clock_dot(t)
-                p_jump = torch.where(total > 0, -torch.expm1(-dclock * total), 0.0)
+                p_jump = torch.where(total > 0, -torch.expm1(-dclock.double() * total), 0.0)
                 move = torch.where(total > 0, rates / total.clamp_min(1e-30), 0.0) * p_jump
                 move = move + (1 - p_jump) * F.one_hot(here, V)  # stay
                 step = torch.einsum("sy,syv->sv", marg, move)

@@ -2,7 +2,7 @@
 
 Every path in kineflow writes its conditional velocity as a *clock* times unit-clock rates,
 
-    u_t(x, z | x_1) = ṡ_t · r_t(x, z | x_1)   for x ≠ z,      u_t(z, z | x_1) = −Σ_{x≠z} u_t(x, z | x_1),
+    u_t(x, z | x_1) = ṡ_t · r_t(x, z | x_1)  (x ≠ z),    u_t(z, z | x_1) = −Σ_{x≠z} u_t(x, z | x_1),
 
 where ``s_t`` is a monotone clock (``β_t`` for the metric path, ``−log(1 − κ_t)`` for the
 masked path) and ``r_t ≥ 0`` are the rates per unit of clock. The split lets a solver replace

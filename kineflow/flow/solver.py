@@ -3,8 +3,9 @@
 One step from ``t`` to ``t + h``, independently for every position ``i`` being generated:
 
 1. draw a target ``x_1^i ~ p_θ(· | x_t)`` (after temperature / top-k / guidance);
-2. total unit-clock rate ``λ^i = Σ_{x ≠ x_t^i} r_t(x, x_t^i | x_1^i)`` (see :mod:`kineflow.flow.path`);
-3. jump with probability ``1 − exp(−Δs · λ^i)`` to a state drawn from ``r_t(·, x_t^i | x_1^i) / λ^i``,
+2. total unit-clock rate ``λ^i = Σ_{x ≠ x_t^i} r_t(x, x_t^i | x_1^i)`` (:mod:`kineflow.flow.path`);
+3. jump with probability ``1 − exp(−Δs · λ^i)`` to a state drawn from
+   ``r_t(·, x_t^i | x_1^i) / λ^i``,
    where the clock increment is ``Δs = s_{t+h} − s_t`` (``rate="integrated"``, default) or
    ``Δs = h · ṡ_t`` (``rate="euler"``, the plain Euler rate ``h · β̇_t``);
 4. on the last step of a grid ending at t = 1, set ``x^i = x_1^i``.
@@ -123,7 +124,7 @@ class EulerSolver:
         *,
         time_grid: Tensor | None = None,
         temperature: float | Mapping[str, float] = 1.0,
-        top_k: int | None | Mapping[str, int | None] = None,
+        top_k: int | Mapping[str, int | None] | None = None,
         return_trajectory: bool = False,
         progress: bool = False,
     ) -> SolverResult:
@@ -150,7 +151,10 @@ class EulerSolver:
         grid = self._grid(steps, time_grid, x.device)
         positions = {name: r.nonzero(as_tuple=True) for name, r in regions.items()}
         options = {
-            name: (self._option(temperature, name, "temperature"), self._option(top_k, name, "top_k"))
+            name: (
+                self._option(temperature, name, "temperature"),
+                self._option(top_k, name, "top_k"),
+            )
             for name in self.paths
         }
         x = x.clone()
@@ -316,7 +320,9 @@ class EulerSolver:
         if time_grid.ndim != 1 or time_grid.numel() < 2:
             raise ValueError(f"time_grid must be 1-D with >= 2 times, got {tuple(time_grid.shape)}")
         if steps is not None and steps != time_grid.numel() - 1:
-            raise ValueError(f"steps={steps} disagrees with a time_grid of {time_grid.numel()} times")
+            raise ValueError(
+                f"steps={steps} disagrees with a time_grid of {time_grid.numel()} times"
+            )
         grid = time_grid.to(device=device, dtype=torch.get_default_dtype())
         if (grid[0] < 0) or (grid[-1] > 1) or not (grid[1:] > grid[:-1]).all():
             raise ValueError(f"time_grid must increase strictly within [0, 1], got {time_grid}")
@@ -339,7 +345,9 @@ class EulerSolver:
             out = {_SINGLE: out}
         elif not isinstance(out, Mapping) or set(out) != set(self.paths):
             got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
-            raise ValueError(f"model_fn must return logits for modalities {sorted(self.paths)}, got {got}")
+            raise ValueError(
+                f"model_fn must return logits for modalities {sorted(self.paths)}, got {got}"
+            )
         for name, logits in out.items():
             expected = (B, N, self.paths[name].vocab_size)
             label = "model_fn output" if self.single else f"model_fn output[{name!r}]"
