@@ -21,8 +21,10 @@ from kineflow.flow import (
     blank_span,
     classifier_free_guidance,
     euler_law,
+    power_grid,
     sample_logits,
     total_variation,
+    uniform_grid,
 )
 
 
@@ -238,3 +240,12 @@ def test_classifier_free_guidance() -> None:
     torch.testing.assert_close(out["text"], torch.ones(1, 3, 2))
     assert GuidedModel(model, blank_span(span, 0), 0.0)(torch.tensor([[1, 2, 3]]), None)
     assert len(calls) == 2  # scale 0: no unconditional half
+
+
+def test_power_grid_is_late_dense() -> None:
+    grid = power_grid(8, power=2.0)
+    assert grid[0] == 0 and grid[-1] == 1 and (grid.diff() > 0).all()
+    assert (grid.diff()[1:] < grid.diff()[:-1]).all()  # steps shrink towards t = 1
+    torch.testing.assert_close(power_grid(8, power=1.0), uniform_grid(8))
+    with pytest.raises(ValueError, match="power must be > 0"):
+        power_grid(8, power=0.0)

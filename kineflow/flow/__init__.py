@@ -17,7 +17,7 @@ from kineflow.flow.oracle import ExactPosterior, euler_law, total_variation
 from kineflow.flow.path import DiscretePath
 from kineflow.flow.sampling import categorical, sample_logits
 from kineflow.flow.schedulers import CosineScheduler, PolynomialScheduler
-from kineflow.flow.solver import EulerSolver, SolverResult, uniform_grid
+from kineflow.flow.solver import EulerSolver, SolverResult, power_grid, uniform_grid
 
 __all__ = [
     "CosineScheduler",
@@ -37,6 +37,7 @@ __all__ = [
     "classifier_free_guidance",
     "euler_law",
     "make_metric",
+    "power_grid",
     "sample_logits",
     "total_variation",
     "uniform_grid",
