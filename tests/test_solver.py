@@ -249,3 +249,17 @@ def test_power_grid_is_late_dense() -> None:
     torch.testing.assert_close(power_grid(8, power=1.0), uniform_grid(8))
     with pytest.raises(ValueError, match="power must be > 0"):
         power_grid(8, power=0.0)
+
+
+def test_masked_final_step_keeps_revealed_tokens(gen: torch.Generator) -> None:
+    """The last step fills the remaining masks; it never rewrites a revealed token."""
+    path = MaskedPath(5, mask_id=4)
+    logits = torch.randn(64, 8, 5, generator=gen)  # an uncertain model: x1 varies per call
+    result = EulerSolver(path).solve(
+        lambda x, t: logits, torch.full((64, 8), 4), 6, generator=gen, return_trajectory=True
+    )
+    before = result.states[-2]
+    revealed = before != 4
+    assert revealed.any() and (~revealed).any()
+    assert torch.equal(result.samples[revealed], before[revealed])
+    assert not (result.samples == 4).any()

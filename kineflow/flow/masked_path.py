@@ -61,6 +61,10 @@ class MaskedPath(DiscretePath):
         p0[self.mask_id] = 1.0
         return p0
 
+    def final_state(self, x_t: Tensor, x1: Tensor) -> Tensor:
+        """Masks are revealed as ``x1``; revealed tokens never move, not even at the end."""
+        return torch.where(x_t == self.mask_id, x1, x_t)
+
     def _log_probs(self, x1: Tensor, t: Tensor) -> Tensor:
         kappa = self.kappa(t).expand(x1.shape)
         out = torch.full(

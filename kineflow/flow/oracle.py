@@ -65,11 +65,14 @@ class ExactPosterior:
     def log_posterior(self, x_t: Tensor, t: Tensor) -> Tensor:
         """``log p(x_1 = s_k | x_t)``: Float[B, K], for x_t Long[B, N] and t Float[B]."""
         B, K = x_t.shape[0], self.support.shape[0]
-        log_lik = self.log_weights.expand(B, K).clone()
+        device = x_t.device
+        support, log_weights = self.support.to(device), self.log_weights.to(device)
+        log_lik = log_weights.expand(B, K).clone()
         for name, pos in self.positions.items():
             if pos.numel() == 0:
                 continue
-            s = self.support[:, pos]  # [K, n]
+            pos = pos.to(device)
+            s = support[:, pos]  # [K, n]
             idx = x_t[:, pos]  # [B, n]
             if (t == t[0]).all():  # the solver's case: one time for the whole batch
                 lp = self.paths[name].log_probs(s, float(t[0])).expand(B, *s.shape, -1)
@@ -80,19 +83,21 @@ class ExactPosterior:
         # A state no data point can reach (e.g. unmasked garbage under the masked path) has
         # zero likelihood everywhere; fall back to the prior weights instead of NaN.
         unreachable = torch.isneginf(log_lik.amax(-1, keepdim=True))
-        log_lik = torch.where(unreachable, self.log_weights.expand(B, K), log_lik)
+        log_lik = torch.where(unreachable, log_weights.expand(B, K), log_lik)
         return torch.log_softmax(log_lik, dim=-1)
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor | dict[str, Tensor]:
         """Log posterior marginals: Float[B, N, V] (or one tensor per modality)."""
         post = self.log_posterior(x_t, t).exp()
         B, N = x_t.shape
+        support = self.support.to(x_t.device)
         out = {}
         for name, pos in self.positions.items():
             V = self.paths[name].vocab_size
-            logits = torch.zeros(B, N, V, dtype=torch.float64)
+            logits = torch.zeros(B, N, V, dtype=torch.float64, device=x_t.device)
             if pos.numel():
-                onehot = F.one_hot(self.support[:, pos], V).double()  # [K, n, V]
+                pos = pos.to(x_t.device)
+                onehot = F.one_hot(support[:, pos], V).double()  # [K, n, V]
                 logits[:, pos] = torch.einsum("bk,knv->bnv", post, onehot).log()
             out[name] = logits
         return out["tokens"] if self.single else out
@@ -139,7 +144,8 @@ def euler_law(
     One step maps the law ``π`` to ``π K`` with ``K[x, x'] = Π_i T_i(x'^i | x)`` and
     ``T_i(v | x) = Σ_y p(x_1^i = y | x) · k_i(v | x^i, y)``, where ``k_i`` is the jump kernel
     of the step (stay with prob. ``e^{−Δs λ}``, else move ∝ rates); the final step of a grid
-    ending at 1 has ``T_i(v | x) = p(x_1^i = v | x)``.
+    ending at 1 moves to ``path.final_state(x^i, y)`` (for most paths ``y`` itself).
+    Computed on the CPU in float64.
     """
     grid = uniform_grid(steps) if time_grid is None else time_grid
     states = posterior.states()  # [S, N]
@@ -159,11 +165,12 @@ def euler_law(
             marg = torch.softmax(
                 (logits if posterior.single else logits[m])[:, i], dim=-1
             )  # [S, V]
+            S, V = marg.shape
+            here = states[:, i, None].expand(S, V)  # current value, for every target y
             if k == n - 1 and grid[-1] == 1:
-                step = marg
+                end = path.final_state(here, torch.arange(V).expand(S, V))
+                step = torch.zeros_like(marg).scatter_add_(-1, end, marg)
             else:
-                S, V = marg.shape
-                here = states[:, i, None].expand(S, V)  # current value, for every target y
                 rates = path._unit_rates(here, torch.arange(V).expand(S, V), t).double()
                 total = rates.sum(-1, keepdim=True)
                 if rate == "integrated":

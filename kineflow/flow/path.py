@@ -63,6 +63,11 @@ class DiscretePath(nn.Module):
         """Unchecked ``r_t(·, x_t | x1)`` (zero on the entry of ``x_t``)."""
         raise NotImplementedError
 
+    def final_state(self, x_t: Tensor, x1: Tensor) -> Tensor:
+        """Where the chain ends at t = 1 from ``x_t`` given target ``x1`` (the solver's last
+        step). ``p_1 = δ_{x1}``, so by default every token lands on ``x1``."""
+        return x1
+
     # -- public, validated API -----------------------------------------------------------
     def _time(self, t: Tensor | float, x1: Tensor) -> Tensor:
         check_ids("x1", x1, self.vocab_size)

@@ -8,11 +8,14 @@ One step from ``t`` to ``t + h``, independently for every position ``i`` being g
    ``r_t(·, x_t^i | x_1^i) / λ^i``,
    where the clock increment is ``Δs = s_{t+h} − s_t`` (``rate="integrated"``, default) or
    ``Δs = h · ṡ_t`` (``rate="euler"``, the plain Euler rate ``h · β̇_t``);
-4. on the last step of a grid ending at t = 1, set ``x^i = x_1^i``.
+4. on the last step of a grid ending at t = 1, move to where the path ends, ``p_1 = δ_{x_1}``:
+   ``x^i = x_1^i`` (for the masked path: only still-masked tokens; revealed ones never move).
 
 For the metric path ``β̇_0 = ∞`` (a < 1): the official FUDOKI solver patches this with
 ``β̇_0 := 0``, which wastes the first model call. The integrated increment ``β_h − β_0`` is
 finite, so every model call moves tokens; ``bench/solver_quality.py`` measures the difference.
+The plain Euler rate is kept for comparison but is *inconsistent* when ``ṡ_0 = ∞``: its first
+step moves every token that can move, whatever h, so its error stops shrinking with more steps.
 
 Several modalities share one sequence through the same code path: the solver holds one path
 per modality name, ``region`` maps each name to the positions it generates, and ``model_fn``
@@ -239,10 +242,10 @@ class EulerSolver:
             b, i = rows[start : start + chunk], cols[start : start + chunk]
             x1 = self._targets(name, path, logits[b, i], t, temperature, top_k, generator)
             targets[start : start + b.numel()] = x1
-            if final:
-                x[b, i] = x1
-                continue
             x_t = x[b, i]
+            if final:
+                x[b, i] = path.final_state(x_t, x1)
+                continue
             rates = path._unit_rates(x_t, x1, t)
             total = rates.sum(-1)
             # Δs may be +inf (Euler rate at t = 0): rows with zero total rate must stay put.
