@@ -156,7 +156,8 @@ class EulerSolver:
                 mapping from every modality name to its (disjoint) Bool[B, N] region.
             generator: source of all randomness; the same seed gives the same samples.
             time_grid: Float[n + 1], strictly increasing in [0, 1]; a grid ending at 1 ends
-                with ``x = x_1``; one starting above 0 continues a partially generated state.
+                on the path's final state (``x = x_1``; for the masked path the remaining masks
+                are filled); one starting above 0 continues a partially generated state.
             temperature, top_k: applied to the model's predictions of ``x_1``; a number, or a
                 mapping per modality name. ``top_k=1`` (or temperature 0) is greedy.
             return_trajectory: also return every ``x_t`` and every predicted ``x_1``.
