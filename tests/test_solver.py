@@ -180,7 +180,7 @@ def test_custom_time_grid_and_continuing_from_midway(oracle: ExactPosterior) -> 
 
 
 def test_small_chunks_give_the_same_law(oracle: ExactPosterior) -> None:
-    solver = EulerSolver(oracle.paths["tokens"], max_chunk_elements=64 * 4)  # 63 chunks a step
+    solver = EulerSolver(oracle.paths["tokens"], max_chunk_elements=1, min_chunk_rows=64)
     samples = run(solver, oracle, B=4000, N=2, steps=16).samples
     assert total_variation(oracle.empirical_law(samples), euler_law(oracle, 16)) < 0.05
 
@@ -189,7 +189,7 @@ def test_solver_memory_is_bounded_by_the_chunk(gen: torch.Generator) -> None:
     V, B, N, chunk_rows = 2000, 4, 64, 8
     path = MetricPath.from_embeddings(torch.randn(V, 8, generator=gen))
     logits = torch.randn(B, N, V, generator=gen)
-    solver = EulerSolver(path, max_chunk_elements=chunk_rows * V)
+    solver = EulerSolver(path, max_chunk_elements=chunk_rows * V, min_chunk_rows=1)
     x0 = solver.init_state(torch.zeros(B, N, dtype=torch.long), generator=gen)
     with LargestAllocation() as probe:
         solver.sample(lambda x, t: logits, x0, 3, generator=gen)

@@ -41,6 +41,9 @@ class EmbeddingMetric(nn.Module):
             near 1 lose all precision in bf16 and the distances to near neighbours matter most.
     """
 
+    #: Rows come back with d(y, y) = 0 exactly, so paths need not copy them to enforce it.
+    exact_zero_diagonal = True
+
     def __init__(
         self, embeddings: Tensor, exponent: float = 4.0, dtype: torch.dtype = torch.float32
     ) -> None:
@@ -83,6 +86,8 @@ class EmbeddingMetric(nn.Module):
 class HammingMetric(nn.Module):
     """``d(x, y) = 1[x ≠ y]``. With it the metric path becomes the uniform-noise mixture path
     ``p_t = (1 − w_t)·Uniform + w_t·δ_{x_1}`` (no notion of token similarity)."""
+
+    exact_zero_diagonal = True
 
     def __init__(self, vocab_size: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
