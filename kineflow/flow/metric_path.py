@@ -120,17 +120,18 @@ class MetricPath(DiscretePath):
 
     def _unit_rates(self, x_t: Tensor, x1: Tensor, t: Tensor) -> Tensor:
         """``r_t(x, x_t | x1) = p_t(x | x1) · [d(x_t, x1) − d(x, x1)]_+``."""
-        if t.numel() == 1 and x1.numel() > 1:
-            # p_t(·|x1) and d(·, x1) depend on the target only: compute them once per distinct
-            # target. Predicted targets repeat a lot (backgrounds, padding, confident text).
-            targets, inverse = torch.unique(x1, return_inverse=True)
-            if targets.numel() < x1.numel():
-                d = self.distances(targets)
-                logp = torch.log_softmax(self._logits(d, t.reshape(())), dim=-1)
-                d_row, p_row = d[inverse], logp.exp_()[inverse]
-                return self._downhill(d_row, x_t).mul_(p_row)
-        d = self.distances(x1)
+        targets, inverse = x1, None
+        if t.numel() == 1:
+            # With one time for all rows, p_t(·|x1) and d(·, x1) depend on the target only:
+            # compute them once per distinct target. Predicted targets repeat a lot
+            # (backgrounds, padding, confident text).
+            unique, where = torch.unique(x1, return_inverse=True)
+            if unique.numel() < x1.numel():
+                targets, inverse, t = unique, where, t.reshape(())
+        d = self.distances(targets)
         p = torch.log_softmax(self._logits(d, t), dim=-1).exp_()
+        if inverse is not None:
+            d, p = d[inverse], p[inverse]
         return self._downhill(d, x_t).mul_(p)
 
     @staticmethod
