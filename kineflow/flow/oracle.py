@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kineflow.flow.path import DiscretePath
-from kineflow.flow.solver import uniform_grid
+from kineflow.flow.solver import jump_probability, uniform_grid
 
 
 class ExactPosterior:
@@ -173,11 +173,7 @@ def euler_law(
             else:
                 rates = path._unit_rates(here, torch.arange(V).expand(S, V), t).double()
                 total = rates.sum(-1, keepdim=True)
-                if rate == "integrated":
-                    dclock = path.clock(t_next) - path.clock(t)
-                else:
-                    dclock = (t_next - t) * path.clock_dot(t)
-                p_jump = torch.where(total > 0, -torch.expm1(-dclock.double() * total), 0.0)
+                p_jump = jump_probability(path, rate, t, t_next, total)
                 move = torch.where(total > 0, rates / total.clamp_min(1e-30), 0.0) * p_jump
                 move = move + (1 - p_jump) * F.one_hot(here, V)  # stay
                 step = torch.einsum("sy,syv->sv", marg, move)

@@ -82,6 +82,25 @@ def power_grid(steps: int, power: float = 2.0, device: torch.device | str | None
     return 1 - (1 - uniform_grid(steps, device)) ** power
 
 
+def jump_probability(
+    path: DiscretePath, rate: str, t: Tensor, t_next: Tensor, total: Tensor
+) -> Tensor:
+    """Probability of leaving the current state during ``[t, t_next]``: ``1 − exp(−Δs · λ)``.
+
+    ``total`` holds the unit-clock rates ``λ`` (Float[...]); the clock increment is
+    ``Δs = s_{t_next} − s_t`` for ``rate="integrated"`` and ``(t_next − t) · ṡ_t`` for
+    ``rate="euler"``. Rows with ``λ = 0`` stay put even where ``Δs = +inf`` (Euler at t = 0).
+    """
+    if rate == "integrated":
+        dclock = path.clock(t_next) - path.clock(t)
+    elif rate == "euler":
+        dclock = (t_next - t) * path.clock_dot(t)
+    else:
+        raise ValueError(f"rate must be 'integrated' or 'euler', got {rate!r}")
+    p = -torch.expm1(-dclock.to(total.dtype) * total)
+    return torch.where(total > 0, p, torch.zeros_like(p))
+
+
 class EulerSolver:
     """Sample sequences by simulating the CTMC of one or several discrete paths.
 
@@ -245,10 +264,6 @@ class EulerSolver:
         """Update ``x`` in place on ``positions``; return the predicted targets there (Long[M])."""
         rows, cols = positions
         chunk = max(self.min_chunk_rows, self.max_chunk_elements // path.vocab_size)
-        if self.rate == "integrated":
-            dclock = path.clock(t_next) - path.clock(t)
-        else:
-            dclock = (t_next - t) * path.clock_dot(t)
         targets = torch.empty(rows.numel(), dtype=torch.long, device=x.device)
         for start in range(0, rows.numel(), chunk):
             b, i = rows[start : start + chunk], cols[start : start + chunk]
@@ -259,10 +274,8 @@ class EulerSolver:
                 x[b, i] = path.final_state(x_t, x1)
                 continue
             rates = path._unit_rates(x_t, x1, t)
-            total = rates.sum(-1)
-            # Δs may be +inf (Euler rate at t = 0): rows with zero total rate must stay put.
-            p_jump = torch.where(total > 0, -torch.expm1(-dclock * total), torch.zeros_like(total))
-            jump = torch.rand(total.shape, generator=generator, device=x.device) < p_jump
+            p_jump = jump_probability(path, self.rate, t, t_next, rates.sum(-1))
+            jump = torch.rand(p_jump.shape, generator=generator, device=x.device) < p_jump
             if jump.any():
                 x_t[jump] = categorical(rates[jump], generator)
                 x[b, i] = x_t
