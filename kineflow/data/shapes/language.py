@@ -1,0 +1,309 @@
+"""ShapesWorld text: captions (and their parser), questions with answers, edit instructions.
+
+Everything is generated from the scene, so every text is true of its picture by construction.
+Objects are named by the shortest unambiguous *reference* (:func:`reference`): "the circle"
+when there is one circle, else "the red circle", "the small red circle", and as a last resort
+"the circle at the top left".
+
+Captions describe the full scene in reading order, e.g.
+``"a large red circle at the top left and a small blue square at the center."``;
+:func:`parse_caption` reads any caption template back into a :class:`Scene`, which is how
+captioning is scored (a caption is right when it describes exactly the picture's scene).
+
+Answers are single lowercase words: numbers as words ("two"), colours, shapes, "yes" / "no",
+and "left" / "right" / "above" / "below".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kineflow.data.shapes.scene import (
+    COLOURS,
+    MAX_OBJECTS,
+    POSITION_NAMES,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    holds,
+    with_objects,
+)
+
+NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES: tuple[str, ...] = ("count", "colour", "shape", "relation", "exist")
+EDIT_KINDS: tuple[str, ...] = ("recolour", "remove", "add", "move")
+_POSITION_OF_NAME = {
+    name: (r, c) for r, row in enumerate(POSITION_NAMES) for c, name in enumerate(row)
+}
+
+
+def plural(shape: str) -> str:
+    return shape + "s"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe(o: Obj) -> str:
+    """The full noun phrase of an object: ``"a small red circle at the top left"``."""
+    return f"a {o.size} {o.colour} {o.shape} at the {o.position}"
+
+
+# -- references ---------------------------------------------------------------------------------
+def _matches(o: Obj, words: dict[str, str]) -> bool:
+    return all(getattr(o, k) == v for k, v in words.items())
+
+
+def reference(o: Obj, scene: Scene) -> str:
+    """Shortest phrase naming ``o`` uniquely in ``scene``, without the article: ``"circle"``,
+    ``"red circle"``, ``"small red circle"`` or ``"circle at the top left"``."""
+    for keys in (("shape",), ("colour", "shape"), ("size", "colour", "shape")):
+        words = {k: getattr(o, k) for k in keys}
+        if sum(_matches(p, words) for p in scene) == 1:
+            return " ".join(words[k] for k in keys)
+    return f"{o.shape} at the {o.position}"
+
+
+# -- captions -----------------------------------------------------------------------------------
+CAPTION_TEMPLATES: tuple[str, ...] = ("{list}.", "there is {list}.", "an image with {list}.")
+
+
+def _join(items: list[str]) -> str:
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption(scene: Scene, template: int = 0) -> str:
+    """The full description of ``scene`` with caption template ``template``; template 0 is the
+    canonical one that captioning models are scored with."""
+    if not len(scene):
+        raise ValueError("cannot caption an empty scene")
+    return CAPTION_TEMPLATES[template].format(list=_join([describe(o) for o in scene]))
+
+
+_ITEM = re.compile(
+    rf"^an? ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
+    rf"(?:at|in) the ({'|'.join(sorted(_POSITION_OF_NAME, key=len, reverse=True))})$"
+)
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption describes, or ``None`` if it does not follow the caption grammar
+    (or names one cell twice). Case, surrounding space and a final period are ignored."""
+    body = text.strip().lower().rstrip(".").strip()
+    for prefix in ("there is ", "an image with "):
+        if body.startswith(prefix):
+            body = body[len(prefix) :]
+            break
+    parts = [p.strip() for p in re.split(r",| and ", body)]
+    objects = []
+    for part in parts:
+        m = _ITEM.match(part)
+        if m is None:
+            return None
+        size, colour, shape, pos = m.groups()
+        row, col = _POSITION_OF_NAME[pos]
+        objects.append(Obj(row, col, shape, colour, size))
+    try:
+        return Scene(tuple(objects))
+    except ValueError:
+        return None
+
+
+# -- questions ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QA:
+    """A question about a scene, its one-word answer and its type (:data:`QUESTION_TYPES`)."""
+
+    question: str
+    answer: str
+    type: str
+
+
+def _count_questions(scene: Scene) -> list[QA]:
+    qs = [QA("how many objects are there?", NUMBER_WORDS[len(scene)], "count")]
+    for shape in SHAPES:
+        n = sum(o.shape == shape for o in scene)
+        qs.append(QA(f"how many {plural(shape)} are there?", NUMBER_WORDS[n], "count"))
+    for colour in COLOURS:
+        n = sum(o.colour == colour for o in scene)
+        if n:
+            qs.append(QA(f"how many {colour} objects are there?", NUMBER_WORDS[n], "count"))
+    return qs
+
+
+def _colour_questions(scene: Scene) -> list[QA]:
+    qs = [QA(f"what colour is the object at the {o.position}?", o.colour, "colour") for o in scene]
+    for o in scene:
+        if sum(p.shape == o.shape for p in scene) == 1:
+            qs.append(QA(f"what colour is the {o.shape}?", o.colour, "colour"))
+    return qs
+
+
+def _shape_questions(scene: Scene) -> list[QA]:
+    qs = [QA(f"what shape is at the {o.position}?", o.shape, "shape") for o in scene]
+    for o in scene:
+        if sum(p.colour == o.colour for p in scene) == 1:
+            qs.append(QA(f"what shape is the {o.colour} object?", o.shape, "shape"))
+    return qs
+
+
+def _relation_questions(scene: Scene) -> list[QA]:
+    qs = []
+    for a in scene:
+        for b in scene:
+            if a is b:
+                continue
+            ra, rb = reference(a, scene), reference(b, scene)
+            # Yes/no only on an axis where the two differ, so "no" means the opposite holds.
+            for rel in RELATIONS:
+                axis_differs = a.col != b.col if rel in ("left of", "right of") else a.row != b.row
+                if axis_differs:
+                    answer = "yes" if holds(rel, a, b) else "no"
+                    qs.append(QA(f"is the {ra} {rel} the {rb}?", answer, "relation"))
+            if (a.row == b.row) != (a.col == b.col):  # exactly one axis differs: one answer
+                rel = next(r for r in RELATIONS if holds(r, a, b))
+                word = rel.removesuffix(" of")
+                qs.append(QA(f"where is the {ra} relative to the {rb}?", word, "relation"))
+    return qs
+
+
+def _exist_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
+    present = {(o.colour, o.shape) for o in scene}
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    qs = [QA(f"is there a {c} {s}?", "yes", "exist") for c, s in sorted(present)]
+    # As many "no" as "yes" questions, so that answering "yes" always scores 50%.
+    for i in rng.choice(len(absent), size=len(qs), replace=False):
+        c, s = absent[i]
+        qs.append(QA(f"is there a {c} {s}?", "no", "exist"))
+    return qs
+
+
+def questions(scene: Scene, rng: np.random.Generator) -> dict[str, list[QA]]:
+    """Every question of each type that ``scene`` supports (a type may have none, e.g.
+    relations in a one-object scene)."""
+    return {
+        "count": _count_questions(scene),
+        "colour": _colour_questions(scene),
+        "shape": _shape_questions(scene),
+        "relation": _relation_questions(scene),
+        "exist": _exist_questions(scene, rng),
+    }
+
+
+def sample_question(scene: Scene, rng: np.random.Generator) -> QA:
+    """One question: a uniform type among those the scene supports, then a uniform question."""
+    by_type = {t: qs for t, qs in questions(scene, rng).items() if qs}
+    types = sorted(by_type)
+    qs = by_type[types[rng.integers(len(types))]]
+    return qs[rng.integers(len(qs))]
+
+
+def normalise_answer(text: str) -> str:
+    """Answers are compared lowercase, without surrounding space or a final period."""
+    return text.strip().lower().rstrip(".").strip()
+
+
+# -- edits --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Edit:
+    """An instruction turning ``source`` into ``target``; ``kind`` in :data:`EDIT_KINDS`."""
+
+    instruction: str
+    source: Scene
+    target: Scene
+    kind: str
+
+
+def _edit(scene: Scene, kind: str, o: Obj | None, new: Obj | None) -> Edit:
+    """The edit of ``kind`` on object ``o`` (``None`` for add) producing ``new`` (``None`` for
+    remove); the instruction names ``o`` by its reference in the *source* scene."""
+    rest = [p for p in scene if p is not o]
+    if kind == "recolour":
+        text = f"make the {reference(o, scene)} {new.colour}."
+    elif kind == "remove":
+        text = f"remove the {reference(o, scene)}."
+    elif kind == "move":
+        text = f"move the {reference(o, scene)} to the {new.position}."
+    else:
+        text = f"add {describe(new)}."
+    target = with_objects(scene, rest if new is None else [*rest, new])
+    return Edit(text, scene, target, kind)
+
+
+def _edit_kinds(scene: Scene) -> list[str]:
+    """Kinds that keep the target a valid scene: removing needs two objects, adding a free
+    slot (at most :data:`MAX_OBJECTS`); recolouring and moving are always possible."""
+    kinds = ["recolour", "move"]
+    if len(scene) > 1:
+        kinds.append("remove")
+    if len(scene) < MAX_OBJECTS:
+        kinds.append("add")
+    return sorted(kinds)
+
+
+def _candidates(scene: Scene, kind: str) -> list[tuple[Obj | None, Obj | None]]:
+    """Every ``(o, new)`` of one edit kind."""
+    free = scene.free_cells()
+    if kind == "recolour":
+        return [
+            (o, Obj(o.row, o.col, o.shape, c, o.size))
+            for o in scene
+            for c in COLOURS
+            if c != o.colour
+        ]
+    if kind == "remove":
+        return [(o, None) for o in scene]
+    if kind == "move":
+        return [(o, Obj(r, c, o.shape, o.colour, o.size)) for o in scene for r, c in free]
+    return [
+        (None, Obj(r, c, s, k, z)) for r, c in free for s in SHAPES for k in COLOURS for z in SIZES
+    ]
+
+
+def possible_edits(
+    scene: Scene, allowed: Callable[[Scene], bool] | None = None, kind: str | None = None
+) -> list[Edit]:
+    """Every edit of ``scene`` (of one ``kind`` if given) whose target passes ``allowed``
+    (e.g. "belongs to the same split")."""
+    kinds = _edit_kinds(scene) if kind is None else [kind]
+    edits = [_edit(scene, k, o, new) for k in kinds for o, new in _candidates(scene, k)]
+    return [e for e in edits if allowed is None or allowed(e.target)]
+
+
+def sample_edit(
+    scene: Scene, rng: np.random.Generator, allowed: Callable[[Scene], bool] | None = None
+) -> Edit | None:
+    """A uniform edit kind among those possible, then a uniform edit of that kind whose target
+    passes ``allowed``; ``None`` if there is none."""
+    kinds = _edit_kinds(scene)
+    while kinds:
+        kind = kinds[rng.integers(len(kinds))]
+        candidates = _candidates(scene, kind)
+        # Rejection sampling keeps the choice uniform over the allowed edits of this kind
+        # without building all of them (adds alone number up to 288).
+        for _ in range(32):
+            o, new = candidates[rng.integers(len(candidates))]
+            edit = _edit(scene, kind, o, new)
+            if allowed is None or allowed(edit.target):
+                return edit
+        edits = possible_edits(scene, allowed, kind)
+        if edits:
+            return edits[rng.integers(len(edits))]
+        kinds.remove(kind)
+    return None
+
+
+def relation_word(relation: str) -> str:
+    """``"left of"`` -> ``"left"`` (how answers name relations)."""
+    if relation not in RELATIONS:
+        raise ValueError(f"unknown relation {relation!r}")
+    return relation.removesuffix(" of")

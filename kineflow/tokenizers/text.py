@@ -1,0 +1,500 @@
+"""The text tokenizer: byte-level BPE with Janus's special tokens and chat template.
+
+The same :class:`TextTokenizer` drives a small tokenizer trained here
+(:func:`train_text_tokenizer`) and a real Janus / FUDOKI ``tokenizer.json``, because both carry
+the six special tokens under Janus's exact strings; only their ids differ. A trained tokenizer
+gives them the ids 0..5 in this fixed order::
+
+    0  BOS    <｜begin▁of▁sentence｜>
+    1  EOS    <｜end▁of▁sentence｜>
+    2  PAD    <｜▁pad▁｜>
+    3  BOI    <begin_of_image>
+    4  EOI    <end_of_image>
+    5  IMAGE  <image_placeholder>
+
+then the 256 byte symbols (so any text, emoji included, encodes losslessly), then the merges.
+
+Chat format (Janus "deepseek_old", FUDOKI's SFT format), turns repeated in order::
+
+    [system + "\\n\\n"]
+    "User: {msg}\\n\\n"
+    "Assistant: {msg}<｜end▁of▁sentence｜>"
+    ...
+    "Assistant:"            (the generation prompt: no trailing space)
+
+BOS is not part of the chat text; ``encode(..., bos=True)`` adds it, as Janus's processor does.
+An image enters a prompt as :func:`image_span`: ``<begin_of_image>``, ``n`` placeholders,
+``<end_of_image>``.
+
+:meth:`TextTokenizer.save` writes a folder that ``transformers.AutoTokenizer`` loads as a fast
+tokenizer with the same ids and a Jinja ``chat_template`` that renders the same text as
+:func:`apply_chat_template`. kineflow itself never imports transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+BOI = "<begin_of_image>"
+EOI = "<end_of_image>"
+IMAGE = "<image_placeholder>"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The six special-token strings; field order is the id order of a trained tokenizer."""
+
+    bos: str = BOS
+    eos: str = EOS
+    pad: str = PAD
+    boi: str = BOI
+    eoi: str = EOI
+    image: str = IMAGE
+
+    def as_tuple(self) -> tuple[str, ...]:
+        """The six strings in the documented order."""
+        return astuple(self)
+
+    def named(self) -> list[tuple[str, str]]:
+        """``[(field name, string), ...]`` in the documented order (for error messages)."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+SPECIAL_TOKENS = SpecialTokens()
+NUM_BYTES = 256  # the byte-level initial alphabet: every byte is a token, so nothing is unknown
+DEFAULT_MODEL_MAX_LENGTH = 16384  # only recorded in tokenizer_config.json; nothing truncates
+
+_ROLE_PREFIX = {"user": "User: ", "assistant": "Assistant: "}
+_ROLE_SUFFIX = {"user": "\n\n", "assistant": EOS}
+_GENERATION_PROMPT = "Assistant:"
+
+# The Jinja twin of apply_chat_template, stored in tokenizer_config.json for transformers.
+# It takes the system prompt from a leading system message or from a ``system=`` keyword, and
+# raises (via transformers' ``raise_exception``) in the same cases and order as the Python
+# function: roles and contents first, then the conversation's shape.
+# Everything is on one logical line, so transformers' trim_blocks/lstrip_blocks are irrelevant.
+CHAT_TEMPLATE = (
+    "{%- if messages | length == 0 %}"
+    "{{ raise_exception('the conversation is empty') }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role'] | string) }}"
+    "{%- elif message['content'] is not string %}"
+    "{{ raise_exception('message content must be a string') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- if system is defined and system %}"
+    "{{ raise_exception('give the system prompt either as system= or as a leading system "
+    "message, not both') }}"
+    "{%- endif %}"
+    "{%- set system_prompt = messages[0]['content'] %}"
+    "{%- set turns = messages[1:] %}"
+    "{%- else %}"
+    "{%- set system_prompt = system if system is defined else '' %}"
+    "{%- set turns = messages %}"
+    "{%- endif %}"
+    "{%- if system_prompt is not string %}"
+    "{{ raise_exception('the system prompt must be a string') }}"
+    "{%- endif %}"
+    "{%- if turns | length == 0 or turns[0]['role'] != 'user' %}"
+    "{{ raise_exception('the conversation must start with a user turn "
+    "(after an optional system message)') }}"
+    "{%- endif %}"
+    "{%- if system_prompt %}{{ system_prompt + '\\n\\n' }}{%- endif %}"
+    "{%- for message in turns %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + '" + EOS + "' }}"
+    "{%- else %}"
+    "{{ raise_exception('a system message is only allowed as the first message') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '" + _GENERATION_PROMPT + "' }}{%- endif %}"
+)
+
+
+def apply_chat_template(
+    messages: Sequence[Mapping[str, str]],
+    *,
+    system: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render a conversation in Janus's "deepseek_old" format (see the module docstring).
+
+    Args:
+        messages: ``[{"role": "user" | "assistant" | "system", "content": str}, ...]``. A
+            system message may only come first; the first other turn must be the user's.
+        system: system prompt, an alternative to a leading system message (not both).
+        add_generation_prompt: end with ``"Assistant:"`` (no trailing space) so the model
+            writes the answer next.
+
+    Returns:
+        The prompt text, without BOS.
+    """
+    if not isinstance(system, str):
+        raise TypeError(f"system must be a str, got {type(system).__name__}")
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if len(messages) == 0:
+        raise ValueError("the conversation is empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(
+                f"messages[{i}] must be a dict with 'role' and 'content', got {message!r}"
+            )
+        if message["role"] not in ("system", "user", "assistant"):
+            raise ValueError(
+                f"messages[{i}] has unknown role {message['role']!r}; expected 'system', "
+                "'user' or 'assistant'"
+            )
+        if not isinstance(message["content"], str):
+            raise TypeError(
+                f"messages[{i}]['content'] must be a str, got {type(message['content']).__name__}"
+            )
+    turns = list(messages)
+    if turns[0]["role"] == "system":
+        if system:
+            raise ValueError(
+                "give the system prompt either as system= or as a leading system message, not both"
+            )
+        system = turns.pop(0)["content"]
+    if not turns or turns[0]["role"] != "user":
+        raise ValueError(
+            "the conversation must start with a user turn (after an optional system message), "
+            f"got {[m['role'] for m in messages]}"
+        )
+    skipped = len(messages) - len(turns)  # 1 if a leading system message was taken off
+    parts = [system + "\n\n"] if system else []
+    for i, message in enumerate(turns, start=skipped):
+        role = message["role"]
+        if role == "system":
+            raise ValueError(
+                f"a system message is only allowed as the first message, found one at messages[{i}]"
+            )
+        parts.append(_ROLE_PREFIX[role] + message["content"] + _ROLE_SUFFIX[role])
+    if add_generation_prompt:
+        parts.append(_GENERATION_PROMPT)
+    return "".join(parts)
+
+
+def image_span(num_tokens: int) -> str:
+    """``<begin_of_image>`` + ``num_tokens`` × ``<image_placeholder>`` + ``<end_of_image>``."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+    if num_tokens < 1:
+        raise ValueError(f"an image span holds at least one token, got num_tokens={num_tokens}")
+    return BOI + IMAGE * num_tokens + EOI
+
+
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` plus the ids of the six special tokens.
+
+    Args:
+        tokenizer: the backend; not modified (a copy is taken if specials need registering).
+        model_max_length: the context length recorded in ``tokenizer_config.json``.
+
+    Raises:
+        ValueError: if any special token of :data:`SPECIAL_TOKENS` is missing (all are named),
+            or two of them share an id.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, *, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH
+    ) -> None:
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+        specials = SPECIAL_TOKENS
+        missing = [
+            f"{name} {tok!r}"
+            for name, tok in specials.named()
+            if tokenizer.token_to_id(tok) is None
+        ]
+        if missing:
+            raise ValueError(f"the tokenizer lacks required special token(s): {', '.join(missing)}")
+        # A special that is only a BPE vocabulary entry would be split by the pre-tokenizer when
+        # it appears in text; registering it as an added token (same id) keeps it whole.
+        added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        unregistered = [tok for tok in specials.as_tuple() if tok not in added]
+        if unregistered:
+            tokenizer = Tokenizer.from_str(tokenizer.to_str())
+            tokenizer.add_special_tokens(
+                [AddedToken(tok, special=True, normalized=False) for tok in unregistered]
+            )
+        ids = [tokenizer.token_to_id(tok) for tok in specials.as_tuple()]
+        if len(set(ids)) != len(ids):
+            shared = dict(zip(specials.as_tuple(), ids, strict=True))
+            raise ValueError(f"special tokens share ids: {shared}")
+
+        self._tok = tokenizer
+        self.special_tokens = specials
+        self.model_max_length = int(model_max_length)
+        self._special_ids: tuple[int, ...] = tuple(ids)
+        self._special_id_set = frozenset(ids)
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        # Embedding tables are indexed by id, so the size is max id + 1 even if ids have gaps.
+        self._vocab_size = max(vocab.values()) + 1
+        self._unassigned = frozenset(range(self._vocab_size)) - frozenset(vocab.values())
+
+    # ----------------------------------------------------------------------------- ids
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The wrapped ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (max id + 1)."""
+        return self._vocab_size
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids of (bos, eos, pad, boi, eoi, image)."""
+        return self._special_ids
+
+    @property
+    def bos_id(self) -> int:
+        return self._special_ids[0]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special_ids[1]
+
+    @property
+    def pad_id(self) -> int:
+        return self._special_ids[2]
+
+    @property
+    def boi_id(self) -> int:
+        return self._special_ids[3]
+
+    @property
+    def eoi_id(self) -> int:
+        return self._special_ids[4]
+
+    @property
+    def image_id(self) -> int:
+        return self._special_ids[5]
+
+    def token_to_id(self, token: str) -> int:
+        """The id of ``token`` (a vocabulary entry or added token); KeyError if unknown."""
+        idx = self._tok.token_to_id(token)
+        if idx is None:
+            raise KeyError(
+                f"unknown token {token!r}: not in this vocabulary of {self._vocab_size} ids"
+            )
+        return idx
+
+    # ----------------------------------------------------------------------------- text
+
+    def encode(self, text: str, *, bos: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings inside it become their single ids.
+
+        ``bos=True`` prepends BOS. No other token is added, whatever the backend's
+        post-processor says, so a real Janus tokenizer behaves the same.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos else ids
+
+    def encode_batch(self, texts: Sequence[str], *, bos: bool = False) -> list[list[int]]:
+        """:meth:`encode` for each text (the backend encodes them in parallel)."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+        batch = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [[self.bos_id, *e.ids] if bos else e.ids for e in batch]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special: bool = True) -> str:
+        """Text of ``ids`` (a list of ints or a 1-D integer tensor).
+
+        ``skip_special`` drops the six special tokens (and any the backend marks special).
+        """
+        ids = self._as_id_list(ids)
+        if skip_special:
+            ids = [i for i in ids if i not in self._special_id_set]
+        return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+    def _as_id_list(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+            if ids.ndim != 1:
+                raise ValueError(f"ids must be a 1-D tensor, got shape {tuple(ids.shape)}")
+            out = ids.tolist()
+        elif isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)):
+            out = []
+            for i in ids:
+                if isinstance(i, bool):
+                    raise TypeError(f"token ids must be ints, got {i!r}")
+                try:
+                    out.append(operator.index(i))
+                except TypeError:
+                    raise TypeError(f"token ids must be ints, got {i!r}") from None
+        else:
+            raise TypeError(f"ids must be a list of ints or a 1-D tensor, got {type(ids).__name__}")
+        for i in out:
+            if not 0 <= i < self._vocab_size or i in self._unassigned:
+                raise ValueError(
+                    f"token id {i} is outside the vocabulary of {self._vocab_size} ids"
+                )
+        return out
+
+    # ----------------------------------------------------------------------------- chat
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        system: str = "",
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Module-level :func:`apply_chat_template`."""
+        return apply_chat_template(
+            messages, system=system, add_generation_prompt=add_generation_prompt
+        )
+
+    def image_span(self, num_tokens: int) -> str:
+        """Module-level :func:`image_span`."""
+        return image_span(num_tokens)
+
+    # ----------------------------------------------------------------------------- files
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+        into ``folder`` (created if needed) in the Hugging Face layout; returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(folder / "tokenizer.json"))
+        sp = self.special_tokens
+        special_map = {
+            "bos_token": sp.bos,
+            "eos_token": sp.eos,
+            "pad_token": sp.pad,
+            "additional_special_tokens": [sp.boi, sp.eoi, sp.image],
+        }
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special_map,
+            # Byte-level BPE covers every byte, so there is no unknown token.
+            "unk_token": None,
+            # Janus's convention: BOS starts every sequence, EOS only ends assistant turns.
+            # tokenizer.json's post-processor does the adding; these flags document it.
+            "add_bos_token": True,
+            "add_eos_token": False,
+            # Cleaning up spaces before punctuation would break the lossless round trip.
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        _write_json(folder / "tokenizer_config.json", config)
+        _write_json(folder / "special_tokens_map.json", special_map)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextTokenizer:
+        """Load from a folder holding ``tokenizer.json`` (``tokenizer_config.json`` optional) or
+        from a ``tokenizer.json`` file."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {file}")
+        model_max_length = DEFAULT_MODEL_MAX_LENGTH
+        config_file = path / "tokenizer_config.json"
+        if path.is_dir() and config_file.is_file():
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            if isinstance(config.get("model_max_length"), (int, float)):
+                model_max_length = int(config["model_max_length"])
+        return cls(Tokenizer.from_file(str(file)), model_max_length=model_max_length)
+
+    def __repr__(self) -> str:
+        return (
+            f"TextTokenizer(vocab_size={self._vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
+            f"pad={self.pad_id}, boi={self.boi_id}, eoi={self.eoi_id}, image={self.image_id})"
+        )
+
+
+def _write_json(path: Path, obj: object) -> None:
+    # ensure_ascii=False keeps the full-width special strings readable in the files.
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def train_text_tokenizer(
+    corpus: Iterable[str], *, vocab_size: int = 512, min_frequency: int = 1
+) -> TextTokenizer:
+    """Train a byte-level BPE tokenizer on ``corpus``.
+
+    Ids: the six specials 0..5 (order of :class:`SpecialTokens`), the 256 byte symbols, then
+    merges until ``vocab_size`` (an upper bound: a small corpus may yield fewer merges).
+    The corpus is streamed, not held in memory.
+
+    Raises:
+        TypeError: ``corpus`` is a single str, or yields a non-str item.
+        ValueError: ``corpus`` is empty, or ``vocab_size < 256 + 6``, or ``min_frequency < 1``.
+    """
+    floor = NUM_BYTES + len(SPECIAL_TOKENS.as_tuple())
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < floor:
+        raise ValueError(
+            f"vocab_size must be an int >= {floor} (256 bytes + 6 special tokens), "
+            f"got {vocab_size!r}"
+        )
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+    if isinstance(corpus, str):
+        raise TypeError("corpus must be an iterable of strings, not a single str")
+
+    count = 0
+
+    def checked() -> Iterator[str]:
+        nonlocal count
+        for item in corpus:
+            if not isinstance(item, str):
+                raise TypeError(
+                    f"corpus item {count} must be a str, got {type(item).__name__}: {item!r}"
+                )
+            count += 1
+            yield item
+
+    tokenizer = Tokenizer(models.BPE())
+    # No prefix space and no normaliser: decode(encode(text)) == text byte for byte.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.as_tuple()),  # listed first, so ids 0..5
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(checked(), trainer)
+    if count == 0:
+        raise ValueError("corpus is empty: nothing to train on")
+    # For transformers users: encode(text) with add_special_tokens=True gives BOS + text.
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS}:0 $A:0",
+                pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+                special_tokens=[(BOS, bos_id)],
+            ),
+        ]
+    )
+    return TextTokenizer(tokenizer)
