@@ -26,7 +26,13 @@ from functools import cache
 import torch
 
 from kineflow.data.example import image_to_tensor
-from kineflow.data.shapes.language import CAPTION_TEMPLATES, caption, sample_edit, sample_question
+from kineflow.data.shapes.language import (
+    CAPTION_TEMPLATES,
+    EDIT_KINDS,
+    caption,
+    sample_edit,
+    sample_question,
+)
 from kineflow.data.shapes.prompts import CATEGORIES, Prompt, all_prompts, scene_for_prompt
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import HeldOut, Scene, ShapesWorld, WorldConfig
@@ -91,16 +97,17 @@ def draw_item(world: ShapesWorld, task: str, split: str, index: int) -> ShapesIt
         qa = sample_question(scene, rng)
         texts = {"question": qa.question, "answer": qa.answer}
         return ShapesItem("vqa", item_id, scene.key(), texts, kind=qa.type)
-    # An edit whose target leaves the split is redrawn from another scene of the split.
-    for _ in range(100):
-        edit = sample_edit(scene, rng, allowed=lambda t: world.split_of(t) == split)
+    # The kind is drawn first and scenes are redrawn until one admits an edit of that kind
+    # whose target stays in the split: kinds stay uniform even in the small val / test splits,
+    # where most targets of a given scene fall outside the split.
+    kind = EDIT_KINDS[rng.integers(len(EDIT_KINDS))]
+    for _ in range(1000):
+        edit = sample_edit(scene, rng, lambda t: world.split_of(t) == split, kind)
         if edit is not None:
             texts = {"instruction": edit.instruction}
-            return ShapesItem(
-                "edit", item_id, scene.key(), texts, edit.target.key(), kind=edit.kind
-            )
+            return ShapesItem("edit", item_id, scene.key(), texts, edit.target.key(), kind=kind)
         scene = world.sample(rng, split)
-    raise RuntimeError(f"no edit within split {split!r} for item {index}")
+    raise RuntimeError(f"no {kind} edit within split {split!r} for item {index}")
 
 
 def item_to_example(item: ShapesItem, image_size: int) -> dict:
@@ -151,3 +158,17 @@ class ShapesWorldDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return item_to_example(self.item(index), self.world.config.image_size)
+
+
+def corpus(world: ShapesWorld | None = None, n: int = 2000, split: str = "train") -> list[str]:
+    """Every kind of ShapesWorld text (``n`` items of each task of ``split``, all prompts of
+    the split, all answer words) -- what the text tokenizer is trained on. Held-out prompts
+    are left out of the non-heldout splits, like everything else held out."""
+    world = world or ShapesWorld()
+    texts: list[str] = []
+    for task in SHAPES_TASKS:
+        for i in range(n):
+            texts += draw_item(world, task, split, i).texts.values()
+    for prompts in split_prompts(world, split).values():
+        texts += [p.text for p in prompts]
+    return texts

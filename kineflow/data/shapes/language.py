@@ -280,11 +280,16 @@ def possible_edits(
 
 
 def sample_edit(
-    scene: Scene, rng: np.random.Generator, allowed: Callable[[Scene], bool] | None = None
+    scene: Scene,
+    rng: np.random.Generator,
+    allowed: Callable[[Scene], bool] | None = None,
+    kind: str | None = None,
 ) -> Edit | None:
-    """A uniform edit kind among those possible, then a uniform edit of that kind whose target
-    passes ``allowed``; ``None`` if there is none."""
-    kinds = _edit_kinds(scene)
+    """A uniform edit of ``kind`` (uniform among the kinds the scene allows when None) whose
+    target passes ``allowed``; ``None`` if there is none."""
+    if kind is not None and kind not in EDIT_KINDS:
+        raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
+    kinds = [k for k in _edit_kinds(scene) if kind is None or k == kind]
     while kinds:
         kind = kinds[rng.integers(len(kinds))]
         candidates = _candidates(scene, kind)

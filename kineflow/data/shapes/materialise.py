@@ -94,7 +94,7 @@ def materialise(
     ]
     t0 = time.perf_counter()
     records: list[dict] = []
-    bar = _progress(len(jobs) * chunk, progress, f"shapes {split}")
+    bar = _progress(n * len(tasks), progress, f"shapes {split}")
     if workers == 1:
         for job in jobs:
             records += _write_chunk(job)
@@ -109,9 +109,7 @@ def materialise(
     (out / "world.json").write_text(json.dumps(world.to_dict(), indent=2) + "\n")
     if split in ("test", "heldout"):
         prompts = prompt_set(split, world.heldout)
-        (out / "prompts.jsonl").write_text(
-            "".join(json.dumps(p.to_dict()) + "\n" for p in prompts)
-        )
+        (out / "prompts.jsonl").write_text("".join(json.dumps(p.to_dict()) + "\n" for p in prompts))
     seconds = time.perf_counter() - t0
     pictures = len(records) + sum("target" in r for r in records)
     return {
