@@ -94,7 +94,7 @@ def draw_item(world: ShapesWorld, task: str, split: str, index: int) -> ShapesIt
     if task == "caption":
         return ShapesItem("caption", item_id, scene.key(), {"caption": caption(scene)})
     if task == "vqa":
-        qa = sample_question(scene, rng)
+        qa = sample_question(scene, rng, None if split == "heldout" else world.config.heldout)
         texts = {"question": qa.question, "answer": qa.answer}
         return ShapesItem("vqa", item_id, scene.key(), texts, kind=qa.type)
     # The kind is drawn first and scenes are redrawn until one admits an edit of that kind

@@ -29,6 +29,7 @@ from kineflow.data.shapes.scene import (
     RELATIONS,
     SHAPES,
     SIZES,
+    HeldOut,
     Obj,
     Scene,
     holds,
@@ -156,7 +157,7 @@ def _shape_questions(scene: Scene) -> list[QA]:
     return qs
 
 
-def _relation_questions(scene: Scene) -> list[QA]:
+def _relation_questions(scene: Scene, heldout: HeldOut | None) -> list[QA]:
     qs = []
     for a in scene:
         for b in scene:
@@ -166,6 +167,8 @@ def _relation_questions(scene: Scene) -> list[QA]:
             # Yes/no only on an axis where the two differ, so "no" means the opposite holds.
             for rel in RELATIONS:
                 axis_differs = a.col != b.col if rel in ("left of", "right of") else a.row != b.row
+                if heldout is not None and heldout.relation_held(a.shape, rel, b.shape):
+                    continue  # even asking "is the triangle above the circle?" names it
                 if axis_differs:
                     answer = "yes" if holds(rel, a, b) else "no"
                     qs.append(QA(f"is the {ra} {rel} the {rb}?", answer, "relation"))
@@ -176,9 +179,14 @@ def _relation_questions(scene: Scene) -> list[QA]:
     return qs
 
 
-def _exist_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
+def _exist_questions(scene: Scene, rng: np.random.Generator, heldout: HeldOut | None) -> list[QA]:
     present = {(o.colour, o.shape) for o in scene}
-    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    absent = [
+        (c, s)
+        for c in COLOURS
+        for s in SHAPES
+        if (c, s) not in present and (heldout is None or not heldout.pair_held(c, s))
+    ]
     qs = [QA(f"is there a {c} {s}?", "yes", "exist") for c, s in sorted(present)]
     # As many "no" as "yes" questions, so that answering "yes" always scores 50%.
     for i in rng.choice(len(absent), size=len(qs), replace=False):
@@ -187,21 +195,25 @@ def _exist_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     return qs
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> dict[str, list[QA]]:
+def questions(
+    scene: Scene, rng: np.random.Generator, heldout: HeldOut | None = None
+) -> dict[str, list[QA]]:
     """Every question of each type that ``scene`` supports (a type may have none, e.g.
-    relations in a one-object scene)."""
+    relations in a one-object scene). With ``heldout``, questions naming a held-out composition
+    ("is there a red triangle?" -> no) are left out, as they must be outside its split."""
     return {
         "count": _count_questions(scene),
         "colour": _colour_questions(scene),
         "shape": _shape_questions(scene),
-        "relation": _relation_questions(scene),
-        "exist": _exist_questions(scene, rng),
+        "relation": _relation_questions(scene, heldout),
+        "exist": _exist_questions(scene, rng, heldout),
     }
 
 
-def sample_question(scene: Scene, rng: np.random.Generator) -> QA:
-    """One question: a uniform type among those the scene supports, then a uniform question."""
-    by_type = {t: qs for t, qs in questions(scene, rng).items() if qs}
+def sample_question(scene: Scene, rng: np.random.Generator, heldout: HeldOut | None = None) -> QA:
+    """One question: a uniform type among those the scene supports, then a uniform question
+    (``heldout`` as in :func:`questions`)."""
+    by_type = {t: qs for t, qs in questions(scene, rng, heldout).items() if qs}
     types = sorted(by_type)
     qs = by_type[types[rng.integers(len(types))]]
     return qs[rng.integers(len(qs))]

@@ -186,6 +186,8 @@ class HeldOut:
 
     def relation_held(self, shape_a: str, relation: str, shape_b: str) -> bool:
         """Whether ``shape_a relation shape_b`` (or its mirror statement) is held out."""
+        if relation not in INVERSE_RELATION:
+            raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
         mirror = (shape_b, INVERSE_RELATION[relation], shape_a)
         return (shape_a, relation, shape_b) in self.relations or mirror in self.relations
 
