@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/solver_speed.py
 	$(PY) bench/solver_quality.py
+	$(PY) bench/detector_robustness.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check kineflow tests bench

@@ -85,7 +85,7 @@ def materialise(
     out = Path(out)
     for task in tasks:
         (out / "images" / task).mkdir(parents=True, exist_ok=True)
-    workers = workers or min(len(os.sched_getaffinity(0)), 8)
+    workers = workers or min(_cpus(), 8)
     chunk = max(64, -(-n // (4 * workers)))
     jobs = [
         (world.to_dict(), task, split, start, min(start + chunk, n), str(out))
@@ -123,6 +123,13 @@ def materialise(
         "items_per_second": round(len(records) / seconds, 1),
         "workers": workers,
     }
+
+
+def _cpus() -> int:
+    # sched_getaffinity respects container / taskset limits but is Linux-only.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _progress(total: int, enabled: bool, desc: str):
