@@ -305,6 +305,48 @@ def _eval_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _train_tokenizer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="YAML run config")
+    parser.add_argument("--out", type=output_dir, default=None, help="override the config's out")
+    parser.add_argument(
+        "--steps", type=int_in_range(1, 10**8), default=None, help="override optim.steps"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train_tokenizer(args: argparse.Namespace) -> int:
+    import json
+
+    from kineflow.train.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    try:
+        config = TokenizerTrainConfig.from_yaml(args.config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    if args.out is not None:
+        config.out = str(args.out)
+    if args.steps is not None:
+        config.optim.steps = args.steps
+    report = train_tokenizer(config, progress=not args.no_progress)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    _subcommands(
+        parser,
+        (
+            (
+                "tokenizer",
+                "train a VQ or KL-VAE image tokenizer from a YAML config (resumes from out/)",
+                _train_tokenizer_options,
+                _run_train_tokenizer,
+            ),
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: ``options`` adds its arguments, ``handler`` runs it."""
@@ -335,6 +377,13 @@ COMMANDS: tuple[Command, ...] = (
         description="Data tools: materialise ShapesWorld, validate a JSONL manifest, train a "
         "text tokenizer, write ground-truth benchmark outputs.",
         options=_data_options,
+        handler=lambda args: 2,
+    ),
+    Command(
+        name="train",
+        help="train models from YAML configs",
+        description="Training, e.g. 'kineflow train tokenizer --config configs/vq_shapes.yaml'.",
+        options=_train_options,
         handler=lambda args: 2,
     ),
     Command(

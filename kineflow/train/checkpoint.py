@@ -1,0 +1,108 @@
+"""Atomic training checkpoints: weights (safetensors), optimizer and RNG state, step.
+
+A checkpoint is a folder::
+
+    model.safetensors   the model's state dict
+    config.json         the run's full config (so the folder alone says what it is)
+    trainer.pt          optimizer / scheduler state, step, RNG states (tensors and plain
+                        Python values only: loaded with ``torch.load(weights_only=True)``)
+
+It is written to a temporary sibling folder and renamed into place, so a crash mid-write
+leaves the previous checkpoint intact and never a half-written one under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (Python, NumPy, torch CPU and CUDA)."""
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; checkpoints hold plain contiguous copies.
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(
+    folder: str | os.PathLike[str],
+    model: nn.Module,
+    config: dict,
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write a checkpoint folder atomically (see the module docstring); returns its path."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(_state_dict(model), tmp / "model.safetensors")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    torch.save(trainer_state, tmp / "trainer.pt")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
+
+
+def load_checkpoint(folder: str | os.PathLike[str], model: nn.Module) -> tuple[dict, dict]:
+    """Load weights into ``model``; returns ``(config, trainer_state)``. Errors name the folder
+    and, for weights that do not fit the model, the keys."""
+    folder = Path(folder)
+    for name in ("model.safetensors", "config.json", "trainer.pt"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: not a checkpoint, {name} is missing")
+    weights = load_file(folder / "model.safetensors")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(weights))
+        if weights[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{folder}: weights do not fit the model; missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, mis-shaped {shapes[:5]}"
+        )
+    model.load_state_dict(weights)
+    config = json.loads((folder / "config.json").read_text())
+    state = torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")
+    return config, state
