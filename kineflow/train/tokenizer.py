@@ -138,6 +138,13 @@ def _reject_unknown(raw: dict, cls: type, prefix: str) -> None:
         )
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
 def build_tokenizer(model: dict[str, Any]) -> nn.Module:
     """The tokenizer a ``model`` config section describes (``type`` + config fields)."""
     fields = {k: v for k, v in model.items() if k != "type"}
@@ -220,6 +227,7 @@ def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start = int(state["step"])
+        _truncate_metrics(out / "metrics.jsonl", start)
     stream = PictureStream(config.data)
     metrics = (out / "metrics.jsonl").open("a")
     model.train()
