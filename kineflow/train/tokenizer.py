@@ -149,9 +149,14 @@ def build_tokenizer(model: dict[str, Any]) -> nn.Module:
     """The tokenizer a ``model`` config section describes (``type`` + config fields)."""
     fields = {k: v for k, v in model.items() if k != "type"}
     if model.get("type") == "vq":
+        from kineflow.tokenizers.autoencoder import AutoencoderConfig
         from kineflow.tokenizers.vq import VQConfig, VQModel
 
-        return VQModel(VQConfig.from_dict(fields))
+        # The YAML may list the encoder/decoder fields flat, beside the codebook's.
+        shape = {f.name for f in dataclasses.fields(AutoencoderConfig)}
+        nested = dict(fields.pop("autoencoder", {}))
+        nested.update({k: fields.pop(k) for k in list(fields) if k in shape})
+        return VQModel(VQConfig.from_dict({**fields, "autoencoder": nested}))
     if model.get("type") == "kl":
         from kineflow.tokenizers.kl_vae import AutoencoderKL, KLConfig
 
@@ -217,12 +222,15 @@ def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict
     start = 0
     ckpt = out / "checkpoint"
     if ckpt.exists():
-        saved, state = load_checkpoint(ckpt, model)
-        if saved["model"] != config.to_dict()["model"]:
+        # Compare configs before weights: "another model" says more than a list of shapes.
+        saved_path = ckpt / "config.json"
+        saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+        if saved.get("model") != config.to_dict()["model"]:
             raise ValueError(
                 f"{ckpt}: checkpoint was trained with another model config; "
                 "use a new 'out' folder or delete the checkpoint"
             )
+        _, state = load_checkpoint(ckpt, model)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -262,7 +270,7 @@ def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict
                 "lr": sched.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - t0, 2),
             }
-            row.update({k: float(v) for k, v in losses.items()})
+            row.update({k: float(v.detach()) for k, v in losses.items()})
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}")

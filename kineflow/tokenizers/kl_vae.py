@@ -1,0 +1,812 @@
+"""Continuous image tokenizer: the Stable-Diffusion-style KL autoencoder (UniFluid's tokenizer).
+
+The encoder (:class:`~kineflow.tokenizers.autoencoder.Encoder` with ``double_z``, attention
+only in the middle block) maps an image ``x ∈ [-1, 1]^{3×H×W}`` to the moments of a diagonal
+Gaussian posterior over latents ``z ∈ R^{C×h×w}``, ``h = H/f``, ``w = W/f``,
+``f = 2^(L-1)`` (SD's KL-f8: ``L = 4``, ``C = 4``):
+
+    [μ, log σ²] = quant_conv(encoder(x)),      log σ² clamped to [-30, 20]
+    z = μ + σ ⊙ ε,   ε ~ N(0, I)                (reparameterised sample; the mode is μ)
+    x̂ = decoder(post_quant_conv(z))
+
+Training minimises ``L = rec(x̂, x) + λ_KL · E_batch[KL(q(z|x) ‖ N(0, I))]`` with ``rec`` the
+mean absolute (``l1``) or squared (``l2``) error per element and the closed form
+
+    KL(N(μ, σ²) ‖ N(0, 1)) = ½ Σ_{c,i,j} (μ² + σ² − 1 − log σ²)      (per sample).
+
+SD's VAE was trained with an additional LPIPS and patch-GAN term; those are not part of this
+module (``decoder.last_layer`` is exposed for the usual adaptive GAN weighting).
+
+Latents handed to a generative model are normalised, ``z̃ = (z − shift) · scale``
+(SD 1.x/2.x: ``scale = 0.18215``, ``shift = 0``), and patchified ``p × p``
+(UniFluid: ``p = 2``) into ``N = (h/p)(w/p)`` tokens of dimension ``D = C p²``: 256 px
+→ 32×32×4 latents → 256 tokens of dim 16. Tokens run row-major over the patch grid, and
+inside a token the channel is the slowest index (the order MAR uses):
+
+    token[b, r·(w/p) + s, c·p² + i·p + j] = z̃[b, c, r·p + i, s·p + j]
+
+Weights load from the ``diffusers`` layout (:meth:`AutoencoderKL.from_diffusers`) and export
+back to it (:meth:`AutoencoderKL.to_diffusers_state_dict`, :meth:`AutoencoderKL.save_diffusers`).
+The parameter names differ only by the renames below (diffusers' attention projections are
+``Linear`` layers, ours 1x1 convs, so their weights are reshaped ``[C, C] ↔ [C, C, 1, 1]``):
+
+    diffusers                                      kineflow
+    {enc}.down_blocks.{i}.resnets.{j}              encoder.conv_blocks.{i}.res.{j}
+    {enc}.down_blocks.{i}.downsamplers.0.conv      encoder.conv_blocks.{i}.downsample.conv
+    {dec}.up_blocks.{i}.resnets.{j}                decoder.conv_blocks.{i}.res.{j}
+    {dec}.up_blocks.{i}.upsamplers.0.conv          decoder.conv_blocks.{i}.upsample.conv
+    *.mid_block.resnets.{0,1}                      *.mid.{0,2}
+    *.mid_block.attentions.0.group_norm            *.mid.1.norm
+    *.mid_block.attentions.0.to_{q,k,v}            *.mid.1.{q,k,v}      (legacy: query/key/value)
+    *.mid_block.attentions.0.to_out.0              *.mid.1.proj_out     (legacy: proj_attn)
+    *.conv_norm_out                                *.norm_out
+    *.resnets.{j}.conv_shortcut                    *.res.{j}.nin_shortcut
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kineflow.tokenizers.autoencoder import AutoencoderConfig, Decoder, Encoder
+
+KINEFLOW_TYPE = "kl_vae"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+__all__ = [
+    "AutoencoderKL",
+    "DiagonalGaussian",
+    "KLConfig",
+    "patchify",
+    "unpatchify",
+]
+
+
+# -- configuration -------------------------------------------------------------------------------
+@dataclass
+class KLConfig:
+    """Shape and training settings of a KL autoencoder; the defaults are SD's KL-f8 at 256 px.
+
+    The encoder / decoder fields mean what they mean in
+    :class:`~kineflow.tokenizers.autoencoder.AutoencoderConfig` (level widths are
+    ``channels * channel_mult[i]``; ``num_res_blocks`` per encoder level, one more per decoder
+    level); ``z_channels`` is the latent channel count ``C``.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    norm_groups: int = 32
+    dropout: float = 0.0
+    image_size: int = 256  # the default token grid; any multiple of downsample * patch_size works
+    patch_size: int = 2
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    kl_weight: float = 1e-6
+    recon_loss: str = "l1"  # "l1" or "l2"
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.autoencoder_config()  # validates the encoder / decoder fields
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise ValueError(
+                f"in_channels and out_channels must be >= 1, got {self.in_channels} and "
+                f"{self.out_channels}"
+            )
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        unit = self.downsample * self.patch_size
+        if self.image_size < 1 or self.image_size % unit:
+            raise ValueError(
+                f"image_size must be a positive multiple of downsample * patch_size = "
+                f"{self.downsample} * {self.patch_size} = {unit}, got {self.image_size}"
+            )
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+        if not self.kl_weight >= 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.recon_loss not in ("l1", "l2"):
+            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
+
+    def autoencoder_config(self) -> AutoencoderConfig:
+        """The shared encoder / decoder configuration (``double_z``, mid-block attention)."""
+        return AutoencoderConfig(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            channels=self.channels,
+            channel_mult=self.channel_mult,
+            num_res_blocks=self.num_res_blocks,
+            z_channels=self.z_channels,
+            double_z=True,
+            attn_resolutions="mid",
+            norm_groups=self.norm_groups,
+            dropout=self.dropout,
+        )
+
+    @property
+    def downsample(self) -> int:
+        """Spatial reduction factor ``f = 2^(L-1)`` from pixels to latents."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def token_dim(self) -> int:
+        """Dimension of one token, ``z_channels * patch_size²`` (16 for KL-f8 with 2x2)."""
+        return self.z_channels * self.patch_size**2
+
+    @property
+    def latent_size(self) -> int:
+        """Latent side ``image_size / f`` at the configured image size."""
+        return self.image_size // self.downsample
+
+    @property
+    def grid_size(self) -> int:
+        """Token grid side ``image_size / (f p)`` at the configured image size."""
+        return self.latent_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image at the configured size (256 for KL-f8, 256 px, 2x2 patches)."""
+        return self.grid_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KLConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown KLConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# -- posterior ------------------------------------------------------------------------------------
+class DiagonalGaussian:
+    """The posterior ``N(μ, diag σ²)`` given encoder moments ``[B, 2C, h, w]``.
+
+    The first ``C`` channels are ``μ``, the last ``C`` are ``log σ²``, clamped to ``[-30, 20]``
+    so that ``σ²`` neither underflows to 0 nor overflows (the same clamp as SD / diffusers).
+    """
+
+    def __init__(self, moments: Tensor) -> None:
+        if not isinstance(moments, Tensor) or moments.ndim < 2 or moments.shape[1] % 2:
+            shape = tuple(moments.shape) if isinstance(moments, Tensor) else type(moments)
+            raise ValueError(f"moments must be a tensor [B, 2C, ...], got {shape}")
+        self.moments = moments
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def mode(self) -> Tensor:
+        """The posterior mode (= mean) ``μ``: ``[B, C, h, w]``."""
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """A reparameterised draw ``μ + σ ε`` (differentiable in μ and σ): ``[B, C, h, w]``.
+
+        ``ε`` is drawn in float32 on the generator's device and then cast, so a seeded
+        generator gives the same noise whatever the model's dtype or device.
+        """
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device)
+        return self.mean + self.std * eps.to(device=self.mean.device, dtype=self.mean.dtype)
+
+    def kl(self) -> Tensor:
+        """``KL(q ‖ N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²)`` summed over all but the batch dim:
+        Float32[B] (accumulated in float32 so bf16 latents do not lose the sum)."""
+        mean, var, logvar = self.mean.float(), self.var.float(), self.logvar.float()
+        return 0.5 * (mean.square() + var - 1.0 - logvar).flatten(1).sum(1)
+
+
+# -- patchify -------------------------------------------------------------------------------------
+def patchify(latents: Tensor, patch_size: int) -> Tensor:
+    """``[B, C, h, w]`` -> ``[B, (h/p)(w/p), C p²]``; order in the module docstring.
+
+    ``h`` and ``w`` must be divisible by ``p``.
+    """
+    B, C, h, w = latents.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(
+            f"latent height and width must be divisible by patch_size {p}, got {h}x{w}"
+        )
+    x = latents.reshape(B, C, h // p, p, w // p, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # [B, h/p, w/p, C, p, p]: channel slowest inside a token
+    return x.reshape(B, (h // p) * (w // p), C * p * p)
+
+
+def unpatchify(tokens: Tensor, height: int, width: int, patch_size: int) -> Tensor:
+    """Exact inverse of :func:`patchify`: ``[B, (h/p)(w/p), C p²]`` -> ``[B, C, h, w]`` with
+    ``h, w = height, width`` (latent size, divisible by ``p``)."""
+    B, N, D = tokens.shape
+    p = patch_size
+    if height % p or width % p:
+        raise ValueError(
+            f"latent height and width must be divisible by patch_size {p}, got {height}x{width}"
+        )
+    gh, gw = height // p, width // p
+    if gh * gw != N:
+        raise ValueError(
+            f"got {N} tokens but a {height}x{width} latent in {p}x{p} patches has "
+            f"{gh}x{gw} = {gh * gw}"
+        )
+    if D % (p * p):
+        raise ValueError(f"token dim {D} is not a multiple of patch_size² = {p * p}")
+    x = tokens.reshape(B, gh, gw, D // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, D // (p * p), height, width)
+
+
+# -- diffusers name mapping -----------------------------------------------------------------------
+# kineflow name -> diffusers name, applied in order to full state-dict keys. The forward
+# direction (loading) is the inverse of this table on our own keys, which makes it bijective by
+# construction and lets "every key consumed" be a set comparison.
+_TO_DIFFUSERS: tuple[tuple[str, str], ...] = (
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    (r"^encoder\.conv_blocks\.(\d+)\.res\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.conv_blocks\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"^decoder\.conv_blocks\.(\d+)\.res\.", r"decoder.up_blocks.\1.resnets."),
+    (r"^decoder\.conv_blocks\.(\d+)\.upsample\.", r"decoder.up_blocks.\1.upsamplers.0."),
+    (r"^(encoder|decoder)\.mid\.0\.", r"\1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.mid\.2\.", r"\1.mid_block.resnets.1."),
+    (r"^(encoder|decoder)\.mid\.1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
+    (r"^(encoder|decoder)\.mid\.1\.(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2."),
+    (r"^(encoder|decoder)\.mid\.1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
+    (r"\.nin_shortcut\.", r".conv_shortcut."),
+)  # fmt: skip
+# Attention names of older diffusers checkpoints, accepted when loading.
+_LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+# Our 1x1-conv attention weights, which diffusers stores as Linear [C, C].
+_ATTN_WEIGHT = re.compile(r"^(encoder|decoder)\.mid\.1\.(q|k|v|proj_out)\.weight$")
+_BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+# diffusers config keys that do not change the computation of the networks.
+_DIFFUSERS_IGNORED = {"force_upcast"}
+
+
+def _diffusers_name(name: str) -> str:
+    for pattern, repl in _TO_DIFFUSERS:
+        name = re.sub(pattern, repl, name)
+    if ".conv_blocks." in name or ".mid." in name:  # a module this table does not know
+        raise RuntimeError(f"no diffusers name for parameter {name!r}")
+    return name
+
+
+def _listing(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _check_state_dict(
+    expected: Mapping[str, torch.Size], got: Mapping[str, Tensor], source: str
+) -> None:
+    """Raise ``ValueError`` naming missing, unexpected and mis-shaped keys (all at once)."""
+    problems = []
+    missing = set(expected) - set(got)
+    unexpected = set(got) - set(expected)
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    shaped = [
+        f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k])})"
+        for k in sorted(set(expected) & set(got))
+        if got[k].shape != expected[k]
+    ]
+    if shaped:
+        problems.append(f"mis-shaped keys: {_listing(shaped)}")
+    if problems:
+        raise ValueError(f"weights in {source} do not fit the model: " + "; ".join(problems))
+
+
+def _config_from_diffusers(d: Mapping[str, Any], overrides: Mapping[str, Any]) -> KLConfig:
+    """Translate a diffusers ``AutoencoderKL`` config; anything we cannot express raises."""
+    cls = d.get("_class_name", "AutoencoderKL")
+    if cls != "AutoencoderKL":
+        raise ValueError(f"_class_name is {cls!r}; only diffusers AutoencoderKL is supported")
+    known = {
+        "in_channels", "out_channels", "down_block_types", "up_block_types",
+        "block_out_channels", "layers_per_block", "act_fn", "latent_channels",
+        "norm_num_groups", "sample_size", "scaling_factor", "shift_factor", "latents_mean",
+        "latents_std", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
+    } | _DIFFUSERS_IGNORED  # fmt: skip
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(f"unsupported diffusers config field(s): {', '.join(unknown)}")
+    widths = [int(c) for c in d.get("block_out_channels", (64,))]
+    for key, block in _BLOCK_TYPES.items():
+        types = list(d.get(key, (block,)))
+        if len(types) != len(widths):
+            raise ValueError(
+                f"{key} has {len(types)} entries but block_out_channels has {len(widths)}"
+            )
+        if any(t != block for t in types):
+            raise ValueError(f"{key} must all be {block!r}, got {types}")
+    if not widths or widths[0] < 1 or any(w % widths[0] for w in widths):
+        raise ValueError(
+            f"block_out_channels {widths} must be multiples of the first width (kineflow writes "
+            f"them as channels * channel_mult)"
+        )
+    if d.get("act_fn", "silu") != "silu":
+        raise ValueError(f"act_fn {d['act_fn']!r} is not supported (only 'silu')")
+    if not d.get("mid_block_add_attention", True):
+        raise ValueError("mid_block_add_attention=False is not supported (the mid block attends)")
+    for key in ("latents_mean", "latents_std"):
+        if d.get(key) is not None:
+            raise ValueError(
+                f"{key} (per-channel latent normalisation) is not supported; kineflow "
+                f"normalises with the scalar scaling_factor / shift_factor"
+            )
+    size = d.get("sample_size", 32)  # diffusers' defaults throughout
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"sample_size {list(size)} is not square")
+        size = size[0]
+    values: dict[str, Any] = {
+        "in_channels": int(d.get("in_channels", 3)),
+        "out_channels": int(d.get("out_channels", 3)),
+        "channels": widths[0],
+        "channel_mult": tuple(w // widths[0] for w in widths),
+        "num_res_blocks": int(d.get("layers_per_block", 1)),
+        "z_channels": int(d.get("latent_channels", 4)),
+        "norm_groups": int(d.get("norm_num_groups", 32)),
+        "image_size": int(size),
+        "scaling_factor": float(d.get("scaling_factor", 0.18215)),
+        "shift_factor": float(d.get("shift_factor") or 0.0),
+        "use_quant_conv": bool(d.get("use_quant_conv", True)),
+        "use_post_quant_conv": bool(d.get("use_post_quant_conv", True)),
+    }
+    values.update(overrides)
+    try:
+        return KLConfig.from_dict(values)
+    except ValueError as e:
+        raise ValueError(
+            f"the diffusers config does not make a valid KLConfig: {e} (image_size comes from "
+            f"sample_size, channels / channel_mult from block_out_channels, norm_groups from "
+            f"norm_num_groups, z_channels from latent_channels; pass overrides to change "
+            f"kineflow-only fields)"
+        ) from e
+
+
+def _resolve_diffusers_folder(folder: Path, variant: str | None) -> tuple[Path, Path]:
+    """``(config.json, weights)`` in ``folder`` or its ``vae/`` subfolder."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
+        folder = folder / "vae"  # a pipeline folder
+    config = folder / CONFIG_NAME
+    if not config.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder} (nor in {folder / 'vae'})")
+    names = [DIFFUSERS_WEIGHTS_NAME, WEIGHTS_NAME]
+    if variant is not None:
+        names = [n.replace(".safetensors", f".{variant}.safetensors") for n in names]
+    for name in names:
+        if (folder / name).is_file():
+            return config, folder / name
+    present = sorted(p.name for p in folder.iterdir() if p.is_file())
+    hint = ""
+    if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in present):
+        hint = " (only safetensors weights are read; convert pickled checkpoints first)"
+    raise FileNotFoundError(
+        f"no {' or '.join(names)} in {folder}{hint}; files there: {_listing(present) or 'none'}"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary file next to ``path``, then ``os.replace`` it, so a
+    reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+# -- the model ------------------------------------------------------------------------------------
+class AutoencoderKL(nn.Module):
+    """SD-style KL autoencoder and UniFluid's continuous image tokenizer.
+
+    Shapes (``f`` = :attr:`KLConfig.downsample`, ``C`` = ``z_channels``, ``p`` = ``patch_size``):
+    images Float[B, 3, H, W] in [-1, 1] with ``H, W`` multiples of ``f`` (of ``f p`` for tokens);
+    latents Float[B, C, H/f, W/f]; tokens Float[B, (H/fp)(W/fp), C p²].
+
+    Inputs are cast to the parameters' dtype (so float32 images feed a bf16 model); outputs have
+    the parameters' dtype, except losses and KL, which are float32.
+    """
+
+    def __init__(self, config: KLConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else KLConfig()
+        cfg = self.config
+        ae = cfg.autoencoder_config()
+        z = cfg.z_channels
+        self.encoder = Encoder(ae)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(z, z, 1) if cfg.use_post_quant_conv else None
+        self.decoder = Decoder(ae)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_images(self, images: Tensor, multiple: int, why: str) -> Tensor:
+        c = self.config.in_channels
+        if not isinstance(images, Tensor):
+            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.ndim != 4 or images.shape[1] != c:
+            raise ValueError(f"images must have shape [B, {c}, H, W], got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point (in [-1, 1]), got {images.dtype}")
+        H, W = images.shape[-2:]
+        if H == 0 or W == 0 or H % multiple or W % multiple:
+            raise ValueError(
+                f"image height and width must be positive multiples of {multiple} ({why}), "
+                f"got {H}x{W}"
+            )
+        return images.to(self.dtype)
+
+    def _check_latents(self, latents: Tensor, multiple: int = 1) -> Tensor:
+        C = self.config.z_channels
+        if not isinstance(latents, Tensor):
+            raise ValueError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if latents.ndim != 4 or latents.shape[1] != C:
+            raise ValueError(
+                f"latents must have shape [B, {C}, h, w] (z_channels = {C}), "
+                f"got {tuple(latents.shape)}"
+            )
+        if not latents.is_floating_point():
+            raise ValueError(f"latents must be floating point, got {latents.dtype}")
+        h, w = latents.shape[-2:]
+        if h == 0 or w == 0 or h % multiple or w % multiple:
+            raise ValueError(
+                f"latent height and width must be positive multiples of patch_size {multiple}, "
+                f"got {h}x{w}"
+            )
+        return latents
+
+    def _check_tokens(self, tokens: Tensor, h: int, w: int) -> None:
+        D, p = self.config.token_dim, self.config.patch_size
+        if not isinstance(tokens, Tensor):
+            raise ValueError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.ndim != 3 or tokens.shape[-1] != D:
+            raise ValueError(
+                f"tokens must have shape [B, N, {D}] (token_dim = z_channels * patch_size² = "
+                f"{self.config.z_channels} * {p}²), got {tuple(tokens.shape)}"
+            )
+        if not tokens.is_floating_point():
+            raise ValueError(f"tokens must be floating point, got {tokens.dtype}")
+        if h < 1 or w < 1 or h % p or w % p:
+            raise ValueError(
+                f"latent height and width must be positive multiples of patch_size {p}, got {h}x{w}"
+            )
+        if tokens.shape[1] != (h // p) * (w // p):
+            raise ValueError(
+                f"got {tokens.shape[1]} tokens but a {h}x{w} latent in {p}x{p} patches has "
+                f"{h // p}x{w // p} = {(h // p) * (w // p)}"
+            )
+
+    # -- autoencoding -----------------------------------------------------------------------
+    def encode(self, images: Tensor) -> DiagonalGaussian:
+        """Images [B, 3, H, W] -> posterior over latents [B, C, H/f, W/f]."""
+        f = self.config.downsample
+        x = self._check_images(images, f, f"the downsampling factor {f}")
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [B, C, h, w] (unscaled) -> images [B, 3, h f, w f]."""
+        z = self._check_latents(latents).to(self.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(
+        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, DiagonalGaussian]:
+        """Reconstruct through a posterior sample (``sample=True``) or the mode; returns
+        ``(reconstructions [B, 3, H, W], posterior)``."""
+        posterior = self.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+    def training_losses(
+        self, images: Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """``{"loss": rec + kl_weight * kl, "recon": rec, "kl": kl}`` (float32 scalars; only
+        ``loss`` carries gradients). ``rec`` is the per-element mean L1 / L2 error of a
+        reconstruction through a posterior sample, ``kl`` the batch mean of
+        :meth:`DiagonalGaussian.kl`."""
+        reconstructions, posterior = self(images, sample=True, generator=generator)
+        diff = reconstructions.float() - images.to(reconstructions.dtype).float()
+        recon = diff.abs().mean() if self.config.recon_loss == "l1" else diff.square().mean()
+        kl = posterior.kl().mean()
+        loss = recon + self.config.kl_weight * kl
+        return {"loss": loss, "recon": recon.detach(), "kl": kl.detach()}
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Decode the posterior mode: the deterministic reconstruction [B, 3, H, W]. Autograd
+        is left to the caller (wrap in ``torch.no_grad()`` for evaluation)."""
+        return self.decode(self.encode(images).mode())
+
+    # -- latent normalisation and tokens ----------------------------------------------------
+    def scale(self, latents: Tensor) -> Tensor:
+        """``(z − shift_factor) · scaling_factor``: latents at roughly unit variance."""
+        return (latents - self.config.shift_factor) * self.config.scaling_factor
+
+    def unscale(self, latents: Tensor) -> Tensor:
+        """Inverse of :meth:`scale`: ``z̃ / scaling_factor + shift_factor``."""
+        return latents / self.config.scaling_factor + self.config.shift_factor
+
+    def latents_to_tokens(self, latents: Tensor) -> Tensor:
+        """Latents [B, C, h, w] -> tokens [B, (h/p)(w/p), C p²] (order: module docstring)."""
+        p = self.config.patch_size
+        return patchify(self._check_latents(latents, p), p)
+
+    def tokens_to_latents(self, tokens: Tensor, h: int, w: int) -> Tensor:
+        """Exact inverse of :meth:`latents_to_tokens` for a latent of height ``h`` and width
+        ``w`` (latent pixels, not patches): tokens [B, (h/p)(w/p), C p²] -> [B, C, h, w]."""
+        self._check_tokens(tokens, h, w)
+        return unpatchify(tokens, h, w, self.config.patch_size)
+
+    def images_to_tokens(
+        self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Encode (mode, or a posterior sample), scale, patchify: images [B, 3, H, W] ->
+        tokens [B, (H/fp)(W/fp), C p²] (256 x 16 for KL-f8 at 256 px)."""
+        fp = self.config.downsample * self.config.patch_size
+        self._check_images(images, fp, f"downsampling factor x patch_size = {fp}")
+        posterior = self.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return patchify(self.scale(z), self.config.patch_size)
+
+    def tokens_to_images(self, tokens: Tensor, grid: int | tuple[int, int] | None = None) -> Tensor:
+        """Unpatchify, unscale, decode: tokens [B, gh gw, C p²] -> images [B, 3, gh f p, gw f p].
+
+        ``grid`` is the token grid ``(gh, gw)`` (an int for square), by default the configured
+        ``image_size`` grid.
+        """
+        if grid is None:
+            grid = self.config.grid_size
+        grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        if len(grid) != 2 or not all(isinstance(g, int) for g in grid):
+            raise ValueError(f"grid must be an int or a pair (rows, cols) of ints, got {grid}")
+        gh, gw = grid
+        p = self.config.patch_size
+        latents = self.tokens_to_latents(tokens, gh * p, gw * p)
+        return self.decode(self.unscale(latents))
+
+    # -- kineflow files ---------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` (``"kineflow_type": "kl_vae"`` plus
+        the :class:`KLConfig` fields) into ``folder`` (created if needed), each atomically;
+        returns the folder. Weights keep the model's dtype."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": "pt", "kineflow_type": KINEFLOW_TYPE}
+        _write_safetensors(folder / WEIGHTS_NAME, self.state_dict(), metadata)
+        _write_json(folder / CONFIG_NAME, {"kineflow_type": KINEFLOW_TYPE, **self.config.to_dict()})
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> AutoencoderKL:
+        """Load what :meth:`save_pretrained` wrote. ``dtype`` defaults to the stored one.
+
+        Raises:
+            FileNotFoundError: no folder, ``config.json`` or ``model.safetensors``.
+            ValueError: the folder holds another model type, or the weights do not match
+                the configuration (names the missing / unexpected / mis-shaped keys).
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no such folder: {folder}")
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+        data = _read_json(config_path)
+        kind = data.pop("kineflow_type", None)
+        if kind != KINEFLOW_TYPE:
+            hint = ""
+            if kind is None and data.get("_class_name") == "AutoencoderKL":
+                hint = "; it looks like a diffusers folder: use AutoencoderKL.from_diffusers"
+            raise ValueError(
+                f"{config_path} has kineflow_type {kind!r}, expected {KINEFLOW_TYPE!r}{hint}"
+            )
+        config = KLConfig.from_dict(data)
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
+        state = _load_safetensors(weights_path)
+        model = cls(config)
+        _check_state_dict(
+            {k: v.shape for k, v in model.state_dict().items()}, state, str(weights_path)
+        )
+        if dtype is None:
+            dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+            dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        model.to(dtype=dtype)
+        model.load_state_dict(state, strict=True)
+        return model.to(device) if device is not None else model
+
+    # -- diffusers interoperability ---------------------------------------------------------
+    @classmethod
+    def from_diffusers(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        variant: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> AutoencoderKL:
+        """Load a local diffusers ``AutoencoderKL`` folder (or a pipeline folder with ``vae/``).
+
+        Reads ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or
+        ``model.safetensors``; ``variant="fp16"`` reads ``*.fp16.safetensors``). ``overrides``
+        set :class:`KLConfig` fields diffusers does not store (``patch_size``, ``kl_weight``,
+        ``recon_loss``, …). Every checkpoint key must be consumed.
+
+        Raises:
+            FileNotFoundError: no folder, config or safetensors weights.
+            ValueError: a config field kineflow cannot express (named), or weights that do not
+                fit (missing / unexpected / duplicated / mis-shaped keys, named).
+        """
+        config_path, weights_path = _resolve_diffusers_folder(Path(folder), variant)
+        config = _config_from_diffusers(_read_json(config_path), overrides)
+        model = cls(config)
+        state = model.state_dict_from_diffusers(
+            _load_safetensors(weights_path), source=str(weights_path)
+        )
+        model.to(dtype=dtype)
+        model.load_state_dict(state, strict=True)
+        return model.to(device) if device is not None else model
+
+    def state_dict_from_diffusers(
+        self, diffusers_state: Mapping[str, Tensor], source: str = "the diffusers state dict"
+    ) -> dict[str, Tensor]:
+        """Rename (and reshape) a diffusers state dict into this model's names, strictly."""
+        ours = {k: v.shape for k, v in self.state_dict().items()}
+        table: dict[str, str] = {}
+        for name in ours:
+            theirs = _diffusers_name(name)
+            table[theirs] = name
+            for new, old in _LEGACY_ATTENTION.items():
+                legacy = theirs.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+                if legacy != theirs:
+                    table[legacy] = name
+        renamed: dict[str, Tensor] = {}
+        sources: dict[str, str] = {}
+        unexpected, duplicated = [], []
+        for key, tensor in diffusers_state.items():
+            name = table.get(key)
+            if name is None:
+                unexpected.append(key)
+            elif name in renamed:
+                duplicated.append(f"{sources[name]} / {key}")
+            else:
+                if _ATTN_WEIGHT.match(name) and tensor.ndim == 2:
+                    tensor = tensor[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+                renamed[name], sources[name] = tensor, key
+        # Report in the checkpoint's (diffusers) names: those are what the user can look up.
+        problems = []
+        missing = [_diffusers_name(k) for k in set(ours) - set(renamed)]
+        if missing:
+            problems.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_listing(unexpected)}")
+        if duplicated:
+            problems.append(f"keys naming the same parameter twice: {_listing(duplicated)}")
+        shaped = [
+            f"{sources[k]} {tuple(v.shape)} (expected {tuple(ours[k])})"
+            for k, v in renamed.items()
+            if v.shape != ours[k]
+        ]
+        if shaped:
+            problems.append(f"mis-shaped keys: {_listing(shaped)}")
+        if problems:
+            raise ValueError(f"weights in {source} do not fit the model: " + "; ".join(problems))
+        return renamed
+
+    def to_diffusers_state_dict(self) -> dict[str, Tensor]:
+        """This model's weights under diffusers' names and shapes (detached, sharing memory
+        with the parameters); ``diffusers.AutoencoderKL.load_state_dict`` takes it strictly."""
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if _ATTN_WEIGHT.match(name):
+                tensor = tensor.flatten(1)  # 1x1 conv [C, C, 1, 1] -> Linear [C, C]
+            out[_diffusers_name(name)] = tensor.detach()
+        return out
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """The diffusers ``AutoencoderKL`` config of this model (kineflow-only fields such as
+        ``patch_size`` have no diffusers counterpart and are left out)."""
+        cfg = self.config
+        L = len(cfg.channel_mult)
+        return {
+            "_class_name": "AutoencoderKL",
+            "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels,
+            "down_block_types": [_BLOCK_TYPES["down_block_types"]] * L,
+            "up_block_types": [_BLOCK_TYPES["up_block_types"]] * L,
+            "block_out_channels": [cfg.channels * m for m in cfg.channel_mult],
+            "layers_per_block": cfg.num_res_blocks,
+            "act_fn": "silu",
+            "latent_channels": cfg.z_channels,
+            "norm_num_groups": cfg.norm_groups,
+            "sample_size": cfg.image_size,
+            "scaling_factor": cfg.scaling_factor,
+            "shift_factor": cfg.shift_factor,
+            "use_quant_conv": cfg.use_quant_conv,
+            "use_post_quant_conv": cfg.use_post_quant_conv,
+            "mid_block_add_attention": True,
+        }
+
+    def save_diffusers(self, folder: str | os.PathLike[str]) -> Path:
+        """Write a diffusers ``AutoencoderKL`` folder (``config.json`` and
+        ``diffusion_pytorch_model.safetensors``) that ``diffusers`` and
+        :meth:`from_diffusers` both load; returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_safetensors(
+            folder / DIFFUSERS_WEIGHTS_NAME, self.to_diffusers_state_dict(), {"format": "pt"}
+        )
+        _write_json(folder / CONFIG_NAME, self.to_diffusers_config())
+        return folder
