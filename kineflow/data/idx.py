@@ -30,7 +30,6 @@ import gzip
 import math
 import operator
 import os
-import secrets
 import struct
 import zlib
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from kineflow.data.example import image_to_tensor
+from kineflow.io import atomic_write
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_ROOT",
@@ -246,13 +246,11 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray | Sequence[Any]) -
     header = struct.pack(f">BBBB{len(shape)}I", 0, 0, code, len(shape), *shape)
     data = np.ascontiguousarray(array, dtype=_CODE_TO_DTYPE[code]).reshape(-1).view(np.uint8)
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask pick the final permissions, as a plain open() would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.name.endswith(".gz"):
+    compress = Path(path).name.endswith(".gz")
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as f:
+            if compress:
                 # Level 6 (gzip's own default): level 9 is several times slower for ~1% less.
                 with gzip.GzipFile(
                     filename="", mode="wb", fileobj=f, compresslevel=6, mtime=0
@@ -262,12 +260,8 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray | Sequence[Any]) -
             else:
                 f.write(header)
                 f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 # -- dataset ------------------------------------------------------------------------------------

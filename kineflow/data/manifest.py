@@ -41,7 +41,6 @@ import copy
 import json
 import operator
 import os
-import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from kineflow.data.example import TASK_FIELDS, TASKS, image_to_tensor
+from kineflow.io import atomic_write
 
 #: Largest image (width * height) accepted unless told otherwise; checked from the file's header
 #: before any pixel is decoded, so a huge or hostile file costs nothing.
@@ -532,23 +532,15 @@ def write_manifest(path: str | os.PathLike[str], records: Iterable[Mapping[str, 
             (its index + 1) and the problem names the index.
     """
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 gives the file the permissions open() would (umask applied); a
-    # tempfile module file would be private (0o600) once it replaced the manifest.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+
+    def write(temp: Path) -> None:
+        with open(temp, "w", encoding="utf-8", newline="\n") as f:
             first_line: dict[str, int] = {}
             for index, record in enumerate(records):
                 line = index + 1
                 f.write(_record_json(path, line, index, record, first_line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def _record_json(

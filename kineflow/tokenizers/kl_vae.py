@@ -45,23 +45,29 @@ The parameter names differ only by the renames below (diffusers' attention proje
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from kineflow.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_pretrained,
+    read_json_object,
+    save_pretrained_folder,
+)
 from kineflow.tokenizers.autoencoder import AutoencoderConfig, Decoder, Encoder
 
 KINEFLOW_TYPE = "kl_vae"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 __all__ = [
@@ -296,28 +302,6 @@ def _listing(names: Iterable[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _check_state_dict(
-    expected: Mapping[str, torch.Size], got: Mapping[str, Tensor], source: str
-) -> None:
-    """Raise ``ValueError`` naming missing, unexpected and mis-shaped keys (all at once)."""
-    problems = []
-    missing = set(expected) - set(got)
-    unexpected = set(got) - set(expected)
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    shaped = [
-        f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k])})"
-        for k in sorted(set(expected) & set(got))
-        if got[k].shape != expected[k]
-    ]
-    if shaped:
-        problems.append(f"mis-shaped keys: {_listing(shaped)}")
-    if problems:
-        raise ValueError(f"weights in {source} do not fit the model: " + "; ".join(problems))
-
-
 def _config_from_diffusers(d: Mapping[str, Any], overrides: Mapping[str, Any]) -> KLConfig:
     """Translate a diffusers ``AutoencoderKL`` config; anything we cannot express raises."""
     cls = d.get("_class_name", "AutoencoderKL")
@@ -409,48 +393,6 @@ def _resolve_diffusers_folder(folder: Path, variant: str | None) -> tuple[Path, 
     raise FileNotFoundError(
         f"no {' or '.join(names)} in {folder}{hint}; files there: {_listing(present) or 'none'}"
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a temporary file next to ``path``, then ``os.replace`` it, so a
-    reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -634,12 +576,9 @@ class AutoencoderKL(nn.Module):
         """Write ``model.safetensors`` and ``config.json`` (``"kineflow_type": "kl_vae"`` plus
         the :class:`KLConfig` fields) into ``folder`` (created if needed), each atomically;
         returns the folder. Weights keep the model's dtype."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": "pt", "kineflow_type": KINEFLOW_TYPE}
-        _write_safetensors(folder / WEIGHTS_NAME, self.state_dict(), metadata)
-        _write_json(folder / CONFIG_NAME, {"kineflow_type": KINEFLOW_TYPE, **self.config.to_dict()})
-        return folder
+        return save_pretrained_folder(
+            folder, self.state_dict(), self.config.to_dict(), KINEFLOW_TYPE
+        )
 
     @classmethod
     def from_pretrained(
@@ -653,37 +592,18 @@ class AutoencoderKL(nn.Module):
 
         Raises:
             FileNotFoundError: no folder, ``config.json`` or ``model.safetensors``.
-            ValueError: the folder holds another model type, or the weights do not match
-                the configuration (names the missing / unexpected / mis-shaped keys).
+            ValueError: the folder holds another model type, a config :class:`KLConfig`
+                rejects, or weights that do not match the configuration (names the missing /
+                unexpected / mis-shaped keys).
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no such folder: {folder}")
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
-        data = _read_json(config_path)
-        kind = data.pop("kineflow_type", None)
-        if kind != KINEFLOW_TYPE:
-            hint = ""
-            if kind is None and data.get("_class_name") == "AutoencoderKL":
-                hint = "; it looks like a diffusers folder: use AutoencoderKL.from_diffusers"
-            raise ValueError(
-                f"{config_path} has kineflow_type {kind!r}, expected {KINEFLOW_TYPE!r}{hint}"
-            )
-        config = KLConfig.from_dict(data)
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-        state = _load_safetensors(weights_path)
-        model = cls(config)
-        _check_state_dict(
-            {k: v.shape for k, v in model.state_dict().items()}, state, str(weights_path)
+        model = load_pretrained(
+            folder,
+            KINEFLOW_TYPE,
+            "KL autoencoder",
+            lambda d: cls(KLConfig.from_dict(d)),
+            dtype=dtype,
+            diffusers_hints={"AutoencoderKL": "use AutoencoderKL.from_diffusers"},
         )
-        if dtype is None:
-            dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-            dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        model.to(dtype=dtype)
-        model.load_state_dict(state, strict=True)
         return model.to(device) if device is not None else model
 
     # -- diffusers interoperability ---------------------------------------------------------
@@ -710,10 +630,10 @@ class AutoencoderKL(nn.Module):
                 fit (missing / unexpected / duplicated / mis-shaped keys, named).
         """
         config_path, weights_path = _resolve_diffusers_folder(Path(folder), variant)
-        config = _config_from_diffusers(_read_json(config_path), overrides)
+        config = _config_from_diffusers(read_json_object(config_path), overrides)
         model = cls(config)
         state = model.state_dict_from_diffusers(
-            _load_safetensors(weights_path), source=str(weights_path)
+            load_file(str(weights_path), device="cpu"), source=str(weights_path)
         )
         model.to(dtype=dtype)
         model.load_state_dict(state, strict=True)
@@ -805,8 +725,8 @@ class AutoencoderKL(nn.Module):
         :meth:`from_diffusers` both load; returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_safetensors(
+        atomic_save_safetensors(
             folder / DIFFUSERS_WEIGHTS_NAME, self.to_diffusers_state_dict(), {"format": "pt"}
         )
-        _write_json(folder / CONFIG_NAME, self.to_diffusers_config())
+        atomic_write_json(folder / CONFIG_NAME, self.to_diffusers_config(), sort_keys=True)
         return folder

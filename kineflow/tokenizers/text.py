@@ -33,7 +33,6 @@ tokenizer with the same ids and a Jinja ``chat_template`` that renders the same 
 
 from __future__ import annotations
 
-import json
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from kineflow.io import atomic_write, atomic_write_json, read_json_object
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -378,10 +379,11 @@ class TextTokenizer:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
-        into ``folder`` (created if needed) in the Hugging Face layout; returns the folder."""
+        into ``folder`` (created if needed) in the Hugging Face layout, each atomically;
+        returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(folder / "tokenizer.json"))
+        atomic_write(folder / "tokenizer.json", lambda temp: self._tok.save(str(temp)))
         sp = self.special_tokens
         special_map = {
             "bos_token": sp.bos,
@@ -403,8 +405,9 @@ class TextTokenizer:
             "model_max_length": self.model_max_length,
             "chat_template": CHAT_TEMPLATE,
         }
-        _write_json(folder / "tokenizer_config.json", config)
-        _write_json(folder / "special_tokens_map.json", special_map)
+        # Non-ASCII is written as is: the full-width special strings stay readable.
+        atomic_write_json(folder / "tokenizer_config.json", config)
+        atomic_write_json(folder / "special_tokens_map.json", special_map)
         return folder
 
     @classmethod
@@ -418,7 +421,7 @@ class TextTokenizer:
         model_max_length = DEFAULT_MODEL_MAX_LENGTH
         config_file = path / "tokenizer_config.json"
         if path.is_dir() and config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config = read_json_object(config_file)
             if isinstance(config.get("model_max_length"), (int, float)):
                 model_max_length = int(config["model_max_length"])
         return cls(Tokenizer.from_file(str(file)), model_max_length=model_max_length)
@@ -428,11 +431,6 @@ class TextTokenizer:
             f"TextTokenizer(vocab_size={self._vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
             f"pad={self.pad_id}, boi={self.boi_id}, eoi={self.eoi_id}, image={self.image_id})"
         )
-
-
-def _write_json(path: Path, obj: object) -> None:
-    # ensure_ascii=False keeps the full-width special strings readable in the files.
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def train_text_tokenizer(

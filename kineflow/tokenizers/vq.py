@@ -45,26 +45,24 @@ so that ids do not flip with the compute dtype.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from kineflow.io import CONFIG_NAME as CONFIG_NAME
+from kineflow.io import WEIGHTS_NAME as WEIGHTS_NAME
+from kineflow.io import check_state_dict, load_pretrained, save_pretrained_folder
 from kineflow.tokenizers.autoencoder import AutoencoderConfig, Decoder, Encoder
 
 #: Value of the ``kineflow_type`` field in a saved tokenizer's ``config.json``.
 KINEFLOW_TYPE = "vq"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 #: Where the generation tokenizer lives in a Janus / FUDOKI state dict.
 JANUS_PREFIX = "gen_vision_model."
 #: Janus tensors (after the prefix) with no counterpart here; loading skips them.
@@ -416,47 +414,6 @@ class CodebookUsage:
 # -- the model --------------------------------------------------------------------------------
 
 
-def _check_state_dict(
-    expected: Mapping[str, torch.Size], got: Mapping[str, Tensor], source: str, prefix: str = ""
-) -> None:
-    """Raise one ValueError listing every missing, unexpected and mis-shaped key of ``got``
-    (named as ``prefix + key``, i.e. as they appear in the source)."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    mismatched = [
-        f"{prefix}{k}: expected {tuple(expected[k])}, got {tuple(got[k].shape)}"
-        for k in sorted(set(expected) & set(got))
-        if tuple(got[k].shape) != tuple(expected[k])
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: " + ", ".join(prefix + k for k in missing))
-    if unexpected:
-        problems.append(
-            f"{len(unexpected)} unexpected: " + ", ".join(prefix + k for k in unexpected)
-        )
-    if mismatched:
-        problems.append(f"{len(mismatched)} with the wrong shape: " + "; ".join(mismatched))
-    if problems:
-        raise ValueError(
-            f"{source} does not match the VQ model built from its config:\n  "
-            + "\n  ".join(problems)
-        )
-
-
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    """Write ``target`` through a temporary file in the same folder and ``os.replace``, so a
-    reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class VQModel(nn.Module):
     """LlamaGen's VQ-16 tokenizer: images Float[B, 3, H, W] in [-1, 1] <-> ids Long[B, h, w].
 
@@ -629,9 +586,6 @@ class VQModel(nn.Module):
         return self.decode(self.encode(images))
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _expected_shapes(self) -> dict[str, torch.Size]:
-        return {k: v.shape for k, v in self.state_dict().items()}
-
     @classmethod
     def from_janus_state_dict(
         cls,
@@ -656,8 +610,8 @@ class VQModel(nn.Module):
         for key in JANUS_SKIPPED_KEYS:
             sub.pop(key, None)
         model = cls(config)
-        _check_state_dict(
-            model._expected_shapes(), sub, f"the {prefix!r} tensors of the state dict", prefix
+        check_state_dict(
+            model.state_dict(), sub, f"the {prefix!r} tensors of the state dict", prefix=prefix
         )
         model.load_state_dict(sub, strict=True)
         return model
@@ -665,18 +619,9 @@ class VQModel(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` and ``config.json`` (with ``"kineflow_type": "vq"``) into
         ``folder`` (created if needed), each atomically. Returns the folder."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        config = {"kineflow_type": KINEFLOW_TYPE, **self.config.to_dict()}
-        text = json.dumps(config, indent=2) + "\n"
-        # Weights first: the config is what makes the folder look complete.
-        _atomic_write(
-            folder / WEIGHTS_NAME,
-            lambda p: save_file(tensors, p, metadata={"kineflow_type": KINEFLOW_TYPE}),
+        return save_pretrained_folder(
+            folder, self.state_dict(), self.config.to_dict(), KINEFLOW_TYPE
         )
-        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
-        return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> VQModel:
@@ -687,37 +632,6 @@ class VQModel(nn.Module):
         config (naming every offending key). The model takes the weights' dtype when all
         floating tensors share one (a bfloat16 save loads as bfloat16).
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no VQ tokenizer folder at {folder}")
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{folder} has no {path.name}; a VQ tokenizer folder holds {CONFIG_NAME} and "
-                    f"{WEIGHTS_NAME} (written by VQModel.save_pretrained)"
-                )
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
-        kind = raw.pop("kineflow_type", None)
-        if kind != KINEFLOW_TYPE:
-            what = "has no kineflow_type field" if kind is None else f"is of type {kind!r}"
-            raise ValueError(
-                f"{config_path} {what}; expected a VQ tokenizer (kineflow_type {KINEFLOW_TYPE!r})"
-            )
-        try:
-            config = VQConfig.from_dict(raw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{config_path}: {e}") from e
-        tensors = load_file(weights_path)
-        model = cls(config)
-        _check_state_dict(model._expected_shapes(), tensors, str(weights_path))
-        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-        if len(dtypes) == 1:
-            model.to(dtypes.pop())
-        model.load_state_dict(tensors, strict=True)
-        return model
+        return load_pretrained(
+            folder, KINEFLOW_TYPE, "VQ tokenizer", lambda d: cls(VQConfig.from_dict(d))
+        )

@@ -13,7 +13,6 @@ leaves the previous checkpoint intact and never a half-written one under the fin
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -22,8 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from kineflow.io import (
+    atomic_save_safetensors,
+    atomic_write,
+    atomic_write_json,
+    check_state_dict,
+    read_json_object,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -67,9 +74,10 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(_state_dict(model), tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    torch.save(trainer_state, tmp / "trainer.pt")
+    # Each file is synced to disk before the folder rename makes the checkpoint visible.
+    atomic_save_safetensors(tmp / "model.safetensors", _state_dict(model))
+    atomic_write_json(tmp / "config.json", config)
+    atomic_write(tmp / "trainer.pt", lambda temp: torch.save(trainer_state, temp))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():
@@ -89,20 +97,8 @@ def load_checkpoint(folder: str | os.PathLike[str], model: nn.Module) -> tuple[d
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: not a checkpoint, {name} is missing")
     weights = load_file(folder / "model.safetensors")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(weights))
-        if weights[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{folder}: weights do not fit the model; missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, mis-shaped {shapes[:5]}"
-        )
+    check_state_dict(model.state_dict(), weights, str(folder / "model.safetensors"))
     model.load_state_dict(weights)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json")
     state = torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")
     return config, state

@@ -34,6 +34,7 @@ import torch
 import yaml
 from torch import nn
 
+from kineflow.io import read_json_object
 from kineflow.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kineflow.train.schedule import warmup_cosine
 
@@ -224,7 +225,7 @@ def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict
     if ckpt.exists():
         # Compare configs before weights: "another model" says more than a list of shapes.
         saved_path = ckpt / "config.json"
-        saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+        saved = read_json_object(saved_path) if saved_path.is_file() else {}
         if saved.get("model") != config.to_dict()["model"]:
             raise ValueError(
                 f"{ckpt}: checkpoint was trained with another model config; "
