@@ -481,7 +481,7 @@ def test_scene_render_is_the_union_of_its_objects(world: ShapesWorld) -> None:
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_stamps_have_the_documented_geometry(size: int) -> None:
-    expected_side = {32: {"small": 5, "large": 9}, 64: {"small": 11, "large": 17}}[size]
+    expected_side = {32: {"small": 7, "large": 9}, 64: {"small": 11, "large": 17}}[size]
     masks = {}
     for shape, s in itertools.product(SHAPES, SIZES):
         m = stamp(shape, s, size)

@@ -22,7 +22,13 @@ from PIL import Image, ImageDraw
 from kineflow.data.shapes.scene import BACKGROUND, COLOURS, GRID, SHAPES, Scene
 
 IMAGE_SIZES: tuple[int, ...] = (32, 64)
-_SIZE_FRACTION = {"small": 0.5, "large": 0.8}
+#: Stamp side per canvas size and object size. At 32 px a 5 px "circle" would differ from a
+#: 5 px square by its four corner pixels only, which any tokenizer blurs away; at 7 px the
+#: two differ by 12 pixels, while 9 px large objects still leave a gap between cells.
+STAMP_SIDES: dict[int, dict[str, int]] = {
+    32: {"small": 7, "large": 9},
+    64: {"small": 11, "large": 17},
+}
 
 
 def _check_size(image_size: int) -> None:
@@ -39,8 +45,7 @@ def cell_bounds(image_size: int) -> tuple[int, ...]:
 def stamp_side(size: str, image_size: int) -> int:
     """Side in pixels of an object of ``size`` (odd)."""
     _check_size(image_size)
-    side = round(_SIZE_FRACTION[size] * image_size / GRID)
-    return side if side % 2 else side + 1
+    return STAMP_SIDES[image_size][size]
 
 
 @cache
