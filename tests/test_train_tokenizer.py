@@ -83,6 +83,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(kind, tmp_path):
     assert len(_losses(straight)) == 6
     saved = json.loads((straight / "eval.json").read_text())
     assert saved["pictures"] == 20 and 0 <= saved["scene_preserved"] <= 1
+    assert saved["token_grid"] == ([16, 16] if kind == "vq" else [8, 8])  # f = 2; KL: 2x2 patches
     assert report["psnr"] == pytest.approx(saved["psnr"])
     assert (straight / "model" / "model.safetensors").is_file()
 

@@ -59,8 +59,12 @@ def evaluate_reconstruction(
         "psnr": float(np.concatenate(psnrs).mean()),
         "scene_preserved": float(np.mean(kept)),
     }
-    if hasattr(model, "tokens_shape"):
+    if hasattr(model, "tokens_shape"):  # VQ: a grid of codebook ids
         report["token_grid"] = list(model.tokens_shape(image_size))
+    elif hasattr(getattr(model, "config", None), "grid_size"):  # KL: patchified latents
+        side = image_size // (model.config.downsample * model.config.patch_size)
+        report["token_grid"] = [side, side]
+        report["token_dim"] = model.config.token_dim
     if used:
         report["codebook_used"] = len(used)
         report["codebook_usage"] = len(used) / model.codebook_size
