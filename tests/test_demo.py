@@ -133,7 +133,9 @@ def test_deterministic(demo: tuple[Path, str, dict[str, Any]], tmp_path: Path) -
         (["demo", "--images", "0"], "argument --images: must be between 1 and 64"),
         (["demo", "--seed", "-1"], "argument --seed: must be between 0 and"),
         (["demo", "--bogus"], "unrecognized arguments: --bogus"),
-        (["train"], "argument command: invalid choice: 'train'"),
+        (["fly"], "argument command: invalid choice: 'fly'"),
+        (["train"], "the following arguments are required: subcommand"),
+        (["data", "shapes"], "the following arguments are required: --out"),
         ([], "the following arguments are required: command"),
     ],
 )
