@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch import nn
 
-from kineflow.io import read_json_object
+from kineflow.io import atomic_write_json, read_json_object
 from kineflow.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kineflow.train.schedule import warmup_cosine
 
@@ -238,52 +238,51 @@ def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict
         start = int(state["step"])
         _truncate_metrics(out / "metrics.jsonl", start)
     stream = PictureStream(config.data)
-    metrics = (out / "metrics.jsonl").open("a")
-    model.train()
-    t0 = time.perf_counter()
-    bar = tqdm(
-        range(start, config.optim.steps),
-        initial=start,
-        total=config.optim.steps,
-        disable=not progress,
-        desc=f"train {config.model['type']}",
-    )
-    for step in bar:
-        images = stream.batch(step, config.optim.batch_size)
-        losses = model.training_losses(images)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            metrics.close()
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is "
-                f"{ckpt if ckpt.exists() else 'not written yet'}"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.optim.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        opt.step()
-        sched.step()
-        done = step + 1
-        if done % config.log_every == 0 or done == config.optim.steps:
-            row = {
-                "step": done,
-                "lr": sched.get_last_lr()[0],
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-            row.update({k: float(v.detach()) for k, v in losses.items()})
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if done % config.ckpt_every == 0 or done == config.optim.steps:
-            state = {
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": rng_state(),
-                "step": done,
-            }
-            save_checkpoint(ckpt, model, config.to_dict(), state)
-    metrics.close()
+    # Closed on any exit (an interrupt included), so logged rows are never lost.
+    with (out / "metrics.jsonl").open("a") as metrics:
+        model.train()
+        t0 = time.perf_counter()
+        bar = tqdm(
+            range(start, config.optim.steps),
+            initial=start,
+            total=config.optim.steps,
+            disable=not progress,
+            desc=f"train {config.model['type']}",
+        )
+        for step in bar:
+            images = stream.batch(step, config.optim.batch_size)
+            losses = model.training_losses(images)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is "
+                    f"{ckpt if ckpt.exists() else 'not written yet'}"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            opt.step()
+            sched.step()
+            done = step + 1
+            if done % config.log_every == 0 or done == config.optim.steps:
+                row = {
+                    "step": done,
+                    "lr": sched.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+                row.update({k: float(v.detach()) for k, v in losses.items()})
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if done % config.ckpt_every == 0 or done == config.optim.steps:
+                state = {
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": rng_state(),
+                    "step": done,
+                }
+                save_checkpoint(ckpt, model, config.to_dict(), state)
     model.eval()
     model.save_pretrained(out / "model")
     from kineflow.eval.reconstruction import evaluate_reconstruction
@@ -291,5 +290,5 @@ def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict
     report = evaluate_reconstruction(model, n=config.eval_images, image_size=config.data.image_size)
     report["train_seconds_this_run"] = round(time.perf_counter() - t0, 1)
     report["steps"] = config.optim.steps
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "eval.json", report)
     return report
