@@ -1,0 +1,1 @@
+"""Model backbones and heads."""
