@@ -1,0 +1,553 @@
+"""FUDOKI's unified model in Janus's layout: one bidirectional Llama over text and image tokens.
+
+A sequence of ``N`` positions mixes three kinds of inputs, each embedded to width ``D``:
+
+    text id t              -> language_model.model.embed_tokens(t)
+    generation image id k  -> gen_aligner(gen_embed(k))          (VQ code, k in [0, K))
+    understanding image    -> aligner(vision_tower(pixels))      (one row per SigLIP patch,
+                                                                   replacing the placeholders)
+
+with ``gen_embed`` an ``[K, d]`` table (Janus: 16384 x 8), ``gen_aligner`` and ``aligner`` MLPs
+``Linear, GELU, Linear`` (``d -> D -> D`` and ``D_vision -> D -> D``). The Llama backbone runs
+with **full** (bidirectional) attention over the real tokens by default (FUDOKI has no time
+input: the noisy sequence itself tells the model how far along it is) and returns
+``h [B, N, D]``. Two heads read it:
+
+    text head   lm_head                             D -> V      (untied from embed_tokens)
+    image head  gen_head = vision_head(GELU(output_mlp_projector(h)))   D -> D_g -> K
+
+**Shifted logits** (SPEC §1.5): the prediction for position ``i`` is read from the hidden state
+at ``i - 1``, exactly as in autoregressive training, so the AR-pretrained Janus heads keep their
+meaning:
+
+    logits[:, 0] = 0,      logits[:, i] = head(h[:, i - 1])   for 1 <= i < N.
+
+Checkpoints: submodule names are Janus's, so a Janus / FUDOKI state dict loads strictly with
+:meth:`FudokiModel.from_janus_state_dict` (prefixes ``language_model.model.*``,
+``language_model.lm_head.*``, ``vision_model.vision_tower.*``, ``aligner.layers.{0,2}.*``,
+``gen_vision_model.*``, ``gen_aligner.layers.{0,2}.*``,
+``gen_head.{output_mlp_projector,vision_head}.*``, ``gen_embed.weight``). :meth:`FudokiConfig.
+from_janus_config` reads Janus's ``config.json`` (``model_type: multi_modality``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kineflow.io import check_state_dict
+from kineflow.models.llama import LlamaConfig, LlamaModel
+from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
+from kineflow.tokenizers.vq import VQConfig, VQModel
+
+__all__ = ["JANUS_SKIPPED_PREFIXES", "FudokiConfig", "FudokiModel", "MlpAligner", "VisionHead"]
+
+#: Janus tensors with no counterpart here (never used at inference); loading skips them.
+#: Vision-tower blocks beyond ``SiglipConfig.num_used_layers`` are skipped as well.
+JANUS_SKIPPED_PREFIXES: tuple[str, ...] = (
+    "gen_vision_model.quantize.codebook_used",
+    "vision_model.vision_tower.attn_pool.",
+)
+_VISION_PREFIX = "vision_model.vision_tower."
+
+# Defaults of transformers' LlamaConfig for fields Janus's language_config may leave out.
+_HF_LLAMA_DEFAULTS: dict[str, Any] = {
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 2048,
+    "attention_bias": False,
+}
+_REQUIRED_LLAMA = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class FudokiConfig:
+    """Shape of a :class:`FudokiModel`.
+
+    ``vision`` is None for a generation-only model (no ``vision_model`` / ``aligner``).
+    ``aligner_hidden`` and ``gen_aligner_hidden`` are the MLP widths (Janus's ``n_embed``); as
+    the aligners feed the language model they must equal ``language.hidden_size``.
+    ``*_depth`` counts Linear layers (Janus: 2, so the state-dict keys are ``layers.0`` and
+    ``layers.2``). ``gen_head_hidden`` is Janus's ``image_token_embed``.
+    """
+
+    language: LlamaConfig
+    gen_vision: VQConfig
+    vision: SiglipConfig | None = None
+    aligner_hidden: int = 2048
+    aligner_depth: int = 2
+    gen_aligner_hidden: int = 2048
+    gen_aligner_depth: int = 2
+    gen_head_hidden: int = 2048
+
+    def __post_init__(self) -> None:
+        if isinstance(self.language, Mapping):
+            self.language = LlamaConfig.from_dict(dict(self.language))
+        if isinstance(self.gen_vision, Mapping):
+            self.gen_vision = VQConfig.from_dict(self.gen_vision)
+        if isinstance(self.vision, Mapping):
+            self.vision = SiglipConfig.from_dict(self.vision)
+        for name in (
+            "aligner_hidden",
+            "aligner_depth",
+            "gen_aligner_hidden",
+            "gen_aligner_depth",
+            "gen_head_hidden",
+        ):
+            _positive_int(name, getattr(self, name))
+        D = self.language.hidden_size
+        widths = [("gen_aligner_hidden", self.gen_aligner_hidden)]
+        if self.vision is not None:
+            widths.append(("aligner_hidden", self.aligner_hidden))
+        for name, width in widths:
+            if width != D:
+                raise ValueError(
+                    f"{name}={width} must equal language.hidden_size={D} (its output is an "
+                    "input embedding)"
+                )
+
+    @property
+    def image_token_count(self) -> int:
+        """Generation tokens per image, ``(image_size / 16)^2`` (576 for Janus at 384 px)."""
+        size = self.gen_vision.image_size
+        if size is None:
+            raise ValueError("gen_vision.image_size is None: the token count is not fixed")
+        return (size // self.gen_vision.downsample) ** 2
+
+    @property
+    def understanding_token_count(self) -> int:
+        """Placeholder positions one understanding image fills (SigLIP patches, 576 for Janus)."""
+        if self.vision is None:
+            raise ValueError("this config has no understanding encoder (vision=None)")
+        return self.vision.num_patches
+
+    @classmethod
+    def janus_1_3b(cls) -> FudokiConfig:
+        """FUDOKI / Janus-1.3B (SPEC §1.5)."""
+        return cls(
+            language=LlamaConfig.janus_1_3b(),
+            gen_vision=VQConfig.janus(),
+            vision=SiglipConfig.janus_siglip_l16_384(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types: nested dicts for the sub-configs (``vision`` may be None)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["language"] = self.language.to_dict()
+        d["gen_vision"] = self.gen_vision.to_dict()
+        d["vision"] = None if self.vision is None else self.vision.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FudokiConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a FUDOKI config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown FUDOKI config key(s) {unknown}; known keys are {sorted(known)}"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_janus_config(cls, config: Mapping[str, Any]) -> FudokiConfig:
+        """Parse a Janus / FUDOKI ``config.json`` (``model_type: multi_modality``).
+
+        Read fields (``P`` = ``params``): ``language_config.{vocab_size, hidden_size,
+        intermediate_size, num_hidden_layers, num_attention_heads}`` (required; the optional
+        ``num_key_value_heads, head_dim, rms_norm_eps, rope_theta, max_position_embeddings,
+        attention_bias`` take transformers' defaults), ``vision_config.cls = CLIPVisionTower``
+        with ``P.model_name = siglip_large_patch16_384``, ``P.image_size``, ``P.select_layer``
+        (default -2, as in Janus's ``CLIPVisionTower``), ``aligner_config`` and
+        ``gen_aligner_config`` (``cls = MlpProjector``, ``P.projector_type = mlp_gelu``,
+        ``P.input_dim``, ``P.n_embed``, ``P.depth`` default 1), ``gen_vision_config``
+        (``cls = VQ-16``, ``P.image_token_size`` = codebook size, ``P.n_embed`` = code
+        dimension) and ``gen_head_config`` (``cls = vision_head``, ``P.n_embed``,
+        ``P.image_token_embed``, ``P.image_token_size``).
+
+        Raises:
+            ValueError: naming every missing field (dotted path) at once, or an unsupported
+                ``cls`` / model / projector, or widths that do not fit together.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"a Janus config must be a mapping, got {type(config).__name__}")
+        if config.get("model_type") != "multi_modality":
+            raise ValueError(
+                f"not a Janus config: model_type must be 'multi_modality', got "
+                f"{config.get('model_type')!r}"
+            )
+        reader = _Reader(config)
+        lang = reader.section("language_config")
+        vis = reader.section("vision_config")
+        ali = reader.section("aligner_config")
+        gv = reader.section("gen_vision_config")
+        gal = reader.section("gen_aligner_config")
+        gh = reader.section("gen_head_config")
+
+        lang_kwargs = {k: reader.get(lang, "language_config", k) for k in _REQUIRED_LLAMA}
+        for key, default in _HF_LLAMA_DEFAULTS.items():
+            lang_kwargs[key] = lang.get(key, default) if lang is not None else default
+        for key in ("num_key_value_heads", "head_dim"):
+            if lang is not None and lang.get(key) is not None:
+                lang_kwargs[key] = lang[key]
+
+        vp = reader.params(vis, "vision_config")
+        vision_cls = reader.get(vis, "vision_config", "cls")
+        model_name = reader.get(vp, "vision_config.params", "model_name")
+        image_size = reader.get(vp, "vision_config.params", "image_size")
+        ap = reader.params(ali, "aligner_config")
+        a_in, a_hidden = (
+            reader.get(ap, "aligner_config.params", k) for k in ("input_dim", "n_embed")
+        )
+        gvp = reader.params(gv, "gen_vision_config")
+        codebook = reader.get(gvp, "gen_vision_config.params", "image_token_size")
+        code_dim = reader.get(gvp, "gen_vision_config.params", "n_embed")
+        gap = reader.params(gal, "gen_aligner_config")
+        g_in = reader.get(gap, "gen_aligner_config.params", "input_dim")
+        g_hidden = reader.get(gap, "gen_aligner_config.params", "n_embed")
+        ghp = reader.params(gh, "gen_head_config")
+        h_in, h_hidden, h_out = (
+            reader.get(ghp, "gen_head_config.params", k)
+            for k in ("n_embed", "image_token_embed", "image_token_size")
+        )
+        reader.raise_missing()
+
+        _expect(vision_cls, "CLIPVisionTower", "vision_config.cls")
+        _expect(model_name, "siglip_large_patch16_384", "vision_config.params.model_name")
+        if vp.get("pixel_mean") is not None or vp.get("pixel_std") is not None:
+            # Janus would normalise the pixels once more inside the tower; not reproduced here.
+            raise ValueError("vision_config.params.pixel_mean / pixel_std are not supported")
+        _expect(ali.get("cls"), "MlpProjector", "aligner_config.cls")
+        _expect(gal.get("cls"), "MlpProjector", "gen_aligner_config.cls")
+        for section, params in (("aligner_config", ap), ("gen_aligner_config", gap)):
+            _expect(params.get("projector_type"), "mlp_gelu", f"{section}.params.projector_type")
+        _expect(gv.get("cls"), "VQ-16", "gen_vision_config.cls")
+        _expect(gh.get("cls"), "vision_head", "gen_head_config.cls")
+
+        language = LlamaConfig(**lang_kwargs)
+        vision = SiglipConfig.janus_siglip_l16_384()
+        vision = SiglipConfig.from_dict(
+            {
+                **vision.to_dict(),
+                "image_size": image_size,
+                "select_layer": vp.get("select_layer", -2),
+            }
+        )
+        gen_vision = VQConfig.from_dict(
+            {**VQConfig.janus().to_dict(), "codebook_size": codebook, "codebook_dim": code_dim}
+        )
+        checks = [
+            ("aligner_config.params.input_dim", a_in, "the vision width", vision.hidden_size),
+            ("gen_aligner_config.params.input_dim", g_in, "gen_vision n_embed", code_dim),
+            ("gen_head_config.params.n_embed", h_in, "language hidden_size", language.hidden_size),
+            ("gen_head_config.params.image_token_size", h_out, "the codebook size", codebook),
+        ]
+        for name, got, what, want in checks:
+            if got != want:
+                raise ValueError(f"{name}={got} must equal {what} ({want})")
+        return cls(
+            language=language,
+            gen_vision=gen_vision,
+            vision=vision,
+            aligner_hidden=a_hidden,
+            aligner_depth=ap.get("depth", 1),
+            gen_aligner_hidden=g_hidden,
+            gen_aligner_depth=gap.get("depth", 1),
+            gen_head_hidden=h_hidden,
+        )
+
+
+class _Reader:
+    """Collects every missing Janus config field so one error can name them all."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.missing: list[str] = []
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        value = self.config.get(name)
+        if not isinstance(value, Mapping):
+            self.missing.append(name)
+            return {}
+        return value
+
+    def params(self, section: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+        if name in self.missing:
+            return {}
+        value = section.get("params")
+        if not isinstance(value, Mapping):
+            self.missing.append(f"{name}.params")
+            return {}
+        return value
+
+    def get(self, mapping: Mapping[str, Any], path: str, key: str) -> Any:
+        parent = path.split(".")
+        # A missing section / params block is reported once, not once per field.
+        if any(".".join(parent[: i + 1]) in self.missing for i in range(len(parent))):
+            return None
+        if key not in mapping:
+            self.missing.append(f"{path}.{key}")
+            return None
+        return mapping[key]
+
+    def raise_missing(self) -> None:
+        if self.missing:
+            raise ValueError(f"the Janus config lacks required field(s): {', '.join(self.missing)}")
+
+
+def _expect(got: Any, want: str, name: str) -> None:
+    if got != want:
+        raise ValueError(f"{name} must be {want!r} (the only kind supported), got {got!r}")
+
+
+# -- modules --------------------------------------------------------------------------------------
+class MlpAligner(nn.Module):
+    """Janus's ``MlpProjector`` (``mlp_gelu``): ``layers = [Linear(i, h), (GELU, Linear(h, h))
+    x (depth - 1)]``, so depth 2 gives state-dict keys ``layers.0`` and ``layers.2``."""
+
+    def __init__(self, input_dim: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        modules: list[nn.Module] = [nn.Linear(input_dim, hidden)]
+        for _ in range(depth - 1):
+            modules += [nn.GELU(), nn.Linear(hidden, hidden)]
+        self.layers = nn.Sequential(*modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class VisionHead(nn.Module):
+    """Janus's image head: ``vision_head(GELU(output_mlp_projector(h)))``, ``D -> D_g -> K``."""
+
+    def __init__(self, hidden: int, embed: int, codebook_size: int) -> None:
+        super().__init__()
+        self.output_mlp_projector = nn.Linear(hidden, embed)
+        self.vision_activation = nn.GELU()
+        self.vision_head = nn.Linear(embed, codebook_size)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.vision_head(self.vision_activation(self.output_mlp_projector(h)))
+
+
+class _LanguageModel(nn.Module):
+    """Container matching Janus's ``LlamaForCausalLM`` names: ``model`` and ``lm_head``."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+class _VisionModel(nn.Module):
+    """Container matching Janus's ``CLIPVisionTower``: the ViT lives under ``vision_tower``."""
+
+    def __init__(self, config: SiglipConfig) -> None:
+        super().__init__()
+        self.vision_tower = SiglipVisionModel(config)
+
+
+def shift_logits(logits: Tensor) -> Tensor:
+    """``out[:, 0] = 0`` and ``out[:, i] = logits[:, i - 1]`` for ``logits [B, N, C]``."""
+    return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+
+
+class FudokiModel(nn.Module):
+    """FUDOKI / Janus: see the module docstring for the maths and the state-dict layout."""
+
+    def __init__(self, config: FudokiConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.language.hidden_size
+        K, d = config.gen_vision.codebook_size, config.gen_vision.codebook_dim
+        self.language_model = _LanguageModel(config.language)
+        self.vision_model: _VisionModel | None = None
+        self.aligner: MlpAligner | None = None
+        if config.vision is not None:
+            self.vision_model = _VisionModel(config.vision)
+            self.aligner = MlpAligner(
+                config.vision.hidden_size, config.aligner_hidden, config.aligner_depth
+            )
+        self.gen_vision_model = VQModel(config.gen_vision)
+        self.gen_aligner = MlpAligner(d, config.gen_aligner_hidden, config.gen_aligner_depth)
+        self.gen_head = VisionHead(D, config.gen_head_hidden, K)
+        self.gen_embed = nn.Embedding(K, d)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def embed(
+        self,
+        input_ids: Tensor,
+        image_ids: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        understanding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Input embeddings ``[B, N, D]``.
+
+        ``input_ids [B, N]`` are text ids; whatever they hold at image positions is ignored.
+        ``image_mask [B, N]`` (bool) marks generation-image positions, which get
+        ``gen_aligner(gen_embed(k))`` with the VQ code ``k`` read from ``image_ids`` ([B, N],
+        read at the marked positions, or [M] with one code per marked position in row-major
+        order) or, when ``image_ids`` is None, from ``input_ids`` at those positions.
+        ``understanding_mask [B, N]`` marks placeholder positions; they are filled, in
+        row-major order, with ``aligner(vision_tower(pixel_values))`` rows, ``pixel_values``
+        being ``[I, 3, S, S]`` or Janus's ``[B, n, 3, S, S]`` (flattened to ``B * n`` images),
+        so the mask must hold exactly ``I * num_patches`` positions.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, N], got shape {tuple(input_ids.shape)}")
+        shape = tuple(input_ids.shape)
+        image_mask = self._check_mask("image_mask", image_mask, shape)
+        understanding_mask = self._check_mask("understanding_mask", understanding_mask, shape)
+        both = image_mask is not None and understanding_mask is not None
+        if both and bool((image_mask & understanding_mask).any()):
+            raise ValueError("image_mask and understanding_mask overlap")
+        if image_mask is None and image_ids is not None:
+            raise ValueError("image_ids needs image_mask (which positions hold image tokens)")
+        if (understanding_mask is None) != (pixel_values is None):
+            raise ValueError("pass pixel_values and understanding_mask together")
+
+        # Image positions may hold codes or negative placeholders: embed a harmless 0 there.
+        non_text = torch.zeros_like(input_ids, dtype=torch.bool)
+        for m in (image_mask, understanding_mask):
+            if m is not None:
+                non_text = non_text | m
+        text_ids = input_ids.masked_fill(non_text, 0)
+        embeds = self.language_model.model.embed_tokens(text_ids)
+
+        if image_mask is not None:
+            codes = self._image_codes(input_ids, image_ids, image_mask)
+            gen = self.gen_aligner(self.gen_embed(codes)).to(embeds.dtype)
+            embeds = embeds.masked_scatter(image_mask[..., None], gen)
+        if understanding_mask is not None:
+            feats = self.encode_images(pixel_values).to(embeds.dtype)  # [I, P, D]
+            n_pos = int(understanding_mask.sum())
+            if n_pos != feats.shape[0] * feats.shape[1]:
+                raise ValueError(
+                    f"understanding_mask marks {n_pos} positions but the {feats.shape[0]} "
+                    f"image(s) give {feats.shape[0]} x {feats.shape[1]} features"
+                )
+            embeds = embeds.masked_scatter(understanding_mask[..., None], feats.flatten(0, 1))
+        return embeds
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """Understanding features ``aligner(vision_tower(x))``: [I, 3, S, S] (or [B, n, 3, S, S])
+        -> [I, num_patches, D]."""
+        if self.vision_model is None or self.aligner is None:
+            raise ValueError("this model has no understanding encoder (config.vision is None)")
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.flatten(0, 1)
+        return self.aligner(self.vision_model.vision_tower(pixel_values))
+
+    @staticmethod
+    def _check_mask(name: str, mask: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
+        if mask is None:
+            return None
+        if tuple(mask.shape) != shape:
+            raise ValueError(
+                f"{name} must have the shape of input_ids {shape}, got {tuple(mask.shape)}"
+            )
+        return mask.bool()
+
+    def _image_codes(self, input_ids: Tensor, image_ids: Tensor | None, mask: Tensor) -> Tensor:
+        if image_ids is None:
+            codes = input_ids[mask]
+        elif tuple(image_ids.shape) == tuple(mask.shape):
+            codes = image_ids[mask]
+        elif image_ids.ndim == 1 and image_ids.shape[0] == int(mask.sum()):
+            codes = image_ids
+        else:
+            raise ValueError(
+                f"image_ids must be [B, N] like input_ids or [{int(mask.sum())}] (one per "
+                f"image_mask position), got shape {tuple(image_ids.shape)}"
+            )
+        K = self.config.gen_vision.codebook_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+            raise ValueError(
+                f"image ids must lie in [0, {K}), got [{int(codes.min())}, {int(codes.max())}]"
+            )
+        return codes
+
+    # -- backbone and heads ---------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        image_ids: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        understanding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        mask: str = "full",
+        prefix_lengths: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Final hidden states ``[B, N, D]`` of the backbone over :meth:`embed`'s inputs.
+
+        ``attention_mask [B, N]`` marks real tokens; ``mask`` is ``"full"`` (FUDOKI,
+        bidirectional), ``"causal"`` (Janus AR) or ``"prefix"`` (with ``prefix_lengths``).
+        Feed the result to :meth:`text_logits` / :meth:`image_logits`.
+        """
+        embeds = self.embed(input_ids, image_ids, image_mask, pixel_values, understanding_mask)
+        return self.language_model.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            mask=mask,
+            prefix_lengths=prefix_lengths,
+            position_ids=position_ids,
+        )
+
+    def text_logits(self, hidden: Tensor, shift: bool = True) -> Tensor:
+        """``[B, N, V]``: ``lm_head`` over ``hidden``, shifted one position right (position 0
+        is all zeros) unless ``shift=False``."""
+        logits = self.language_model.lm_head(hidden)
+        return shift_logits(logits) if shift else logits
+
+    def image_logits(self, hidden: Tensor, shift: bool = True) -> Tensor:
+        """``[B, N, K]``: ``gen_head`` over ``hidden``, shifted like :meth:`text_logits`."""
+        logits = self.gen_head(hidden)
+        return shift_logits(logits) if shift else logits
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    @classmethod
+    def from_janus_state_dict(
+        cls, state_dict: Mapping[str, Tensor], config: FudokiConfig
+    ) -> FudokiModel:
+        """Build from a whole Janus / FUDOKI state dict, strictly.
+
+        Every key must be consumed except :data:`JANUS_SKIPPED_PREFIXES` and the vision-tower
+        blocks past the configured depth (the same keys the SigLIP and VQ loaders skip).
+
+        Raises:
+            ValueError: one error naming every missing, unexpected and mis-shaped key.
+        """
+        model = cls(config)
+        used = config.vision.num_used_layers if config.vision is not None else None
+        loaded: dict[str, Tensor] = {}
+        for key, value in state_dict.items():
+            if any(key.startswith(p) for p in JANUS_SKIPPED_PREFIXES):
+                continue
+            if used is not None and key.startswith(_VISION_PREFIX):
+                m = re.match(r"blocks\.(\d+)\.", key[len(_VISION_PREFIX) :])
+                if m and int(m.group(1)) >= used:
+                    continue
+            loaded[key] = value
+        check_state_dict(model.state_dict(), loaded, "the Janus / FUDOKI state dict")
+        model.load_state_dict(loaded, strict=True)
+        return model
