@@ -212,7 +212,7 @@ def test_config_roundtrip_and_validation():
     cfg = LlamaConfig(**TINY)
     assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.head_dim == 16
-    with pytest.raises(ValueError, match=r"unknown LlamaConfig keys: \['bogus'\]"):
+    with pytest.raises(ValueError, match=r"unknown LlamaConfig key\(s\) \['bogus'\]"):
         LlamaConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="num_attention_heads=5 must divide hidden_size=64"):
         LlamaConfig(**{**TINY, "num_attention_heads": 5})

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kineflow.config import check_config_keys
 from kineflow.io import check_state_dict
 from kineflow.models.llama import LlamaConfig, LlamaModel
 from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
@@ -157,14 +158,7 @@ class FudokiConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FudokiConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"a FUDOKI config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown FUDOKI config key(s) {unknown}; known keys are {sorted(known)}"
-            )
+        check_config_keys(d, cls, "FUDOKI config")
         return cls(**d)
 
     @classmethod

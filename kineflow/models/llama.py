@@ -28,11 +28,13 @@ Parameter names follow Hugging Face's ``LlamaModel`` (``embed_tokens``,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kineflow.config import check_config_keys
 
 MASK_MODES = ("causal", "full", "prefix")
 
@@ -108,10 +110,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> LlamaConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig keys: {unknown}")
+        check_config_keys(d, cls, "LlamaConfig")
         return cls(**d)
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kineflow.config import check_config_keys
 from kineflow.io import check_state_dict
 
 __all__ = [
@@ -151,14 +152,7 @@ class SiglipConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SiglipConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"a SigLIP config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown SigLIP config key(s) {unknown}; known keys are {sorted(known)}"
-            )
+        check_config_keys(d, cls, "SigLIP config")
         return cls(**d)
 
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from kineflow.config import check_config_keys
 from kineflow.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -178,10 +179,7 @@ class KLConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KLConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown KLConfig field(s): {', '.join(unknown)}")
+        check_config_keys(d, cls, "KLConfig")
         return cls(**d)
 
 

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kineflow.config import check_config_keys
 from kineflow.io import CONFIG_NAME as CONFIG_NAME
 from kineflow.io import WEIGHTS_NAME as WEIGHTS_NAME
 from kineflow.io import check_state_dict, load_pretrained, save_pretrained_folder
@@ -77,12 +78,7 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 def _autoencoder_from_dict(d: Mapping[str, Any]) -> AutoencoderConfig:
-    known = {f.name for f in fields(AutoencoderConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown autoencoder config key(s) {unknown}; known keys are {sorted(known)}"
-        )
+    check_config_keys(d, AutoencoderConfig, "autoencoder config")
     return AutoencoderConfig(**d)
 
 
@@ -174,12 +170,7 @@ class VQConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VQConfig:
         """Inverse of :meth:`to_dict`; unknown keys (here or under ``autoencoder``) raise."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"a VQ config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VQ config key(s) {unknown}; known keys are {sorted(known)}")
+        check_config_keys(d, cls, "VQ config")
         d = dict(d)
         if isinstance(d.get("autoencoder"), Mapping):
             d["autoencoder"] = _autoencoder_from_dict(d["autoencoder"])

@@ -34,6 +34,7 @@ import torch
 import yaml
 from torch import nn
 
+from kineflow.config import check_config_keys
 from kineflow.io import atomic_write_json, read_json_object
 from kineflow.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kineflow.train.schedule import warmup_cosine
@@ -96,12 +97,12 @@ class TokenizerTrainConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> TokenizerTrainConfig:
         raw = dict(raw)
-        _reject_unknown(raw, cls, "")
+        check_config_keys(raw, cls, "config")
         for key, sub in (("data", ImageData), ("optim", Optim)):
             if key in raw:
                 if not isinstance(raw[key], dict):
                     raise ValueError(f"{key} must be a mapping, got {raw[key]!r}")
-                _reject_unknown(raw[key], sub, f"{key}.")
+                check_config_keys(raw[key], sub, "config", prefix=f"{key}.")
                 raw[key] = sub(**raw[key])
         if "model" not in raw or "out" not in raw:
             raise ValueError("the config needs 'model' (with a 'type') and 'out'")
@@ -127,16 +128,6 @@ class TokenizerTrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _reject_unknown(raw: dict, cls: type, prefix: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; "
-            f"known: {sorted(prefix + k for k in known)}"
-        )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
