@@ -46,11 +46,15 @@ def evaluate_reconstruction(
         chunk = scenes[start : start + batch_size]
         originals = np.stack([render(s, image_size) for s in chunk])
         images = torch.stack([image_to_tensor(p) for p in originals]).to(device, dtype)
-        recon = tensor_to_array(model.reconstruct(images).float())
+        if hasattr(model, "codebook_size"):  # VQ: encode once, for both usage and pixels
+            ids = model.encode(images)
+            used.update(ids.unique().tolist())
+            decoded = model.decode(ids)
+        else:
+            decoded = model.reconstruct(images)
+        recon = tensor_to_array(decoded.float())
         kept += [a == b for a, b in zip(detect(recon), chunk, strict=True)]
         psnrs.append(psnr(originals, recon))
-        if hasattr(model, "encode") and hasattr(model, "codebook_size"):
-            used.update(torch.as_tensor(model.encode(images)).unique().tolist())
     model.train(was_training)
     report = {
         "split": split,

@@ -177,10 +177,11 @@ def evaluate(
     if task == "t2i":
         plist = load_prompts(prompts, split)
         files = t2i_pictures(samples, plist)
-        pictures = {pid: [_read_picture(f) for f in fs] for pid, fs in files.items()}
-        scenes = {pid: detect(np.stack(pics)) for pid, pics in pictures.items()}
+        flat = [_read_picture(f) for p in plist for f in files[p.id]]
+        # One detector call for all pictures: its cost is mostly per call, not per picture.
+        detected = iter(detect(np.stack(flat)))
+        scenes = {p.id: [next(detected) for _ in files[p.id]] for p in plist}
         report = score_t2i(plist, scenes)
-        flat = [pic for p in plist for pic in pictures[p.id]]
         labels = [it["prompt"] for it in report["items"]]
     elif task in ("vqa", "caption"):
         outputs = read_jsonl_outputs(samples, "answer" if task == "vqa" else "caption")

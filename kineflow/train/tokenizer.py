@@ -179,10 +179,18 @@ class PictureStream:
 
             scene = self.world.scene(self.data.split, index)
             return image_to_tensor(render(scene, self.data.image_size))
-        n = len(self.dataset)
-        epoch, k = divmod(index, n)
-        order = np.random.default_rng((self.data.seed, epoch)).permutation(n)
-        return self.dataset[int(order[k])]["image"]
+        epoch, k = divmod(index, len(self.dataset))
+        return self.dataset[int(self._order(epoch)[k])]["image"]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The manifest's seeded order in ``epoch``, drawn once per epoch rather than per
+        picture (an O(N) permutation for every picture would dominate large manifests)."""
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch = epoch
+            self._epoch_order = np.random.default_rng((self.data.seed, epoch)).permutation(
+                len(self.dataset)
+            )
+        return self._epoch_order
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
         start = step * batch_size
