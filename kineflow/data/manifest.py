@@ -48,10 +48,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from kineflow.data.example import TASK_FIELDS, TASKS, image_to_tensor
+from kineflow.data.image_file import ImageFileError, read_rgb
 from kineflow.io import atomic_write
 
 #: Largest image (width * height) accepted unless told otherwise; checked from the file's header
@@ -69,9 +70,6 @@ _ORDER = ("id", "image", *dict.fromkeys(f for task in TASKS for f in TASK_FIELDS
 
 # Modes converted by PIL's own RGB conversion. Others (16-bit "I;16", 32-bit "I", float "F")
 # have no agreed mapping to 8 bits, and PIL's conversion clips them, so they are refused.
-_RGB_MODES = frozenset({"1", "L", "P", "RGB", "CMYK", "YCbCr"})
-_ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "RGBa", "La"})
-_WHITE = (255, 255, 255, 255)
 
 
 class ManifestError(ValueError):
@@ -289,63 +287,12 @@ def read_manifest(path: str | os.PathLike[str], *, task: str | None = None) -> l
 # -- images ----------------------------------------------------------------------------------
 
 
-def _open_image(path: Path, max_pixels: int) -> Image.Image:
-    """Open ``path`` lazily (header only) and check its pixel count. Raises :class:`_LineError`."""
-    if not path.exists():
-        raise _LineError(f"image file not found: {path}")
-    if not path.is_file():
-        raise _LineError(f"image path is not a file: {path}")
-    try:
-        image = Image.open(path)
-    except Image.DecompressionBombError as e:  # PIL's own, far larger, limit
-        raise _LineError(f"image {path} is too large: {e}") from e
-    except Exception as e:  # PIL raises many types for unreadable files; all mean "unreadable"
-        raise _LineError(f"cannot read image {path}: {_describe(e)}") from e
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise _LineError(
-            f"image {path} is too large: {width}x{height} = {width * height} pixels "
-            f"> max_pixels = {max_pixels}"
-        )
-    return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """An opened image -> upright 8-bit RGB; transparency is composited on white."""
-    # Photos often store their orientation in EXIF rather than in the pixels; apply it so the
-    # model sees the image the way a viewer shows it.
-    image = ImageOps.exif_transpose(image)
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
-    if image.mode not in _RGB_MODES:
-        raise ValueError(f"unsupported image mode {image.mode!r}; save it as 8-bit RGB or gray")
-    return image.convert("RGB")
-
-
 def _load_rgb(path: Path, max_pixels: int, *, verify: bool = False) -> Image.Image:
-    """Decode ``path`` to RGB (see :func:`_to_rgb`). Raises :class:`_LineError` naming the file.
-
-    ``verify=True`` first runs PIL's ``verify()`` (structure and checksums, which a decode of a
-    truncated-but-plausible file can miss), then reopens the file for the real decode.
-    """
-    image = _open_image(path, max_pixels)
+    """:func:`read_rgb`, its error turned into a :class:`_LineError`."""
     try:
-        if verify:
-            with image:
-                image.verify()
-            image = Image.open(path)  # verify() leaves the image unusable
-        with image:
-            image.load()
-            return _to_rgb(image)
-    except Exception as e:  # any failure to decode, whatever PIL's plugin raised
-        raise _LineError(f"cannot read image {path}: {_describe(e)}") from e
-
-
-def _describe(error: Exception) -> str:
-    """An exception's message, or its type when it has none (PIL raises some bare)."""
-    return str(error) or type(error).__name__
+        return read_rgb(path, max_pixels, verify=verify)
+    except ImageFileError as e:
+        raise _LineError(str(e)) from e
 
 
 def _center_square(image: Image.Image, size: int) -> Image.Image:

@@ -225,7 +225,9 @@ class FudokiConfig:
         reader.raise_missing()
 
         _expect(vision_cls, "CLIPVisionTower", "vision_config.cls")
-        _expect(model_name, "siglip_large_patch16_384", "vision_config.params.model_name")
+        vision_override = _override(vp, "vision_config.params")
+        if vision_override is None:
+            _expect(model_name, "siglip_large_patch16_384", "vision_config.params.model_name")
         if vp.get("pixel_mean") is not None or vp.get("pixel_std") is not None:
             # Janus would normalise the pixels once more inside the tower; not reproduced here.
             raise ValueError("vision_config.params.pixel_mean / pixel_std are not supported")
@@ -237,16 +239,21 @@ class FudokiConfig:
         _expect(gh.get("cls"), "vision_head", "gen_head_config.cls")
 
         language = LlamaConfig(**lang_kwargs)
-        vision = SiglipConfig.janus_siglip_l16_384()
+        vision_base = vision_override or SiglipConfig.janus_siglip_l16_384().to_dict()
         vision = SiglipConfig.from_dict(
             {
-                **vision.to_dict(),
+                **vision_base,
                 "image_size": image_size,
                 "select_layer": vp.get("select_layer", -2),
             }
         )
+        gen_override = _override(gvp, "gen_vision_config.params")
         gen_vision = VQConfig.from_dict(
-            {**VQConfig.janus().to_dict(), "codebook_size": codebook, "codebook_dim": code_dim}
+            {
+                **(gen_override or VQConfig.janus().to_dict()),
+                "codebook_size": codebook,
+                "codebook_dim": code_dim,
+            }
         )
         checks = [
             ("aligner_config.params.input_dim", a_in, "the vision width", vision.hidden_size),
@@ -267,6 +274,85 @@ class FudokiConfig:
             gen_aligner_depth=gap.get("depth", 1),
             gen_head_hidden=h_hidden,
         )
+
+    def to_janus_config(self) -> dict[str, Any]:
+        """This config as a Janus ``config.json`` object (:meth:`from_janus_config`'s inverse).
+
+        Janus fixes the SigLIP and VQ-16 architectures by name; when this config's differ from
+        Janus-1.3B's (a tiny test model, say) their full kineflow configs are written under
+        ``params.kineflow_config``, a field Janus itself does not have.
+        """
+        if self.vision is None:
+            raise ValueError("a Janus config needs an understanding encoder (vision is None)")
+        lang = self.language.to_dict()
+        language_config = {k: lang[k] for k in (*_REQUIRED_LLAMA, *_HF_LLAMA_DEFAULTS)}
+        language_config["num_key_value_heads"] = lang["num_key_value_heads"]
+        if lang.get("head_dim") is not None:
+            language_config["head_dim"] = lang["head_dim"]
+        vision_params: dict[str, Any] = {
+            "model_name": "siglip_large_patch16_384",
+            "image_size": self.vision.image_size,
+            "select_feature": "same",
+            "select_layer": self.vision.select_layer,
+        }
+        janus_vision = SiglipConfig.janus_siglip_l16_384().to_dict()
+        mine = {**self.vision.to_dict(), "image_size": 384, "select_layer": -1}
+        if mine != {**janus_vision, "select_layer": -1}:
+            vision_params["kineflow_config"] = self.vision.to_dict()
+        K, d = self.gen_vision.codebook_size, self.gen_vision.codebook_dim
+        gen_params: dict[str, Any] = {"image_token_size": K, "n_embed": d}
+        janus_vq = {**VQConfig.janus().to_dict(), "codebook_size": K, "codebook_dim": d}
+        if self.gen_vision.to_dict() != janus_vq:
+            gen_params["kineflow_config"] = self.gen_vision.to_dict()
+        D = self.language.hidden_size
+
+        def mlp(input_dim: int, hidden: int, depth: int) -> dict[str, Any]:
+            return {
+                "cls": "MlpProjector",
+                "model_type": "aligner",
+                "params": {
+                    "depth": depth,
+                    "input_dim": input_dim,
+                    "n_embed": hidden,
+                    "projector_type": "mlp_gelu",
+                },
+            }
+
+        aligner = mlp(self.vision.hidden_size, self.aligner_hidden, self.aligner_depth)
+        gen_aligner = mlp(d, self.gen_aligner_hidden, self.gen_aligner_depth)
+        gen_aligner["model_type"] = "gen_aligner"
+        return {
+            "model_type": "multi_modality",
+            "architectures": ["MultiModalityCausalLM"],
+            "language_config": language_config,
+            "vision_config": {
+                "cls": "CLIPVisionTower",
+                "model_type": "vision",
+                "params": vision_params,
+            },
+            "aligner_config": aligner,
+            "gen_vision_config": {"cls": "VQ-16", "model_type": "gen_vision", "params": gen_params},
+            "gen_aligner_config": gen_aligner,
+            "gen_head_config": {
+                "cls": "vision_head",
+                "model_type": "gen_head",
+                "params": {
+                    "image_token_embed": self.gen_head_hidden,
+                    "image_token_size": K,
+                    "n_embed": D,
+                },
+            },
+        }
+
+
+def _override(params: Mapping[str, Any], path: str) -> dict[str, Any] | None:
+    """``params.kineflow_config``: a full kineflow sub-config replacing Janus's fixed one."""
+    value = params.get("kineflow_config")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{path}.kineflow_config must be an object, got {type(value).__name__}")
+    return dict(value)
 
 
 class _Reader:
@@ -392,6 +478,7 @@ class FudokiModel(nn.Module):
         image_mask: Tensor | None = None,
         pixel_values: Tensor | None = None,
         understanding_mask: Tensor | None = None,
+        understanding_features: Tensor | None = None,
     ) -> Tensor:
         """Input embeddings ``[B, N, D]``.
 
@@ -403,7 +490,9 @@ class FudokiModel(nn.Module):
         ``understanding_mask [B, N]`` marks placeholder positions; they are filled, in
         row-major order, with ``aligner(vision_tower(pixel_values))`` rows, ``pixel_values``
         being ``[I, 3, S, S]`` or Janus's ``[B, n, 3, S, S]`` (flattened to ``B * n`` images),
-        so the mask must hold exactly ``I * num_patches`` positions.
+        so the mask must hold exactly ``I * num_patches`` positions. ``understanding_features``
+        (``[I, P, D]``, from :meth:`encode_images`) may replace ``pixel_values`` so that a
+        sampler encodes its images once, not at every step.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, N], got shape {tuple(input_ids.shape)}")
@@ -415,8 +504,13 @@ class FudokiModel(nn.Module):
             raise ValueError("image_mask and understanding_mask overlap")
         if image_mask is None and image_ids is not None:
             raise ValueError("image_ids needs image_mask (which positions hold image tokens)")
-        if (understanding_mask is None) != (pixel_values is None):
-            raise ValueError("pass pixel_values and understanding_mask together")
+        if pixel_values is not None and understanding_features is not None:
+            raise ValueError("pass pixel_values or understanding_features, not both")
+        has_images = pixel_values is not None or understanding_features is not None
+        if (understanding_mask is None) == has_images:
+            raise ValueError(
+                "pass understanding_mask together with pixel_values (or understanding_features)"
+            )
 
         # Image positions may hold codes or negative placeholders: embed a harmless 0 there.
         non_text = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -431,7 +525,10 @@ class FudokiModel(nn.Module):
             gen = self.gen_aligner(self.gen_embed(codes)).to(embeds.dtype)
             embeds = embeds.masked_scatter(image_mask[..., None], gen)
         if understanding_mask is not None:
-            feats = self.encode_images(pixel_values).to(embeds.dtype)  # [I, P, D]
+            feats = understanding_features
+            if feats is None:
+                feats = self.encode_images(pixel_values)
+            feats = feats.to(embeds.dtype)  # [I, P, D]
             n_pos = int(understanding_mask.sum())
             if n_pos != feats.shape[0] * feats.shape[1]:
                 raise ValueError(
@@ -488,6 +585,7 @@ class FudokiModel(nn.Module):
         pixel_values: Tensor | None = None,
         understanding_mask: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        understanding_features: Tensor | None = None,
         mask: str = "full",
         prefix_lengths: Tensor | None = None,
         position_ids: Tensor | None = None,
@@ -498,7 +596,14 @@ class FudokiModel(nn.Module):
         bidirectional), ``"causal"`` (Janus AR) or ``"prefix"`` (with ``prefix_lengths``).
         Feed the result to :meth:`text_logits` / :meth:`image_logits`.
         """
-        embeds = self.embed(input_ids, image_ids, image_mask, pixel_values, understanding_mask)
+        embeds = self.embed(
+            input_ids,
+            image_ids,
+            image_mask,
+            pixel_values,
+            understanding_mask,
+            understanding_features,
+        )
         return self.language_model.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
