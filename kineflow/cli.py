@@ -347,6 +347,162 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# -- sampling with a trained model -------------------------------------------------------------
+DTYPES = ("float32", "bfloat16")
+CLI_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="checkpoint folder (or a Hugging Face hub id)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int_in_range(1, 1024),
+        default=None,
+        help="solver steps (= model calls); default: the checkpoint's",
+    )
+    parser.add_argument("--seed", type=int_in_range(0, 2**63 - 1), default=0, help="seed")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _load_for_cli(args: argparse.Namespace):
+    import torch
+
+    import kineflow
+
+    return kineflow.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def _generate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="+", help="one picture per prompt")
+    _model_options(parser)
+    parser.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance w; default: the checkpoint's (5.0)",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int_in_range(1, 10**6), default=None, help="top-k")
+    parser.add_argument(
+        "--batch-size", type=int_in_range(1, 4096), default=8, help="prompts sampled together"
+    )
+    parser.add_argument(
+        "--out",
+        type=output_dir,
+        default=Path("outputs/generate"),
+        help="folder for the PNGs and refinement GIFs",
+    )
+    parser.add_argument("--no-gif", action="store_true", help="skip the refinement GIF/strip")
+    parser.add_argument(
+        "--scale",
+        type=int_in_range(1, 32),
+        default=1,
+        help="enlarge the written pictures (nearest neighbour)",
+    )
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        pipe = _load_for_cli(args)
+        written, records = [], []
+        for start in range(0, len(args.prompts), args.batch_size):
+            prompts = args.prompts[start : start + args.batch_size]
+            result = pipe.text_to_image(
+                prompts,
+                steps=args.steps,
+                cfg_scale=args.cfg,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                seed=args.seed + start,
+                return_trajectory=not args.no_gif,
+                progress=not args.no_progress,
+            )
+            # File names number the prompts across batches: sample_{index}.
+            written += result.save(args.out, scale=args.scale, first_index=start)
+            for i in range(len(prompts)):
+                records.append({"index": start + i, "prompt": prompts[i]})
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    (args.out / "prompts.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    for path in written:
+        print(path)
+    return 0
+
+
+def _answer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("questions", nargs="+", help="one answer per question")
+    _model_options(parser)
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=None,
+        help="picture the question is about: once for all questions, or once per question; "
+        "without --image the model replies to the text alone",
+    )
+    parser.add_argument(
+        "--answer-tokens",
+        type=int_in_range(1, 4096),
+        default=None,
+        help="answer slots; default: fill the text budget (the official layout) "
+        "with an image, 64 without",
+    )
+    parser.add_argument(
+        "--trajectory", action="store_true", help="also print the answer after every step"
+    )
+    parser.add_argument("--out", type=output_dir, default=None, help="also write answers.json here")
+
+
+def _run_answer(args: argparse.Namespace) -> int:
+    import json
+
+    images = args.image or []
+    if len(images) not in (0, 1, len(args.questions)):
+        print(
+            f"error: {len(images)} --image for {len(args.questions)} questions; give one "
+            "picture for all questions or one per question"
+        )
+        return 2
+    try:
+        pipe = _load_for_cli(args)
+        common = {
+            "steps": args.steps,
+            "seed": args.seed,
+            "return_trajectory": args.trajectory,
+            "progress": not args.no_progress,
+        }
+        if images:
+            pictures = images * len(args.questions) if len(images) == 1 else images
+            result = pipe.answer(
+                pictures, args.questions, answer_tokens=args.answer_tokens, **common
+            )
+        else:
+            result = pipe.generate_text(
+                args.questions, max_tokens=args.answer_tokens or 64, **common
+            )
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    records = []
+    for i, (question, answer) in enumerate(zip(args.questions, result.texts, strict=True)):
+        records.append({"question": question, "answer": answer})
+        print(f"Q: {question}\nA: {answer}")
+        if result.trajectory is not None:
+            records[-1]["trajectory"] = result.trajectory[i]
+            for step, text in enumerate(result.trajectory[i]):
+                print(f"   step {step:3d}: {text!r}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "answers.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: ``options`` adds its arguments, ``handler`` runs it."""
@@ -370,6 +526,24 @@ COMMANDS: tuple[Command, ...] = (
         ),
         options=_demo_options,
         handler=_run_demo,
+    ),
+    Command(
+        name="generate",
+        help="text-to-image with a trained model (PNG per prompt + refinement GIF)",
+        description="Sample one picture per prompt with a FUDOKI checkpoint, e.g. "
+        "'kineflow generate --model ckpt \"a red circle above a blue square\"'. Writes "
+        "sample_{i}.png, sample_{i}_refine.gif (every solver step) and a strip of them.",
+        options=_generate_options,
+        handler=_run_generate,
+    ),
+    Command(
+        name="answer",
+        help="answer questions about a picture (or reply to text) with a trained model",
+        description="Image understanding with a FUDOKI checkpoint: "
+        "'kineflow answer --model ckpt --image pic.png \"how many shapes are there?\"'. "
+        "Without --image the model replies to the text alone.",
+        options=_answer_options,
+        handler=_run_answer,
     ),
     Command(
         name="data",

@@ -312,3 +312,25 @@ def test_from_janus_config_names_missing_fields():
     bad["gen_head_config"]["params"]["image_token_size"] = 100
     with pytest.raises(ValueError, match="image_token_size=100"):
         FudokiConfig.from_janus_config(bad)
+
+
+def test_janus_config_round_trip() -> None:
+    real = FudokiConfig.janus_1_3b()
+    janus = real.to_janus_config()
+    # The real architecture is named, exactly as Janus writes it: no kineflow extension.
+    assert "kineflow_config" not in str(janus)
+    assert janus["vision_config"]["params"]["model_name"] == "siglip_large_patch16_384"
+    assert janus["gen_head_config"]["params"] == {
+        "image_token_embed": 2048,
+        "image_token_size": 16384,
+        "n_embed": 2048,
+    }
+    assert FudokiConfig.from_janus_config(janus).to_dict() == real.to_dict()
+    # Smaller towers travel as params.kineflow_config.
+    tiny = tiny_config()
+    janus = tiny.to_janus_config()
+    assert janus["vision_config"]["params"]["kineflow_config"]["hidden_size"] == 8
+    assert FudokiConfig.from_janus_config(janus).to_dict() == tiny.to_dict()
+    janus["gen_vision_config"]["params"]["kineflow_config"] = "VQ-8"
+    with pytest.raises(ValueError, match="kineflow_config must be an object"):
+        FudokiConfig.from_janus_config(janus)

@@ -135,29 +135,29 @@ class ImageResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(
-        self, folder: str | os.PathLike[str], prefix: str = "sample", scale: int = 1
+        self,
+        folder: str | os.PathLike[str],
+        prefix: str = "sample",
+        scale: int = 1,
+        first_index: int = 0,
     ) -> list[Path]:
-        """Write ``{prefix}_{i}.png`` and, with a trajectory, ``{prefix}_{i}_refine.gif`` and a
-        ``{prefix}_{i}_refine.png`` strip (at most 12 frames); returns the paths written."""
+        """Write ``{prefix}_{k}.png`` and, with a trajectory, ``{prefix}_{k}_refine.gif`` and a
+        ``{prefix}_{k}_refine.png`` strip (at most 12 frames), ``k = first_index + i`` for the
+        i-th picture; ``scale`` enlarges with nearest-neighbour pixels. Returns the paths."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         written = []
         for i, image in enumerate(self.images):
-            written.append(folder / f"{prefix}_{i}.png")
-            image_big = (
-                image
-                if scale == 1
-                else image.resize(
-                    (image.width * scale, image.height * scale), Image.Resampling.NEAREST
-                )
-            )
-            image_big.save(written[-1])
+            name = f"{prefix}_{first_index + i}"
+            written.append(folder / f"{name}.png")
+            size = (image.width * scale, image.height * scale)
+            big = image.resize(size, Image.Resampling.NEAREST)
+            big.save(written[-1])
             if self.trajectory is not None:
                 frames = self.trajectory[i]
-                written.append(save_gif(frames, folder / f"{prefix}_{i}_refine.gif", scale=scale))
-                pick = _spread(len(frames), 12)
-                strip = [frames[k] for k in pick]
-                written.append(save_strip(strip, folder / f"{prefix}_{i}_refine.png", scale=scale))
+                written.append(save_gif(frames, folder / f"{name}_refine.gif", scale=scale))
+                strip = [frames[k] for k in _spread(len(frames), 12)]
+                written.append(save_strip(strip, folder / f"{name}_refine.png", scale=scale))
         return written
 
 
@@ -307,8 +307,19 @@ class FudokiPipeline:
         if not w >= 0:
             raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
         fn, clock = self._model_fn(layout, "image", cfg_scale=w)
-        run = self._solve(layout, self.image_path, fn, clock, steps, temperature, top_k,
-                          seed, generator, return_trajectory, progress)  # fmt: skip
+        run = self._solve(
+            layout,
+            self.image_path,
+            fn,
+            clock,
+            steps,
+            temperature,
+            top_k,
+            seed,
+            generator,
+            return_trajectory,
+            progress,
+        )
         h, w_ = self.model.gen_vision_model.tokens_shape(self.model.config.gen_vision.image_size)
         start = time.perf_counter()
         codes = run["samples"].reshape(-1, h, w_)
@@ -361,8 +372,9 @@ class FudokiPipeline:
             self.tokenizer, questions, vision.num_patches, c.text_budget, answer_tokens, system
         ).to(self.device)
         features = self.model.encode_images(pixels.to(self.device, self.dtype))
-        return self._generate_text(layout, features, steps, 1.0, 1, seed, generator,
-                                   return_trajectory, progress)  # fmt: skip
+        return self._generate_text(
+            layout, features, steps, 1.0, 1, seed, generator, return_trajectory, progress
+        )
 
     @torch.no_grad()
     def generate_text(
@@ -386,8 +398,9 @@ class FudokiPipeline:
         layout = text_layout(
             self.tokenizer, prompts, max_tokens, self.config.text_budget, chat, system_prompt
         ).to(self.device)
-        return self._generate_text(layout, None, steps, temperature, top_k, seed, generator,
-                                   return_trajectory, progress)  # fmt: skip
+        return self._generate_text(
+            layout, None, steps, temperature, top_k, seed, generator, return_trajectory, progress
+        )
 
     # -- shared machinery -----------------------------------------------------------------------
     def _generate_text(
@@ -403,8 +416,19 @@ class FudokiPipeline:
         progress: bool,
     ) -> TextResult:
         fn, clock = self._model_fn(layout, "text", cfg_scale=0.0, features=features)
-        run = self._solve(layout, self.text_path, fn, clock, steps, temperature, top_k,
-                          seed, generator, return_trajectory, progress)  # fmt: skip
+        run = self._solve(
+            layout,
+            self.text_path,
+            fn,
+            clock,
+            steps,
+            temperature,
+            top_k,
+            seed,
+            generator,
+            return_trajectory,
+            progress,
+        )
         start = time.perf_counter()
         lo = layout.window[0]
         # Each row's answer starts at its own column (its region), possibly after lo.
@@ -560,6 +584,9 @@ class FudokiPipeline:
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{folder / 'config.json'}: {e}") from e
         model = FudokiModel.from_janus_state_dict(weights, model_config)
+        dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
+        if len(dtypes) == 1:  # a bfloat16 save loads as bfloat16 (exact: fp32 holds bf16)
+            model.to(dtypes.pop())
         tables = _read_metric_tables(folder / METRIC_FILE)
         tokenizer = TextTokenizer.load(folder)
         provenance = {name: f"{folder / METRIC_FILE}[{name}]" for name in tables}
