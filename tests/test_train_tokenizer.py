@@ -66,15 +66,15 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(kind, tmp_path):
     report = train_tokenizer(_config(kind, straight), progress=False)
     # The interrupted run dies at step 5 (after its step-3 checkpoint), then continues from it.
     resumed = tmp_path / "resumed"
-    real_batch = PictureStream.batch
+    real_picture = PictureStream.picture
 
-    def dies_at_step_5(self, step, batch_size):
-        if step == 4:
+    def dies_at_step_5(self, index):
+        if index == 4 * 4:  # the first picture of step 5 (batch size 4)
             raise KeyboardInterrupt
-        return real_batch(self, step, batch_size)
+        return real_picture(self, index)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PictureStream, "batch", dies_at_step_5)
+        mp.setattr(PictureStream, "picture", dies_at_step_5)
         with pytest.raises(KeyboardInterrupt):
             train_tokenizer(_config(kind, resumed), progress=False)
     assert len(_losses(resumed)) == 4  # steps 1-4 were logged, only 1-3 checkpointed
@@ -156,7 +156,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="not valid YAML"):
         TokenizerTrainConfig.from_yaml(path)
     path.write_text(yaml.safe_dump({"model": TINY["vq"], "out": "x", "optim": {"steps": 0}}))
-    with pytest.raises(ValueError, match=r"optim\.steps must be >= 1"):
+    with pytest.raises(ValueError, match=r"optim\.steps must be an integer >= 1"):
         TokenizerTrainConfig.from_yaml(path)
 
 

@@ -175,7 +175,10 @@ class FudokiConfig:
         ``P.input_dim``, ``P.n_embed``, ``P.depth`` default 1), ``gen_vision_config``
         (``cls = VQ-16``, ``P.image_token_size`` = codebook size, ``P.n_embed`` = code
         dimension) and ``gen_head_config`` (``cls = vision_head``, ``P.n_embed``,
-        ``P.image_token_embed``, ``P.image_token_size``).
+        ``P.image_token_embed``, ``P.image_token_size``). Janus fixes the SigLIP and VQ-16
+        architectures by name; a ``P.kineflow_config`` object in ``vision_config`` or
+        ``gen_vision_config`` (written by :meth:`to_janus_config` for other sizes) replaces
+        the fixed architecture with a full :class:`SiglipConfig` / :class:`VQConfig`.
 
         Raises:
             ValueError: naming every missing field (dotted path) at once, or an unsupported

@@ -22,9 +22,7 @@ produces the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,8 @@ import yaml
 from torch import nn
 
 from kineflow.config import check_config_keys
-from kineflow.io import atomic_write_json, read_json_object
-from kineflow.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from kineflow.train.schedule import warmup_cosine
+from kineflow.io import atomic_write_json
+from kineflow.train.loop import Optim, run_training
 
 
 @dataclass
@@ -56,29 +53,6 @@ class ImageData:
             raise ValueError(f"data.source must be 'shapes' or 'manifest', got {self.source!r}")
         if self.source == "manifest" and not self.path:
             raise ValueError("data.path (a JSONL manifest) is required when data.source=manifest")
-
-
-@dataclass
-class Optim:
-    """AdamW with warm-up + cosine decay (see :func:`kineflow.train.schedule.warmup_cosine`)."""
-
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 2e-4
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
 
 
 @dataclass
@@ -128,13 +102,6 @@ class TokenizerTrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    if path.exists():
-        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
 
 
 def build_tokenizer(model: dict[str, Any]) -> nn.Module:
@@ -192,102 +159,43 @@ class PictureStream:
             )
         return self._epoch_order
 
-    def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        start = step * batch_size
-        return torch.stack([self.picture(i) for i in range(start, start + batch_size)])
+
+class _TokenizerTask:
+    """Pictures by global index; the tokenizer's own ``training_losses``."""
+
+    def __init__(self, model: nn.Module, stream: PictureStream) -> None:
+        self.model = model
+        self.stream = stream
+
+    def batch(self, indices: list[int]) -> torch.Tensor:
+        return torch.stack([self.stream.picture(i) for i in indices])
+
+    def losses(self, batch: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.training_losses(batch)
 
 
 def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict:
     """Run (or resume) the training described by ``config``; returns the final eval report."""
-    from tqdm.auto import tqdm
-
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.optim.seed)
     model = build_tokenizer(config.model)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.optim.lr,
-        betas=config.optim.betas,
-        weight_decay=config.optim.weight_decay,
+    summary = run_training(
+        _TokenizerTask(model, PictureStream(config.data)),
+        config.optim,
+        out,
+        config.to_dict(),
+        log_every=config.log_every,
+        ckpt_every=config.ckpt_every,
+        progress=progress,
+        desc=f"train {config.model['type']}",
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: warmup_cosine(
-            s, config.optim.steps, config.optim.warmup, config.optim.min_lr_ratio
-        ),
-    )
-    start = 0
-    ckpt = out / "checkpoint"
-    if ckpt.exists():
-        # Compare configs before weights: "another model" says more than a list of shapes.
-        saved_path = ckpt / "config.json"
-        saved = read_json_object(saved_path) if saved_path.is_file() else {}
-        if saved.get("model") != config.to_dict()["model"]:
-            raise ValueError(
-                f"{ckpt}: checkpoint was trained with another model config; "
-                "use a new 'out' folder or delete the checkpoint"
-            )
-        _, state = load_checkpoint(ckpt, model)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = int(state["step"])
-        _truncate_metrics(out / "metrics.jsonl", start)
-    stream = PictureStream(config.data)
-    # Closed on any exit (an interrupt included), so logged rows are never lost.
-    with (out / "metrics.jsonl").open("a") as metrics:
-        model.train()
-        t0 = time.perf_counter()
-        bar = tqdm(
-            range(start, config.optim.steps),
-            initial=start,
-            total=config.optim.steps,
-            disable=not progress,
-            desc=f"train {config.model['type']}",
-        )
-        for step in bar:
-            images = stream.batch(step, config.optim.batch_size)
-            losses = model.training_losses(images)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is "
-                    f"{ckpt if ckpt.exists() else 'not written yet'}"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            opt.step()
-            sched.step()
-            done = step + 1
-            if done % config.log_every == 0 or done == config.optim.steps:
-                row = {
-                    "step": done,
-                    "lr": sched.get_last_lr()[0],
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-                row.update({k: float(v.detach()) for k, v in losses.items()})
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if done % config.ckpt_every == 0 or done == config.optim.steps:
-                state = {
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": rng_state(),
-                    "step": done,
-                }
-                save_checkpoint(ckpt, model, config.to_dict(), state)
-    model.eval()
     model.save_pretrained(out / "model")
     from kineflow.eval.reconstruction import evaluate_reconstruction
 
     report = evaluate_reconstruction(model, n=config.eval_images, image_size=config.data.image_size)
-    report["train_seconds_this_run"] = round(time.perf_counter() - t0, 1)
+    report["train_seconds_this_run"] = summary["seconds_this_run"]
     report["steps"] = config.optim.steps
     atomic_write_json(out / "eval.json", report)
     return report
