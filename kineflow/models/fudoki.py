@@ -86,6 +86,8 @@ class FudokiConfig:
     the aligners feed the language model they must equal ``language.hidden_size``.
     ``*_depth`` counts Linear layers (Janus: 2, so the state-dict keys are ``layers.0`` and
     ``layers.2``). ``gen_head_hidden`` is Janus's ``image_token_embed``.
+    ``image_mask_token`` adds one input-only image id ``K`` (a row of ``gen_embed``, never
+    predicted by ``gen_head``) for the masked-path baseline; Janus has none.
     """
 
     language: LlamaConfig
@@ -96,6 +98,7 @@ class FudokiConfig:
     gen_aligner_hidden: int = 2048
     gen_aligner_depth: int = 2
     gen_head_hidden: int = 2048
+    image_mask_token: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.language, Mapping):
@@ -287,6 +290,8 @@ class FudokiConfig:
         """
         if self.vision is None:
             raise ValueError("a Janus config needs an understanding encoder (vision is None)")
+        if self.image_mask_token:
+            raise ValueError("Janus has no image mask token (image_mask_token=True)")
         lang = self.language.to_dict()
         language_config = {k: lang[k] for k in (*_REQUIRED_LLAMA, *_HF_LLAMA_DEFAULTS)}
         language_config["num_key_value_heads"] = lang["num_key_value_heads"]
@@ -471,7 +476,8 @@ class FudokiModel(nn.Module):
         self.gen_vision_model = VQModel(config.gen_vision)
         self.gen_aligner = MlpAligner(d, config.gen_aligner_hidden, config.gen_aligner_depth)
         self.gen_head = VisionHead(D, config.gen_head_hidden, K)
-        self.gen_embed = nn.Embedding(K, d)
+        # The mask id K (masked baseline only) is an input, never a prediction of gen_head.
+        self.gen_embed = nn.Embedding(K + int(config.image_mask_token), d)
 
     # -- inputs ---------------------------------------------------------------------------------
     def embed(
@@ -572,7 +578,7 @@ class FudokiModel(nn.Module):
                 f"image_ids must be [B, N] like input_ids or [{int(mask.sum())}] (one per "
                 f"image_mask position), got shape {tuple(image_ids.shape)}"
             )
-        K = self.config.gen_vision.codebook_size
+        K = self.config.gen_vision.codebook_size + int(self.config.image_mask_token)
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
             raise ValueError(
                 f"image ids must lie in [0, {K}), got [{int(codes.min())}, {int(codes.max())}]"

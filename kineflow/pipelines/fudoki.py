@@ -34,7 +34,8 @@ from torch import Tensor
 
 from kineflow.config import check_config_keys
 from kineflow.data.example import tensor_to_image
-from kineflow.flow import EulerSolver, MetricPath, classifier_free_guidance
+from kineflow.flow import EulerSolver, MaskedPath, MetricPath, classifier_free_guidance
+from kineflow.flow.path import DiscretePath
 from kineflow.io import atomic_save_safetensors, load_pretrained_folder, save_pretrained_folder
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.pipelines.images import load_image, preprocess_understanding, save_gif, save_strip
@@ -61,6 +62,7 @@ JANUS_SYSTEM_PROMPT = (
     "language."
 )
 KIND = "fudoki"
+PATHS = ("metric", "masked")
 ImageInput = str | os.PathLike[str] | Image.Image
 METRIC_FILE = "metric.safetensors"
 
@@ -73,8 +75,11 @@ class FudokiPipelineConfig:
     ``d = ‖ê_x − ê_y‖^p``, ``β_t = c (t / (1 − t))^a`` (FUDOKI: p = 4, a = 0.9, c = 3).
     ``text_budget``: text tokens a sequence may hold besides the image (FUDOKI's
     ``txt_max_length``, 500). ``image_mean``/``image_std``/``background``: understanding
-    preprocessing (:mod:`kineflow.pipelines.images`). ``steps``, ``cfg_scale``: defaults of
-    the sampling calls.
+    preprocessing (:mod:`kineflow.pipelines.images`). ``steps``, ``cfg_scale``,
+    ``answer_tokens``: defaults of the sampling calls (``answer_tokens=None``: the official
+    layout, answers fill the text budget). ``path``: ``"metric"`` (FUDOKI) or ``"masked"``
+    (the absorbing-state baseline: text mask = the pad token, image mask = the extra image id
+    ``K`` of a model built with ``image_mask_token``).
     """
 
     metric_exponent: float = 4.0
@@ -87,8 +92,18 @@ class FudokiPipelineConfig:
     background: tuple[int, int, int] = (127, 127, 127)
     steps: int = 50
     cfg_scale: float = 5.0
+    answer_tokens: int | None = None
+    path: str = "metric"
 
     def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if self.answer_tokens is not None and (
+            isinstance(self.answer_tokens, bool)
+            or not isinstance(self.answer_tokens, int)
+            or self.answer_tokens < 1
+        ):
+            raise ValueError(f"answer_tokens must be None or >= 1, got {self.answer_tokens!r}")
         for name in ("image_mean", "image_std", "background"):
             value = tuple(getattr(self, name))
             if len(value) != 3:
@@ -113,6 +128,29 @@ class FudokiPipelineConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> FudokiPipelineConfig:
         check_config_keys(d, cls, "FUDOKI pipeline config")
         return cls(**d)
+
+
+def make_paths(
+    config: FudokiPipelineConfig,
+    text_embeddings: Tensor,
+    image_embeddings: Tensor,
+    pad_id: int,
+    model_config: FudokiConfig,
+) -> tuple[DiscretePath, DiscretePath]:
+    """The text and image paths of ``config.path`` (shared by sampling and training).
+
+    metric: ``softmax(−β_t ‖ê_x − ê_y‖^p)`` over each table; masked: absorbing paths whose
+    masks are the pad token (text) and the extra image id ``K``.
+    """
+    if config.path == "metric":
+        return tuple(
+            MetricPath.from_embeddings(t, config.metric_exponent, config.beta_a, config.beta_c)
+            for t in (text_embeddings, image_embeddings)
+        )
+    if not model_config.image_mask_token:
+        raise ValueError("the masked path needs a model built with image_mask_token=True")
+    K = model_config.gen_vision.codebook_size
+    return MaskedPath(model_config.language.vocab_size, pad_id), MaskedPath(K + 1, K)
 
 
 @dataclass
@@ -242,11 +280,8 @@ class FudokiPipeline:
         c = self.config
         self.text_embeddings = text_embeddings.detach().float().cpu()
         self.image_embeddings = image_embeddings.detach().float().cpu()
-        self.text_path = MetricPath.from_embeddings(
-            self.text_embeddings, c.metric_exponent, c.beta_a, c.beta_c
-        )
-        self.image_path = MetricPath.from_embeddings(
-            self.image_embeddings, c.metric_exponent, c.beta_a, c.beta_c
+        self.text_path, self.image_path = make_paths(
+            c, self.text_embeddings, self.image_embeddings, tokenizer.pad_id, model.config
         )
         self.to(self.device)
 
@@ -368,6 +403,7 @@ class FudokiPipeline:
             pictures, vision.image_size, c.image_mean, c.image_std, c.background
         )
         system = c.system_prompt if system_prompt is None else system_prompt
+        answer_tokens = c.answer_tokens if answer_tokens is None else answer_tokens
         layout = understanding_layout(
             self.tokenizer, questions, vision.num_patches, c.text_budget, answer_tokens, system
         ).to(self.device)
@@ -492,6 +528,9 @@ class FudokiPipeline:
             )
             # Shifted logits: column i is read from the hidden state at i - 1 (lo >= 1).
             logits = read(hidden[:, lo - 1 : hi - 1], shift=False).float()
+            if head == "image" and self.config.path == "masked":
+                # The mask id K is a state of the path but never a prediction.
+                logits = torch.nn.functional.pad(logits, (0, 1), value=-torch.inf)
             if guided:
                 logits = classifier_free_guidance(*logits.chunk(2), cfg_scale)
             clock.sync()
@@ -503,7 +542,7 @@ class FudokiPipeline:
     def _solve(
         self,
         layout: Layout,
-        path: MetricPath,
+        path: DiscretePath,
         fn: Callable[[Tensor, Tensor], Tensor],
         clock: _Clock,
         steps: int | None,

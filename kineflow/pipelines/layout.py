@@ -27,7 +27,13 @@ from torch import Tensor
 
 from kineflow.tokenizers.text import TextTokenizer
 
-__all__ = ["Layout", "text_layout", "text_to_image_layout", "understanding_layout"]
+__all__ = [
+    "Layout",
+    "stack_layouts",
+    "text_layout",
+    "text_to_image_layout",
+    "understanding_layout",
+]
 
 
 @dataclass
@@ -222,4 +228,42 @@ def _assemble(rows: list[_Row], pad_id: int, understanding_id: int | None) -> La
         understanding_mask=masks["understanding"] if understanding_id is not None else None,
         window=(lo, hi),
         prompt_lengths=[r.region[0] for r in rows],
+    )
+
+
+def stack_layouts(layouts: list[Layout], pad_id: int) -> Layout:
+    """One left-padded batch from several layouts (e.g. generation and understanding rows
+    mixed for training). Masks a layout lacks are all-False rows."""
+    if not layouts:
+        raise ValueError("no layouts to stack")
+    N = max(lay.input_ids.shape[1] for lay in layouts)
+
+    def pad(t: Tensor | None, like: Tensor, value: int | bool) -> Tensor:
+        if t is None:
+            t = torch.zeros_like(like, dtype=torch.bool)
+        return torch.nn.functional.pad(t, (N - t.shape[1], 0), value=value)
+
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("ids", "att", "reg", "span", "img", "und")}
+    lengths: list[int] = []
+    lo, hi = N, 0
+    for lay in layouts:
+        off = N - lay.input_ids.shape[1]
+        parts["ids"].append(pad(lay.input_ids, lay.input_ids, pad_id))
+        parts["att"].append(pad(lay.attention_mask, lay.input_ids, False))
+        parts["reg"].append(pad(lay.region, lay.input_ids, False))
+        parts["span"].append(pad(lay.prompt_span, lay.input_ids, False))
+        parts["img"].append(pad(lay.image_mask, lay.input_ids, False))
+        parts["und"].append(pad(lay.understanding_mask, lay.input_ids, False))
+        lengths += lay.prompt_lengths
+        lo, hi = min(lo, lay.window[0] + off), max(hi, lay.window[1] + off)
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return Layout(
+        input_ids=cat["ids"],
+        attention_mask=cat["att"],
+        region=cat["reg"],
+        prompt_span=cat["span"],
+        image_mask=cat["img"] if cat["img"].any() else None,
+        understanding_mask=cat["und"] if cat["und"].any() else None,
+        window=(lo, hi),
+        prompt_lengths=lengths,
     )
