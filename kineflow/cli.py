@@ -333,6 +333,25 @@ def _run_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train_fudoki(args: argparse.Namespace) -> int:
+    import json
+
+    from kineflow.train.fudoki import FudokiTrainConfig, train_fudoki
+
+    try:
+        config = FudokiTrainConfig.from_yaml(args.config)
+        if args.out is not None:
+            config.out = str(args.out)
+        if args.steps is not None:
+            config.optim.steps = args.steps
+        summary = train_fudoki(config, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _train_options(parser: argparse.ArgumentParser) -> None:
     _subcommands(
         parser,
@@ -342,6 +361,13 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                 "train a VQ or KL-VAE image tokenizer from a YAML config (resumes from out/)",
                 _train_tokenizer_options,
                 _run_train_tokenizer,
+            ),
+            (
+                "fudoki",
+                "train FUDOKI (metric path), the masked baseline or the AR baseline on "
+                "ShapesWorld from a YAML config (resumes from out/; torchrun for DDP/FSDP)",
+                _train_tokenizer_options,
+                _run_train_fudoki,
             ),
         ),
     )

@@ -133,17 +133,105 @@ def _wrap(model: nn.Module, parallel: str) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return FullyShardedDataParallel(model, use_orig_params=True)
+    # FSDP computes on the device the weights are on (without ``device_id`` it refuses CPU).
+    device = next(model.parameters()).device
+    return FullyShardedDataParallel(model, use_orig_params=True, device_id=device)
+
+
+@contextlib.contextmanager
+def _fsdp_full_state(model: nn.Module, wrapped: nn.Module) -> Any:
+    """FSDP's full (gathered on every rank) state-dict mode for weights and optimizer state."""
+    import warnings
+
+    from torch.distributed.fsdp import (
+        FullOptimStateDictConfig,
+        FullStateDictConfig,
+        FullyShardedDataParallel,
+        StateDictType,
+    )
+
+    # offload_to_cpu on weights that already are on the CPU crashes (segfault) in torch 2.13.
+    offload = next(model.parameters()).device.type != "cpu"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "FSDP.state_dict_type", FutureWarning)
+        with FullyShardedDataParallel.state_dict_type(
+            wrapped,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=offload, rank0_only=False),
+            FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=False),
+        ):
+            yield
 
 
 def _full_state_dict(model: nn.Module, wrapped: nn.Module, parallel: str) -> dict[str, Tensor]:
+    """The whole model's weights on every rank (a collective under FSDP)."""
     if parallel != "fsdp":
         return model.state_dict()
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-
-    cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
-    with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, cfg):
+    with _fsdp_full_state(model, wrapped):
         return wrapped.state_dict()
+
+
+def _optim_state(model: nn.Module, wrapped: nn.Module, opt: Any, parallel: str) -> dict:
+    """The optimizer state to save: under FSDP gathered and keyed by parameter name (each rank
+    only holds the state of its shard)."""
+    if parallel != "fsdp":
+        return opt.state_dict()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with _fsdp_full_state(model, wrapped):
+        return FullyShardedDataParallel.optim_state_dict(wrapped, opt)
+
+
+def _load_optim_state(
+    model: nn.Module, wrapped: nn.Module, opt: Any, state: dict, parallel: str
+) -> None:
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with _fsdp_full_state(model, wrapped):
+            state = FullyShardedDataParallel.optim_state_dict_to_load(wrapped, opt, state)
+    opt.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _params_set_to(model: nn.Module, values: Mapping[str, Tensor]) -> Any:
+    """Temporarily copy ``values`` into the (local, under FSDP sharded) parameters."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in values}
+    with torch.no_grad():
+        for n, v in values.items():
+            params[n].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+
+
+def _full_ema(ema: _Ema, model: nn.Module, wrapped: nn.Module, parallel: str) -> dict:
+    """The whole EMA weights (under FSDP the shadow holds this rank's shards: gathered)."""
+    if parallel != "fsdp":
+        return ema.shadow
+    with _params_set_to(model, ema.shadow):
+        full = _full_state_dict(model, wrapped, parallel)
+    return {n: full[n].float().clone() for n in ema.shadow}
+
+
+def _local_shards(model: nn.Module, wrapped: nn.Module, full: Mapping[str, Tensor]) -> dict:
+    """This rank's FSDP shards of whole weights ``full`` (by parameter name)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=True), torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, v in full.items():
+            params[n].copy_(v)
+    shards = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in full}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    return shards
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -202,6 +290,12 @@ def run_training(
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     rank, world = _world()
+    if parallel == "none" and world > 1:
+        # Every process would train its own copy on its share and write the same files.
+        raise ValueError(
+            f"parallel='none' but torch.distributed runs {world} processes: use "
+            "parallel='ddp' or 'fsdp' (or launch a single process)"
+        )
     share = optim.batch_size // world
     if optim.batch_size % world or share % optim.grad_accum:
         raise ValueError(
@@ -232,11 +326,14 @@ def run_training(
     )
     ema = _Ema(model, optim.ema) if optim.ema else None
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        _load_optim_state(model, wrapped, opt, state["optimizer"], parallel)
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         if ema is not None and "ema" in state:
-            ema.shadow = {k: v.float() for k, v in state["ema"].items()}
+            saved_ema = {k: v.float() for k, v in state["ema"].items()}
+            ema.shadow = (
+                _local_shards(model, wrapped, saved_ema) if parallel == "fsdp" else saved_ema
+            )
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", start)
     else:
@@ -299,13 +396,13 @@ def run_training(
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             if done % ckpt_every == 0 or done == optim.steps:
                 trainer_state = {
-                    "optimizer": opt.state_dict(),
+                    "optimizer": _optim_state(model, wrapped, opt, parallel),
                     "scheduler": sched.state_dict(),
                     "rng": rng_state(),
                     "step": done,
                 }
                 if ema is not None:
-                    trainer_state["ema"] = ema.shadow
+                    trainer_state["ema"] = _full_ema(ema, model, wrapped, parallel)
                 weights = _full_state_dict(model, wrapped, parallel)
                 if rank == 0:
                     save_checkpoint(ckpt, _StateHolder(weights), dict(config), trainer_state)
@@ -315,10 +412,16 @@ def run_training(
         if metrics is not None:
             metrics.close()
     wrapped.eval()
-    if ema is not None:
+    final_ema = _full_ema(ema, model, wrapped, parallel) if ema is not None else None
+    if parallel == "fsdp":
+        # FSDP leaves each rank's parameters holding its shard: give task.model whole weights.
+        full = _full_state_dict(model, wrapped, parallel)
+        for n, p in model.named_parameters():
+            p.data = full[n].detach().clone()
+    if final_ema is not None:
         with torch.no_grad():
             params_by_name = dict(model.named_parameters())
-            for n, v in ema.shadow.items():
+            for n, v in final_ema.items():
                 params_by_name[n].copy_(v)
     return {
         "steps": optim.steps,

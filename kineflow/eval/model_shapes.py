@@ -1,0 +1,110 @@
+"""A trained model on the ShapesWorld benchmark, in memory: generation, VQA and captioning.
+
+Generation: every GenEval-style prompt of ``test`` (no held-out composition) and ``heldout``
+(each prompt needs one) is sampled ``images_per_prompt`` times, the pictures are read back by
+the detector, and :func:`~kineflow.eval.shapes.score_t2i` gives per-category and overall
+accuracy. Understanding: ``vqa_items`` test questions (one-word answers, exact match) and
+``caption_items`` test pictures (a caption counts when it parses back to the exact scene).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from kineflow.data.shapes.dataset import draw_item
+from kineflow.data.shapes.prompts import prompt_set
+from kineflow.data.shapes.render import render_image
+from kineflow.data.shapes.scene import Scene, ShapesWorld
+from kineflow.eval.detector import detect
+from kineflow.eval.shapes import score_captions, score_t2i, score_vqa
+
+__all__ = ["evaluate_model", "summary"]
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def evaluate_model(
+    pipe: Any,
+    *,
+    images_per_prompt: int = 1,
+    max_prompts_per_category: int | None = 24,
+    vqa_items: int = 300,
+    caption_items: int = 100,
+    caption_instruction: str = "Describe the picture.",
+    caption_tokens: int = 40,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Full reports (with per-item rows) for ``pipe``, any object with kineflow's pipeline
+    methods ``text_to_image(prompts, ...)`` and ``answer(images, questions, ...)``."""
+    world = ShapesWorld()
+    report: dict[str, Any] = {}
+    for split in ("test", "heldout"):
+        prompts = prompt_set(split, max_per_category=max_prompts_per_category, seed=seed)
+        texts = [p.text for p in prompts for _ in range(images_per_prompt)]
+        pictures: list[Image.Image] = []
+        for k, rows in enumerate(tqdm(_batches(len(texts), batch_size), disable=not progress,
+                                      desc=f"generate {split}")):  # fmt: skip
+            out = pipe.text_to_image(
+                [texts[i] for i in rows], steps=steps, cfg_scale=cfg_scale, seed=seed + k
+            )
+            pictures += out.images
+        scenes = iter(detect(np.stack([np.asarray(p) for p in pictures])))
+        detected = {p.id: [next(scenes) for _ in range(images_per_prompt)] for p in prompts}
+        report[f"t2i_{split}"] = score_t2i(prompts, detected)
+        report[f"t2i_{split}"]["pictures"] = pictures
+
+    tasks = (("vqa", vqa_items), ("caption", caption_items))
+    for task, n in tasks:
+        if n == 0:
+            continue
+        items = [draw_item(world, task, "test", i) for i in range(n)]
+        answers: dict[str, str] = {}
+        for k, rows in enumerate(tqdm(_batches(n, batch_size), disable=not progress,
+                                      desc=task)):  # fmt: skip
+            batch = [items[i] for i in rows]
+            images = [render_image(Scene.from_key(it.scene_key)) for it in batch]
+            if task == "vqa":
+                questions = [it.texts["question"] for it in batch]
+                out = pipe.answer(images, questions, steps=steps, seed=seed + k)
+            else:
+                questions = [caption_instruction] * len(batch)
+                out = pipe.answer(
+                    images, questions, steps=steps, seed=seed + k, answer_tokens=caption_tokens
+                )
+            answers.update({it.id: text for it, text in zip(batch, out.texts, strict=True)})
+        if task == "vqa":
+            rows_ = [{"id": it.id, "type": it.kind, **it.texts} for it in items]
+            report["vqa"] = score_vqa(rows_, answers)
+        else:
+            scenes_by_id = {it.id: Scene.from_key(it.scene_key) for it in items}
+            report["caption"] = score_captions(scenes_by_id, answers)
+    return report
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a report, without per-item rows or pictures (for tables and JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in report.items():
+        if key.startswith("t2i_"):
+            out[key] = {
+                "overall": value["accuracy"],
+                "image_accuracy": value["image_accuracy"],
+                "by_category": {c: v["accuracy"] for c, v in value["by_category"].items()},
+                "n": value["n"],
+            }
+        elif key == "vqa":
+            by_type = {t: v["accuracy"] for t, v in value["by_type"].items()}
+            out[key] = {"accuracy": value["accuracy"], "by_type": by_type, "n": value["n"]}
+        elif key == "caption":
+            out[key] = {k: value[k] for k in ("accuracy", "parse_rate", "n")}
+    return out

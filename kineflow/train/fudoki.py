@@ -1,0 +1,403 @@
+"""Training FUDOKI (and its baselines) on ShapesWorld through the shared loop.
+
+One objective, three corruption processes (``objective.kind``):
+
+    metric  x_t ~ p_t(·|x_1) = softmax(−β_t d(·, x_1)) per token, t ~ U(t_min, t_max)  (FUDOKI)
+    masked  x_t = x_1 with probability κ_t, else the mask token                     (MaskGIT)
+    ar      x_t = x_1 (teacher forcing) with a causal attention mask                (Janus AR)
+
+and the same loss for all: cross-entropy of the **shifted** logits (position i read from
+hidden state i − 1) against x_1 on the generated region only: the image codes of a
+text-to-image sample, the answer slots (answer, then EOS up to the slot count) of a VQA or
+captioning sample. A sample's loss is the mean over its region; the batch loss is the mean
+over samples, so it averages exactly over processes (:mod:`kineflow.train.loop`).
+
+A batch mixes generation and understanding samples (``data.understanding_ratio``), laid out
+with the inference layouts of :mod:`kineflow.pipelines.layout`, so training and sampling see
+identical sequences. Generation prompts are dropped (replaced by pad) with probability
+``data.cfg_dropout`` for classifier-free guidance. Each sample draws its task, its scene, its
+``t``, its corruption and its dropout from its own seeded generator.
+
+Frozen parts: the VQ tokenizer (``gen_vision_model``, loaded from ``vq``) and, when ``vision``
+names a pre-trained SigLIP folder, the understanding tower. ``gen_embed`` starts from the
+VQ codebook. The metric tables are the text input embeddings and the VQ codebook at the
+start of the run (from ``init_from`` when given: AR → DFM initialisation), written to
+``out/metric.safetensors`` and fixed for the whole run, as the path must not move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from kineflow.config import check_config_keys
+from kineflow.data.shapes.dataset import draw_item
+from kineflow.data.shapes.render import render
+from kineflow.data.shapes.scene import Scene, ShapesWorld
+from kineflow.io import atomic_save_safetensors, atomic_write_json
+from kineflow.models.fudoki import FudokiConfig, FudokiModel
+from kineflow.pipelines.fudoki import FudokiPipeline, FudokiPipelineConfig, make_paths
+from kineflow.pipelines.images import preprocess_understanding
+from kineflow.pipelines.layout import (
+    Layout,
+    stack_layouts,
+    text_to_image_layout,
+    understanding_layout,
+)
+from kineflow.tokenizers.text import TextTokenizer
+from kineflow.tokenizers.vq import VQModel
+from kineflow.train.loop import Optim, run_training, sample_generator
+
+__all__ = ["FudokiData", "FudokiTask", "FudokiTrainConfig", "Objective", "train_fudoki"]
+
+OBJECTIVES = ("metric", "masked", "ar")
+
+
+@dataclass
+class FudokiData:
+    """ShapesWorld samples: ``understanding_ratio`` of them VQA or captioning (``caption_ratio``
+    of those captioning), the rest text-to-image."""
+
+    split: str = "train"
+    image_size: int = 32
+    seed: int = 0
+    understanding_ratio: float = 0.5
+    caption_ratio: float = 0.3
+    vqa_answer_tokens: int = 4
+    caption_tokens: int = 32
+    caption_instruction: str = "Describe the picture."
+    text_budget: int = 64
+    cfg_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("understanding_ratio", "caption_ratio", "cfg_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("vqa_answer_tokens", "caption_tokens", "text_budget", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class Objective:
+    """``kind`` (metric / masked / ar) and the metric path's parameters; ``t ~ U(t_min, t_max)``."""
+
+    kind: str = "metric"
+    metric_exponent: float = 4.0
+    beta_a: float = 0.9
+    beta_c: float = 3.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
+        if not 0 <= self.t_min < self.t_max <= 1:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+
+
+@dataclass
+class FudokiTrainConfig:
+    """A run (the YAML file's sections). ``model``: :class:`FudokiConfig` fields except
+    ``gen_vision`` (taken from the ``vq`` folder); ``language.vocab_size`` defaults to the
+    text tokenizer's size."""
+
+    model: dict[str, Any]
+    vq: str
+    text_tokenizer: str
+    out: str
+    vision: str | None = None
+    init_from: str | None = None
+    objective: Objective = field(default_factory=Objective)
+    data: FudokiData = field(default_factory=FudokiData)
+    optim: Optim = field(default_factory=Optim)
+    log_every: int = 25
+    ckpt_every: int = 250
+    parallel: str = "none"
+    threads: int | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> FudokiTrainConfig:
+        raw = dict(raw)
+        check_config_keys(raw, cls, "config")
+        for key, sub in (("objective", Objective), ("data", FudokiData), ("optim", Optim)):
+            if key in raw:
+                if not isinstance(raw[key], dict):
+                    raise ValueError(f"{key} must be a mapping, got {raw[key]!r}")
+                check_config_keys(raw[key], sub, "config", prefix=f"{key}.")
+                raw[key] = sub(**raw[key])
+        missing = [k for k in ("model", "vq", "text_tokenizer", "out") if k not in raw]
+        if missing:
+            raise ValueError(f"the config needs {missing}")
+        return cls(**raw)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> FudokiTrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- building the model --------------------------------------------------------------------------
+def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiModel:
+    """The network of ``config.model`` around the frozen VQ (and SigLIP) weights.
+
+    Raises:
+        ValueError: a vocabulary that does not match the tokenizer, a SigLIP folder of another
+            shape, or a model config that does not build.
+    """
+    vq = VQModel.from_pretrained(config.vq)
+    model_dict = dict(config.model)
+    if "gen_vision" in model_dict:
+        raise ValueError("model.gen_vision comes from the vq folder; remove it from the config")
+    language = dict(model_dict.get("language", {}))
+    V = language.setdefault("vocab_size", tokenizer.vocab_size)
+    if tokenizer.vocab_size != V:
+        raise ValueError(
+            f"model.language.vocab_size={V} but the text tokenizer {config.text_tokenizer} has "
+            f"{tokenizer.vocab_size} tokens: the model and tokenizer vocabularies must match"
+        )
+    model_dict["language"] = language
+    model_dict["gen_vision"] = vq.config.to_dict()
+    model_dict.setdefault("image_mask_token", config.objective.kind == "masked")
+    model = FudokiModel(FudokiConfig.from_dict(model_dict))
+    model.gen_vision_model.load_state_dict(vq.state_dict())
+    model.gen_vision_model.requires_grad_(False)
+    with torch.no_grad():
+        K = vq.config.codebook_size
+        model.gen_embed.weight[:K].copy_(vq.quantize.codebook())
+    if config.vision is not None:
+        from kineflow.train.siglip import load_siglip_vision
+
+        tower = load_siglip_vision(config.vision)
+        if tower.config.to_dict() != model.config.vision.to_dict():
+            raise ValueError(
+                f"the SigLIP folder {config.vision} holds {tower.config.to_dict()}, but "
+                f"model.vision is {model.config.vision.to_dict()}"
+            )
+        model.vision_model.vision_tower.load_state_dict(tower.state_dict())
+        model.vision_model.vision_tower.requires_grad_(False)
+    return model
+
+
+def _init_from(model: FudokiModel, folder: str) -> None:
+    """Copy every shared tensor of a saved FUDOKI / AR model (same architecture) into ``model``."""
+    weights = load_file(str(Path(folder) / "model.safetensors"))
+    own = model.state_dict()
+    bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in weights and not k.startswith("gen_vision_model.")]
+    if bad or missing:
+        raise ValueError(
+            f"init_from {folder} does not fit the model: mis-shaped {bad[:5]}, missing "
+            f"{missing[:5]}"
+        )
+    model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+
+
+# -- the task -----------------------------------------------------------------------------------
+class FudokiTask:
+    """Batches and losses of :func:`train_fudoki` (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: FudokiModel,
+        tokenizer: TextTokenizer,
+        config: FudokiTrainConfig,
+        text_table: Tensor,
+        image_table: Tensor,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.world = ShapesWorld()
+        self.obj = config.objective
+        self.data = config.data
+        pcfg = self.pipeline_config()
+        self.text_path, self.image_path = make_paths(
+            pcfg, text_table, image_table, tokenizer.pad_id, model.config
+        )
+        self.num_image_tokens = model.config.image_token_count
+        self.num_patches = model.config.vision.num_patches if model.config.vision else 0
+
+    def pipeline_config(self) -> FudokiPipelineConfig:
+        o = self.obj
+        return FudokiPipelineConfig(
+            metric_exponent=o.metric_exponent,
+            beta_a=o.beta_a,
+            beta_c=o.beta_c,
+            text_budget=self.data.text_budget,
+            system_prompt="",
+            steps=16,
+            cfg_scale=3.0,
+            answer_tokens=self.data.vqa_answer_tokens,
+            path="masked" if o.kind == "masked" else "metric",
+        )
+
+    # One sample: (layout row, target ids of its region, kind, picture or None, generator).
+    def _sample(self, index: int) -> dict[str, Any]:
+        g = sample_generator(self.data.seed, index)
+        d, tok = self.data, self.tokenizer
+        understanding = self.num_patches > 0 and float(torch.rand((), generator=g)) < (
+            d.understanding_ratio
+        )
+        if not understanding:
+            item = draw_item(self.world, "t2i", d.split, index)
+            lay = text_to_image_layout(
+                tok, [item.texts["caption"]], self.num_image_tokens, d.text_budget
+            )
+            if float(torch.rand((), generator=g)) < d.cfg_dropout:
+                lay.input_ids = lay.input_ids.masked_fill(lay.prompt_span, tok.pad_id)
+            picture = render(Scene.from_key(item.scene_key), d.image_size)
+            return {"kind": "gen", "layout": lay, "picture": picture, "g": g}
+        caption = float(torch.rand((), generator=g)) < d.caption_ratio
+        task = "caption" if caption else "vqa"
+        item = draw_item(self.world, task, d.split, index)
+        question = d.caption_instruction if caption else item.texts["question"]
+        answer = item.texts["caption"] if caption else item.texts["answer"]
+        slots = d.caption_tokens if caption else d.vqa_answer_tokens
+        ids = tok.encode(answer)
+        if len(ids) >= slots:
+            raise ValueError(
+                f"a {task} answer of {len(ids)} tokens does not fit in {slots} slots (+ EOS): "
+                f"raise data.{'caption_tokens' if caption else 'vqa_answer_tokens'}"
+            )
+        lay = understanding_layout(tok, [question], self.num_patches, d.text_budget, slots, "")
+        target = torch.tensor(ids + [tok.eos_id] * (slots - len(ids)))
+        picture = render(Scene.from_key(item.scene_key), d.image_size)
+        return {"kind": "und", "layout": lay, "target": target, "picture": picture, "g": g}
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        samples = [self._sample(i) for i in indices]
+        lay = stack_layouts([s["layout"] for s in samples], self.tokenizer.pad_id)
+        gen = [s for s in samples if s["kind"] == "gen"]
+        if gen:
+            codes = self._encode([s["picture"] for s in gen])  # [G, L]
+            for s, c in zip(gen, codes, strict=True):
+                s["target"] = c
+        und = [Image.fromarray(s["picture"]) for s in samples if s["kind"] == "und"]
+        pixels = None
+        if und:
+            size = self.model.config.vision.image_size
+            pixels = preprocess_understanding(und, size)
+        x1 = lay.input_ids.clone()
+        xt = lay.input_ids.clone()
+        is_gen = torch.tensor([s["kind"] == "gen" for s in samples])
+        for b, s in enumerate(samples):
+            cols = lay.region[b].nonzero().flatten()
+            x1[b, cols] = s["target"]
+            xt[b, cols] = self._corrupt(s["target"], s["kind"], s["g"])
+        return {"layout": lay, "x1": x1, "xt": xt, "pixels": pixels, "is_gen": is_gen}
+
+    @torch.no_grad()
+    def _encode(self, pictures: list[np.ndarray]) -> Tensor:
+        """uint8 [S, S, 3] pictures -> VQ ids Long[G, L] (pixels scaled to [-1, 1])."""
+        x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return self.model.gen_vision_model.encode(x).flatten(1)
+
+    def _corrupt(self, target: Tensor, kind: str, g: torch.Generator) -> Tensor:
+        if self.obj.kind == "ar":
+            return target
+        o = self.obj
+        t = o.t_min + (o.t_max - o.t_min) * float(torch.rand((), generator=g))
+        path = self.image_path if kind == "gen" else self.text_path
+        return path.sample(target, torch.full(target.shape, t), g)
+
+    def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
+        lay: Layout = batch["layout"]
+        hidden = model(
+            batch["xt"],
+            image_mask=lay.image_mask,
+            understanding_mask=lay.understanding_mask,
+            pixel_values=batch["pixels"],
+            attention_mask=lay.attention_mask,
+            mask="causal" if self.obj.kind == "ar" else "full",
+        )
+        inner = model.module if hasattr(model, "module") else model
+        rows, cols = lay.region.nonzero(as_tuple=True)
+        h_prev = hidden[rows, cols - 1]  # shifted: position i is read from hidden i - 1
+        targets = batch["x1"][rows, cols]
+        gen_tok = batch["is_gen"][rows]
+        ce = torch.zeros(rows.numel(), device=hidden.device)
+        if gen_tok.any():
+            logits = inner.gen_head(h_prev[gen_tok])
+            ce[gen_tok] = F.cross_entropy(logits.float(), targets[gen_tok], reduction="none")
+        if (~gen_tok).any():
+            logits = inner.language_model.lm_head(h_prev[~gen_tok])
+            ce[~gen_tok] = F.cross_entropy(logits.float(), targets[~gen_tok], reduction="none")
+        B = lay.input_ids.shape[0]
+        per_sample = torch.zeros(B, device=ce.device).index_add_(0, rows, ce)
+        per_sample = per_sample / lay.region.sum(1).clamp(min=1)
+        is_gen = batch["is_gen"].to(ce.device)
+        out = {"loss": per_sample.mean()}
+        # Shares of the batch loss (they add up to it), exact under any data split.
+        out["loss_gen"] = (per_sample * is_gen).sum() / B
+        out["loss_und"] = (per_sample * ~is_gen).sum() / B
+        return out
+
+
+# -- the run ------------------------------------------------------------------------------------
+def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a training run; writes ``out/model`` (a kineflow FUDOKI folder that
+    :func:`kineflow.load` reads) and returns the loop's summary."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = TextTokenizer.load(config.text_tokenizer)
+    torch.manual_seed(config.optim.seed)
+    model = build_model(config, tokenizer)
+    if config.init_from is not None and not (out / "checkpoint").exists():
+        _init_from(model, config.init_from)
+    tables_file = out / "metric.safetensors"
+    if tables_file.is_file():
+        tables = load_file(str(tables_file))
+    else:
+        K = model.config.gen_vision.codebook_size
+        tables = {
+            "text": model.language_model.model.embed_tokens.weight.detach().clone(),
+            "image": model.gen_vision_model.quantize.codebook()[:K].detach().clone(),
+        }
+        atomic_save_safetensors(tables_file, tables)
+    task = FudokiTask(model, tokenizer, config, tables["text"], tables["image"])
+    summary = run_training(
+        task,
+        config.optim,
+        out,
+        config.to_dict(),
+        log_every=config.log_every,
+        ckpt_every=config.ckpt_every,
+        parallel=config.parallel,
+        progress=progress,
+        desc=f"train {config.objective.kind}",
+    )
+    pipeline = FudokiPipeline(
+        model, tokenizer, tables["text"], tables["image"], task.pipeline_config()
+    )
+    pipeline.save_pretrained(out / "model")
+    atomic_write_json(out / "summary.json", summary)
+    return summary

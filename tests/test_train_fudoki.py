@@ -1,0 +1,200 @@
+"""FUDOKI training: batches, the shifted region loss, objectives, resume, init, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kineflow
+from kineflow.data.shapes.dataset import corpus
+from kineflow.tokenizers.autoencoder import AutoencoderConfig
+from kineflow.tokenizers.text import train_text_tokenizer
+from kineflow.tokenizers.vq import VQConfig, VQModel
+from kineflow.train.fudoki import FudokiTask, FudokiTrainConfig, build_model, train_fudoki
+
+MODEL = {
+    "language": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "max_position_embeddings": 256},
+    "vision": {"image_size": 32, "patch_size": 16, "hidden_size": 16, "intermediate_size": 32,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "select_layer": -1},
+    "aligner_hidden": 32,
+    "gen_aligner_hidden": 32,
+    "gen_head_hidden": 24,
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(0)
+    vq = VQModel(
+        VQConfig(
+            autoencoder=AutoencoderConfig(
+                channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=8,
+                norm_groups=4,
+            ),
+            codebook_size=32,
+            codebook_dim=4,
+            image_size=32,
+        )
+    )  # fmt: skip
+    vq.save_pretrained(root / "vq")
+    train_text_tokenizer(corpus(n=200), vocab_size=400).save(root / "text")
+    return {"vq": str(root / "vq"), "text": str(root / "text")}
+
+
+def make_config(
+    assets, out: Path, kind: str = "metric", steps: int = 4, **data
+) -> FudokiTrainConfig:
+    return FudokiTrainConfig.from_dict(
+        {
+            "model": MODEL,
+            "vq": assets["vq"],
+            "text_tokenizer": assets["text"],
+            "out": str(out),
+            "objective": {"kind": kind},
+            "data": {"vqa_answer_tokens": 2, "caption_tokens": 40, "text_budget": 64, **data},
+            "optim": {"steps": steps, "batch_size": 4, "lr": 1e-3, "warmup": 1},
+            "log_every": 1,
+            "ckpt_every": 2,
+        }
+    )
+
+
+def make_task(assets, tmp_path, kind="metric", **data) -> FudokiTask:
+    from kineflow.tokenizers.text import TextTokenizer
+
+    config = make_config(assets, tmp_path, kind, **data)
+    tok = TextTokenizer.load(assets["text"])
+    model = build_model(config, tok)
+    K = model.config.gen_vision.codebook_size
+    return FudokiTask(
+        model,
+        tok,
+        config,
+        model.language_model.model.embed_tokens.weight.detach().clone(),
+        model.gen_vision_model.quantize.codebook()[:K],
+    )
+
+
+def test_loss_is_the_shifted_region_cross_entropy(assets, tmp_path) -> None:
+    task = make_task(assets, tmp_path)
+    batch = task.batch(list(range(8)))
+    lay = batch["layout"]
+    assert batch["is_gen"].any() and (~batch["is_gen"]).any()  # a mixed batch
+    # Only the region is corrupted; prompts, placeholders and padding are untouched.
+    assert torch.equal(batch["xt"][~lay.region], batch["x1"][~lay.region])
+    with torch.no_grad():
+        got = task.losses(batch, task.model)
+        model = task.model
+        hidden = model(batch["xt"], image_mask=lay.image_mask,
+                       understanding_mask=lay.understanding_mask, pixel_values=batch["pixels"],
+                       attention_mask=lay.attention_mask)  # fmt: skip
+        per_sample = []
+        for b in range(8):
+            head = model.image_logits if batch["is_gen"][b] else model.text_logits
+            logits = head(hidden[b : b + 1])[0]  # shifted: row i from hidden i - 1
+            cols = lay.region[b]
+            per_sample.append(F.cross_entropy(logits[cols], batch["x1"][b, cols]))
+    want = torch.stack(per_sample).mean()
+    torch.testing.assert_close(got["loss"], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["loss_gen"] + got["loss_und"], got["loss"])
+
+
+def test_samples_do_not_depend_on_their_batch(assets, tmp_path) -> None:
+    task = make_task(assets, tmp_path)
+    together = task.batch([3, 4, 5])
+    for k, index in enumerate([3, 4, 5]):
+        alone = task.batch([index])
+        region = together["layout"].region[k]
+        assert torch.equal(together["xt"][k][region], alone["xt"][0][alone["layout"].region[0]])
+        assert torch.equal(together["x1"][k][region], alone["x1"][0][alone["layout"].region[0]])
+
+
+def test_objectives_corrupt_as_documented(assets, tmp_path) -> None:
+    ar = make_task(assets, tmp_path, "ar").batch(list(range(6)))
+    assert torch.equal(ar["xt"], ar["x1"])  # teacher forcing
+    task = make_task(assets, tmp_path, "masked")
+    masked = task.batch(list(range(6)))
+    K = task.model.config.gen_vision.codebook_size
+    pad = task.tokenizer.pad_id
+    for b in range(6):
+        region = masked["layout"].region[b]
+        mask_id = K if masked["is_gen"][b] else pad
+        xt, x1 = masked["xt"][b][region], masked["x1"][b][region]
+        assert ((xt == x1) | (xt == mask_id)).all()
+    assert task.model.gen_embed.weight.shape[0] == K + 1  # the image mask is an input id
+    # CFG dropout: with probability 1 every generation prompt is blanked with pad.
+    dropped = make_task(assets, tmp_path, cfg_dropout=1.0).batch(list(range(6)))
+    lay = dropped["layout"]
+    for b in range(6):
+        if dropped["is_gen"][b]:
+            assert (dropped["x1"][b][lay.prompt_span[b]] == pad).all()
+
+
+def test_run_resumes_exactly_and_saves_a_loadable_model(assets, tmp_path) -> None:
+    straight = tmp_path / "straight"
+    train_fudoki(make_config(assets, straight, steps=4), progress=False)
+    resumed = tmp_path / "resumed"
+    real = FudokiTask.batch
+
+    def dies_at_step_4(self, indices):
+        if indices[0] == 3 * 4:
+            raise KeyboardInterrupt
+        return real(self, indices)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FudokiTask, "batch", dies_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            train_fudoki(make_config(assets, resumed, steps=4), progress=False)
+    train_fudoki(make_config(assets, resumed, steps=4), progress=False)
+
+    def losses(out: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 4
+    pipe = kineflow.load(straight / "model")
+    out = pipe.text_to_image(["a red circle"], steps=2, seed=0)
+    assert out.codes.shape == (1, 4, 4)
+    assert pipe.answer(out.images[0], "how many shapes are there?", steps=2).texts
+
+
+def test_ar_initialises_the_flow_model(assets, tmp_path) -> None:
+    train_fudoki(make_config(assets, tmp_path / "ar", "ar", steps=2), progress=False)
+    config = make_config(assets, tmp_path / "dfm", steps=1)
+    config.init_from = str(tmp_path / "ar" / "model")
+    config.optim.lr = 1e-12  # one step that barely moves: the weights are the AR ones
+    train_fudoki(config, progress=False)
+    ar = kineflow.load(tmp_path / "ar" / "model").model.state_dict()
+    dfm = kineflow.load(tmp_path / "dfm" / "model").model.state_dict()
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(dfm[key], ar[key], atol=1e-6, rtol=0)
+
+
+def test_config_errors(assets, tmp_path) -> None:
+    config = make_config(assets, tmp_path)
+    config.model = {**MODEL, "language": {**MODEL["language"], "vocab_size": 99}}
+    with pytest.raises(ValueError, match="vocabularies must match"):
+        train_fudoki(config, progress=False)
+    config = make_config(assets, tmp_path / "short", caption_tokens=3, caption_ratio=1.0,
+                         understanding_ratio=1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="does not fit in 3 slots"):
+        train_fudoki(config, progress=False)
+    with pytest.raises(ValueError, match=r"objective\.kind must be one of"):
+        FudokiTrainConfig.from_dict({**make_config(assets, tmp_path).to_dict(),
+                                     "objective": {"kind": "diffusion"}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['data.ratio'\]"):
+        FudokiTrainConfig.from_dict({**make_config(assets, tmp_path).to_dict(),
+                                     "data": {"ratio": 1}})  # fmt: skip
