@@ -352,6 +352,39 @@ def _run_train_fudoki(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_siglip_options(parser: argparse.ArgumentParser) -> None:
+    _train_tokenizer_options(parser)
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="text tokenizer folder for the captions (default: train one on ShapesWorld)",
+    )
+
+
+def _run_train_siglip(args: argparse.Namespace) -> int:
+    import json
+
+    from kineflow.tokenizers.text import TextTokenizer
+    from kineflow.train.siglip import SiglipTrainConfig, shapes_text_tokenizer, train_siglip
+
+    try:
+        config = SiglipTrainConfig.from_yaml(args.config)
+        if args.out is not None:
+            config.out = str(args.out)
+        if args.steps is not None:
+            config.optim.steps = args.steps
+        tokenizer = (
+            TextTokenizer.load(args.tokenizer) if args.tokenizer else shapes_text_tokenizer()
+        )
+        report = train_siglip(config, tokenizer, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def _train_options(parser: argparse.ArgumentParser) -> None:
     _subcommands(
         parser,
@@ -361,6 +394,13 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                 "train a VQ or KL-VAE image tokenizer from a YAML config (resumes from out/)",
                 _train_tokenizer_options,
                 _run_train_tokenizer,
+            ),
+            (
+                "siglip",
+                "pre-train a tiny SigLIP image encoder (sigmoid contrastive loss on ShapesWorld "
+                "picture-caption pairs) for FUDOKI's understanding path",
+                _train_siglip_options,
+                _run_train_siglip,
             ),
             (
                 "fudoki",

@@ -24,6 +24,7 @@ from kineflow.train.loop import Optim, run_training, sample_generator
 
 DIM = 6
 SEED = 3
+BATCH = 8  # the global batch
 
 
 class TinyTask:
@@ -58,7 +59,7 @@ class TinyTask:
 
 def optim(grad_accum: int = 1, steps: int = 6) -> Optim:
     # grad_clip is small enough to clip on most steps, so the clipping path matters.
-    return Optim(steps=steps, batch_size=8, lr=3e-2, warmup=2, grad_clip=0.5,
+    return Optim(steps=steps, batch_size=BATCH, lr=3e-2, warmup=2, grad_clip=0.5,
                  grad_accum=grad_accum, ema=0.5, seed=1)  # fmt: skip
 
 
@@ -68,9 +69,14 @@ def train(
     grad_accum: int = 1,
     fail_at: int | None = None,
     steps: int = 6,
+    skew_init: bool = False,
 ) -> dict[str, Tensor]:
     """Train :class:`TinyTask`; returns the final (EMA) weights of ``task.model``."""
     task = TinyTask(fail_at)
+    if skew_init and int(os.environ.get("RANK", "0")) != 0:
+        with torch.no_grad():
+            for p in task.model.parameters():
+                p.add_(1.0)
     config = {"model": {"name": "tiny-mlp", "dim": DIM}}
     run_training(task, optim(grad_accum, steps), out, config, log_every=1, ckpt_every=2,
                  parallel=parallel, progress=False)  # fmt: skip
@@ -84,6 +90,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--fail-at", type=int, default=None)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--check-refusals", action="store_true")
+    # Rank != 0 builds other initial weights: the loop must start every rank from rank 0's.
+    p.add_argument("--skew-init", action="store_true")
     args = p.parse_args(argv)
     import torch.distributed as dist
 
@@ -91,7 +100,16 @@ def main(argv: list[str]) -> None:
     if args.parallel != "none":
         dist.init_process_group("gloo")
     try:
-        weights = train(args.out, args.parallel, args.grad_accum, args.fail_at, args.steps)
+        if args.check_refusals:
+            # parallel="none" in a process group would train unsynchronised copies.
+            try:
+                run_training(TinyTask(), optim(), args.out, {"model": {}}, parallel="none")
+            except ValueError as e:
+                assert "parallel='ddp' or 'fsdp'" in str(e), e
+            else:
+                raise AssertionError("parallel='none' under torchrun was not refused")
+        weights = train(args.out, args.parallel, args.grad_accum, args.fail_at, args.steps,
+                        args.skew_init)  # fmt: skip
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(weights, Path(args.out) / "final.pt")
     finally:

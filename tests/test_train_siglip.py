@@ -167,6 +167,9 @@ def test_config_errors_name_the_key(tmp_path):
     write(data={"splitt": "train"})
     with pytest.raises(ValueError, match=r"\['data\.splitt'\]"):
         SiglipTrainConfig.from_yaml(path)
+    write(data={"split": "dev"})
+    with pytest.raises(ValueError, match=r"data\.split must be one of"):
+        SiglipTrainConfig.from_yaml(path)
     write(eval_pair=3)
     with pytest.raises(ValueError, match=r"\['eval_pair'\]"):
         SiglipTrainConfig.from_yaml(path)

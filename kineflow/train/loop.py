@@ -133,6 +133,11 @@ def _wrap(model: nn.Module, parallel: str) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    # Like DDP, every rank starts from rank 0's weights (FSDP's sync_module_states refuses
+    # CPU modules, hence the explicit broadcast).
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
     # FSDP computes on the device the weights are on (without ``device_id`` it refuses CPU).
     device = next(model.parameters()).device
     return FullyShardedDataParallel(model, use_orig_params=True, device_id=device)
@@ -282,7 +287,8 @@ def run_training(
 
     Raises:
         ValueError: a batch that does not split over processes and accumulation pieces, a
-            checkpoint of another model, ``parallel`` without ``torch.distributed``.
+            checkpoint of another model, ``parallel`` without ``torch.distributed``,
+            ``parallel="none"`` in a process group of several processes.
         FloatingPointError: a non-finite loss (the last good checkpoint is kept).
     """
     from tqdm.auto import tqdm
@@ -417,7 +423,7 @@ def run_training(
         # FSDP leaves each rank's parameters holding its shard: give task.model whole weights.
         full = _full_state_dict(model, wrapped, parallel)
         for n, p in model.named_parameters():
-            p.data = full[n].detach().clone()
+            p.data, p.grad = full[n].detach().clone(), None
     if final_ema is not None:
         with torch.no_grad():
             params_by_name = dict(model.named_parameters())

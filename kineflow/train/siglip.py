@@ -254,6 +254,14 @@ class PairData:
     seed: int = 0
     random_template: bool = True
 
+    def __post_init__(self) -> None:
+        from kineflow.data.shapes.scene import SPLITS
+
+        if self.split not in SPLITS:
+            raise ValueError(f"data.split must be one of {SPLITS}, got {self.split!r}")
+        if self.image_size not in (32, 64):
+            raise ValueError(f"data.image_size must be 32 or 64, got {self.image_size!r}")
+
 
 def shapes_pairs(data: PairData, indices: list[int]) -> tuple[Tensor, list[str], list[str]]:
     """Items ``indices`` of ``data``: pictures [n, 3, S, S] in [-1, 1], captions, scene keys."""
