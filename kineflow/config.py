@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def check_config_keys(data: Mapping[str, Any], cls: type, what: str, prefix: str = "") -> None:
@@ -20,3 +24,46 @@ def check_config_keys(data: Mapping[str, Any], cls: type, what: str, prefix: str
             f"unknown {what} key(s) {[prefix + k for k in unknown]}; "
             f"known keys are {sorted(prefix + k for k in known)}"
         )
+
+
+def build_run_config(
+    cls: type[T],
+    raw: Mapping[str, Any],
+    sections: Mapping[str, type],
+    required: tuple[str, ...],
+) -> T:
+    """A training-run config ``cls(**raw)`` whose ``sections`` (e.g. ``{"optim": Optim}``)
+    become their dataclasses; every unknown key, at the top or in a section, is named."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"a run config must be a mapping, got {raw!r}")
+    raw = dict(raw)
+    check_config_keys(raw, cls, "config")
+    for key, sub in sections.items():
+        if key in raw:
+            if not isinstance(raw[key], Mapping):
+                raise ValueError(f"{key} must be a mapping, got {raw[key]!r}")
+            check_config_keys(raw[key], sub, "config", prefix=f"{key}.")
+            raw[key] = sub(**raw[key])
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise ValueError(f"the config needs {missing}")
+    return cls(**raw)
+
+
+def load_yaml_config(cls: type[T], path: str | os.PathLike[str]) -> T:
+    """``cls.from_dict`` of a YAML file; every error names the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    try:
+        return cls.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -39,3 +39,12 @@ class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
 
 def _is_tensor(x: object) -> bool:
     return isinstance(x, torch.Tensor)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread: small models gain nothing from more, and CI shares cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

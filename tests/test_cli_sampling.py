@@ -25,12 +25,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return pipe.save_pretrained(root / "tiny")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generate_writes_pictures_and_gifs(checkpoint: Path, tmp_path: Path, capsys) -> None:

@@ -18,12 +18,7 @@ from kineflow.tokenizers.text import BOI, EOI, IMAGE
 P, L = 4, 16  # understanding placeholders, generation image tokens of the tiny model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

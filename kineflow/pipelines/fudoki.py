@@ -341,12 +341,11 @@ class FudokiPipeline:
         w = self.config.cfg_scale if cfg_scale is None else float(cfg_scale)
         if not w >= 0:
             raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
-        fn, clock = self._model_fn(layout, "image", cfg_scale=w)
         run = self._solve(
             layout,
-            self.image_path,
-            fn,
-            clock,
+            "image",
+            w,
+            None,
             steps,
             temperature,
             top_k,
@@ -451,12 +450,11 @@ class FudokiPipeline:
         return_trajectory: bool,
         progress: bool,
     ) -> TextResult:
-        fn, clock = self._model_fn(layout, "text", cfg_scale=0.0, features=features)
         run = self._solve(
             layout,
-            self.text_path,
-            fn,
-            clock,
+            "text",
+            0.0,
+            features,
             steps,
             temperature,
             top_k,
@@ -542,9 +540,9 @@ class FudokiPipeline:
     def _solve(
         self,
         layout: Layout,
-        path: DiscretePath,
-        fn: Callable[[Tensor, Tensor], Tensor],
-        clock: _Clock,
+        head: str,
+        cfg_scale: float,
+        features: Tensor | None,
         steps: int | None,
         temperature: float,
         top_k: int | None,
@@ -553,6 +551,9 @@ class FudokiPipeline:
         return_trajectory: bool,
         progress: bool,
     ) -> dict[str, Any]:
+        """Sample the layout's region with the ``head`` ("image" / "text") path and logits."""
+        path = self.image_path if head == "image" else self.text_path
+        fn, clock = self._model_fn(layout, head, cfg_scale, features)
         if generator is None:
             generator = torch.Generator(self.device)
             if seed is None:

@@ -36,12 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kineflow.config import check_config_keys
+from kineflow.config import build_run_config, load_yaml_config
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
@@ -130,34 +129,12 @@ class FudokiTrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> FudokiTrainConfig:
-        raw = dict(raw)
-        check_config_keys(raw, cls, "config")
-        for key, sub in (("objective", Objective), ("data", FudokiData), ("optim", Optim)):
-            if key in raw:
-                if not isinstance(raw[key], dict):
-                    raise ValueError(f"{key} must be a mapping, got {raw[key]!r}")
-                check_config_keys(raw[key], sub, "config", prefix=f"{key}.")
-                raw[key] = sub(**raw[key])
-        missing = [k for k in ("model", "vq", "text_tokenizer", "out") if k not in raw]
-        if missing:
-            raise ValueError(f"the config needs {missing}")
-        return cls(**raw)
+        sections = {"objective": Objective, "data": FudokiData, "optim": Optim}
+        return build_run_config(cls, raw, sections, ("model", "vq", "text_tokenizer", "out"))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> FudokiTrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        try:
-            return cls.from_dict(raw)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from None
+        return load_yaml_config(cls, path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -39,10 +39,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
-from kineflow.config import check_config_keys
+from kineflow.config import build_run_config, load_yaml_config
 from kineflow.io import atomic_write_json, load_pretrained, save_pretrained_folder
 from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
 from kineflow.tokenizers.text import TextTokenizer
@@ -351,36 +350,12 @@ class SiglipTrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> SiglipTrainConfig:
-        if not isinstance(raw, dict):
-            raise ValueError(f"a SigLIP training config must be a mapping, got {raw!r}")
-        raw = dict(raw)
-        check_config_keys(raw, cls, "config")
-        for key, sub in (("data", PairData), ("optim", Optim)):
-            if key in raw:
-                if not isinstance(raw[key], dict):
-                    raise ValueError(f"{key} must be a mapping, got {raw[key]!r}")
-                check_config_keys(raw[key], sub, "config", prefix=f"{key}.")
-                raw[key] = sub(**raw[key])
-        missing = [k for k in ("model", "out") if k not in raw]
-        if missing:
-            raise ValueError(f"the config needs {missing} (model: the SigLIP + text tower shape)")
-        return cls(**raw)
+        sections = {"data": PairData, "optim": Optim}
+        return build_run_config(cls, raw, sections, ("model", "out"))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> SiglipTrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        try:
-            return cls.from_dict(raw)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from None
+        return load_yaml_config(cls, path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from kineflow.config import check_config_keys
+from kineflow.config import build_run_config, load_yaml_config
 from kineflow.io import atomic_write_json
 from kineflow.train.loop import Optim, run_training
 
@@ -70,35 +69,14 @@ class TokenizerTrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> TokenizerTrainConfig:
-        raw = dict(raw)
-        check_config_keys(raw, cls, "config")
-        for key, sub in (("data", ImageData), ("optim", Optim)):
-            if key in raw:
-                if not isinstance(raw[key], dict):
-                    raise ValueError(f"{key} must be a mapping, got {raw[key]!r}")
-                check_config_keys(raw[key], sub, "config", prefix=f"{key}.")
-                raw[key] = sub(**raw[key])
-        if "model" not in raw or "out" not in raw:
-            raise ValueError("the config needs 'model' (with a 'type') and 'out'")
-        if not isinstance(raw["model"], dict) or raw["model"].get("type") not in ("vq", "kl"):
+        config = build_run_config(cls, raw, {"data": ImageData, "optim": Optim}, ("model", "out"))
+        if not isinstance(config.model, dict) or config.model.get("type") not in ("vq", "kl"):
             raise ValueError("model.type must be 'vq' or 'kl'")
-        return cls(**raw)
+        return config
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> TokenizerTrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        try:
-            return cls.from_dict(raw)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from None
+        return load_yaml_config(cls, path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
