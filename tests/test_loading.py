@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import kineflow
 from kineflow import loading
 from kineflow.models.fudoki import FudokiModel
+from kineflow.pipelines import FudokiPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +69,7 @@ def test_janus_release_loads_every_tensor(tmp_path: Path, weights: str) -> None:
 
 def test_metric_tables_provenance(janus: tuple[Path, FudokiModel], tmp_path: Path) -> None:
     folder, model = janus
-    pipe = kineflow.load(folder)
+    pipe = FudokiPipeline.from_pretrained(folder)
     assert "equals language_model.model.embed_tokens.weight" in pipe.provenance["text"]
     assert "equals gen_vision_model.quantize.embedding.weight" in pipe.provenance["image"]
     torch.testing.assert_close(pipe.text_embeddings, model.language_model.model.embed_tokens.weight)

@@ -613,6 +613,19 @@ class FudokiPipeline:
         return save_pretrained_folder(folder, self.model.state_dict(), config, KIND)
 
     @classmethod
+    def from_pretrained(
+        cls,
+        name: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> FudokiPipeline:
+        """:func:`kineflow.load` (a Janus / FUDOKI release, a kineflow folder or a hub id)."""
+        from kineflow.loading import load
+
+        return load(name, device=device, dtype=dtype)
+
+    @classmethod
     def from_kineflow_folder(cls, folder: str | os.PathLike[str]) -> FudokiPipeline:
         """Read what :meth:`save_pretrained` wrote (see :func:`kineflow.load`)."""
         folder = Path(folder)
