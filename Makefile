@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) bench/solver_speed.py
 	$(PY) bench/solver_quality.py
 	$(PY) bench/detector_robustness.py
+	$(PY) bench/inference.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check kineflow tests bench

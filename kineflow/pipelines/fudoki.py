@@ -406,10 +406,14 @@ class FudokiPipeline:
         layout = understanding_layout(
             self.tokenizer, questions, vision.num_patches, c.text_budget, answer_tokens, system
         ).to(self.device)
+        start = time.perf_counter()
         features = self.model.encode_images(pixels.to(self.device, self.dtype))
-        return self._generate_text(
+        encode_s = time.perf_counter() - start
+        result = self._generate_text(
             layout, features, steps, 1.0, 1, seed, generator, return_trajectory, progress
         )
+        result.timings["encode_s"] = encode_s  # SigLIP + aligner, once per call
+        return result
 
     @torch.no_grad()
     def generate_text(
