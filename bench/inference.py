@@ -79,12 +79,8 @@ One JSON object goes to stdout (and ``--out``), progress to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -106,6 +102,15 @@ from kineflow.pipelines import FudokiPipeline, FudokiPipelineConfig
 from kineflow.tokenizers.autoencoder import AutoencoderConfig
 from kineflow.tokenizers.text import TextTokenizer, train_text_tokenizer
 from kineflow.tokenizers.vq import VQConfig
+
+# bench/ holds scripts, not a package: make the shared helpers importable however we are run.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import (
+    high_water_bytes,
+    release_free_memory,
+    reset_high_water_mark,
+    rss_bytes,
+)
 
 MIB = float(1 << 20)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -210,37 +215,6 @@ def questions_for(batch: int, image_size: int) -> tuple[list, list[str]]:
 
 
 # -- memory (see the module docstring) ------------------------------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _high_water_bytes() -> tuple[int, str]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "VmHWM"
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _release_free_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -249,7 +223,7 @@ def _sync(device: torch.device) -> None:
 def measure_peak(call: Callable[[], Any], device: torch.device) -> tuple[Any, float, dict]:
     """Run ``call`` once; its result, its wall time and its peak memory beyond what was
     allocated before it."""
-    _release_free_memory()
+    release_free_memory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -268,13 +242,13 @@ def measure_peak(call: Callable[[], Any], device: torch.device) -> tuple[Any, fl
                 "peak_method": "cuda_max_allocated - allocated_before",
             },
         )
-    reset = _reset_high_water_mark()
-    rss_before = _rss_bytes()
-    high_before, _ = _high_water_bytes()
+    reset = reset_high_water_mark()
+    rss_before = rss_bytes()
+    high_before, _ = high_water_bytes()
     start = time.perf_counter()
     result = call()
     wall = time.perf_counter() - start
-    high_after, counter = _high_water_bytes()
+    high_after, counter = high_water_bytes()
     return (
         result,
         wall,
@@ -334,12 +308,12 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
     load_start = round(os.getloadavg()[0], 2)
-    _release_free_memory()
-    rss0 = _rss_bytes()
+    release_free_memory()
+    rss0 = rss_bytes()
     tokenizer = TextTokenizer.load(spec["tokenizer"])
     pipe, info = build_pipeline(spec["model"], tokenizer, device, dtype, spec["seed"])
-    _release_free_memory()
-    info["model_rss_mib"] = round((_rss_bytes() - rss0) / MIB, 1)
+    release_free_memory()
+    info["model_rss_mib"] = round((rss_bytes() - rss0) / MIB, 1)
     if device.type == "cuda":
         info["model_cuda_allocated_mib"] = round(torch.cuda.memory_allocated(device) / MIB, 1)
     log(f"  built {spec['model']} model: {info}")

@@ -97,8 +97,6 @@ object goes to stdout, progress to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import math
@@ -119,6 +117,15 @@ from torch import Tensor
 
 from kineflow.flow import EulerSolver, MetricPath
 from kineflow.flow.sampling import categorical, sample_logits
+
+# bench/ holds scripts, not a package: make the shared helpers importable however we are run.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import (
+    high_water_bytes,
+    release_free_memory,
+    reset_high_water_mark,
+    rss_bytes,
+)
 
 IMPLEMENTATIONS = ("reference", "kineflow_euler", "kineflow_integrated")
 A, C, EXPONENT = 0.9, 3.0, 4.0
@@ -399,41 +406,9 @@ def sampler_comparison(logits: Tensor, rows: int = 1024, repeats: int = 3) -> di
 
 
 # -- measurement in a fresh process -------------------------------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _high_water_bytes() -> tuple[int, str]:
-    """The resident high-water mark of this process's address space, and where it was read."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "VmHWM"
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _release_free_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def measure_peak(step: Callable[[], object], device: torch.device) -> dict:
     """Peak memory of one call of ``step`` beyond what is allocated before it (see top)."""
-    _release_free_memory()
+    release_free_memory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -442,11 +417,11 @@ def measure_peak(step: Callable[[], object], device: torch.device) -> dict:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         return {"peak_step_mib": round(peak / MIB, 1), "peak_method": "cuda_max_allocated"}
-    reset = _reset_high_water_mark()
-    rss_before = _rss_bytes()
-    high_before, _ = _high_water_bytes()
+    reset = reset_high_water_mark()
+    rss_before = rss_bytes()
+    high_before, _ = high_water_bytes()
     step()
-    high_after, counter = _high_water_bytes()
+    high_after, counter = high_water_bytes()
     return {
         "peak_step_mib": round(max(0, high_after - rss_before) / MIB, 1),
         "rss_before_mib": round(rss_before / MIB, 1),
