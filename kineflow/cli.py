@@ -314,20 +314,29 @@ def _train_tokenizer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _train_config(args: argparse.Namespace, cls: type):
+    """The run config of ``--config`` with ``--out`` / ``--steps`` applied; None (the error
+    printed) when the file is missing or invalid."""
+    try:
+        config = cls.from_yaml(args.config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return None
+    if args.out is not None:
+        config.out = str(args.out)
+    if args.steps is not None:
+        config.optim.steps = args.steps
+    return config
+
+
 def _run_train_tokenizer(args: argparse.Namespace) -> int:
     import json
 
     from kineflow.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
-    try:
-        config = TokenizerTrainConfig.from_yaml(args.config)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
+    config = _train_config(args, TokenizerTrainConfig)
+    if config is None:
         return 2
-    if args.out is not None:
-        config.out = str(args.out)
-    if args.steps is not None:
-        config.optim.steps = args.steps
     report = train_tokenizer(config, progress=not args.no_progress)
     print(json.dumps(report, indent=1))
     return 0
@@ -338,12 +347,10 @@ def _run_train_fudoki(args: argparse.Namespace) -> int:
 
     from kineflow.train.fudoki import FudokiTrainConfig, train_fudoki
 
+    config = _train_config(args, FudokiTrainConfig)
+    if config is None:
+        return 2
     try:
-        config = FudokiTrainConfig.from_yaml(args.config)
-        if args.out is not None:
-            config.out = str(args.out)
-        if args.steps is not None:
-            config.optim.steps = args.steps
         summary = train_fudoki(config, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}")
@@ -368,12 +375,10 @@ def _run_train_siglip(args: argparse.Namespace) -> int:
     from kineflow.tokenizers.text import TextTokenizer
     from kineflow.train.siglip import SiglipTrainConfig, shapes_text_tokenizer, train_siglip
 
+    config = _train_config(args, SiglipTrainConfig)
+    if config is None:
+        return 2
     try:
-        config = SiglipTrainConfig.from_yaml(args.config)
-        if args.out is not None:
-            config.out = str(args.out)
-        if args.steps is not None:
-            config.optim.steps = args.steps
         tokenizer = (
             TextTokenizer.load(args.tokenizer) if args.tokenizer else shapes_text_tokenizer()
         )
