@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict(weights: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(weights, nn.Module):
+        weights = weights.state_dict()
     # safetensors refuses shared storage; checkpoints hold plain contiguous copies.
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().contiguous().clone() for k, v in weights.items()}
 
 
 def save_checkpoint(
     folder: str | os.PathLike[str],
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     config: dict,
     trainer_state: dict[str, Any],
 ) -> Path:
-    """Write a checkpoint folder atomically (see the module docstring); returns its path."""
+    """Write a checkpoint folder atomically (see the module docstring); returns its path.
+    ``model`` is the module or its (e.g. gathered FSDP) state dict."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():

@@ -411,7 +411,7 @@ def run_training(
                     trainer_state["ema"] = _full_ema(ema, model, wrapped, parallel)
                 weights = _full_state_dict(model, wrapped, parallel)
                 if rank == 0:
-                    save_checkpoint(ckpt, _StateHolder(weights), dict(config), trainer_state)
+                    save_checkpoint(ckpt, weights, dict(config), trainer_state)
                 if world > 1:
                     dist.barrier()
     finally:
@@ -436,14 +436,3 @@ def run_training(
         "last": last,
         "optim": asdict(optim),
     }
-
-
-class _StateHolder(nn.Module):
-    """Presents a gathered state dict to :func:`save_checkpoint` as if it were a module."""
-
-    def __init__(self, weights: Mapping[str, Tensor]) -> None:
-        super().__init__()
-        self._weights = dict(weights)
-
-    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:  # type: ignore[override]
-        return self._weights
