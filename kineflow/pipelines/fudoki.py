@@ -357,12 +357,14 @@ class FudokiPipeline:
         h, w_ = self.model.gen_vision_model.tokens_shape(self.model.config.gen_vision.image_size)
         start = time.perf_counter()
         codes = run["samples"].reshape(-1, h, w_)
-        images = self._decode_images(codes)
         trajectory = states = None
         if return_trajectory:
-            states = run["states"]  # [n + 1, B, L]
+            states = run["states"]  # [n + 1, B, L]; the last state is the result
             frames = [self._decode_images(s.reshape(-1, h, w_)) for s in states]
+            images = frames[-1]
             trajectory = [[frames[k][b] for k in range(len(frames))] for b in range(len(images))]
+        else:
+            images = self._decode_images(codes)
         run["timings"]["decode_s"] = time.perf_counter() - start
         return ImageResult(images, codes.cpu(), trajectory, states, run["timings"])
 
