@@ -93,11 +93,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--check-refusals", action="store_true")
     # Rank != 0 builds other initial weights: the loop must start every rank from rank 0's.
     p.add_argument("--skew-init", action="store_true")
+    # As `torchrun -m kineflow train ...`: nobody but run_training joins the process group.
+    p.add_argument("--loop-joins", action="store_true")
     args = p.parse_args(argv)
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    if args.parallel != "none":
+    if args.parallel != "none" and not args.loop_joins:
         dist.init_process_group("gloo")
     try:
         if args.check_refusals:
@@ -110,6 +112,10 @@ def main(argv: list[str]) -> None:
                 raise AssertionError("parallel='none' under torchrun was not refused")
         weights = train(args.out, args.parallel, args.grad_accum, args.fail_at, args.steps,
                         args.skew_init)  # fmt: skip
+        if dist.is_initialized():
+            # Tearing gloo down while the peer is still in its last collective aborts the
+            # process ("terminate called without an active exception"): meet first.
+            dist.barrier()
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(weights, Path(args.out) / "final.pt")
     finally:

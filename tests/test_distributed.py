@@ -101,6 +101,13 @@ def test_ddp_two_processes_match_one(reference, ddp_run):
 
 
 @needs_gloo
+def test_run_training_joins_torchruns_group_itself(tmp_path, reference):
+    """Launched by torchrun with no init_process_group of its own (the CLI's case)."""
+    run_ok(tmp_path, "ddp", "--steps", str(STEPS), "--loop-joins")
+    assert_same_run(metrics(tmp_path), final_weights(tmp_path), *reference)
+
+
+@needs_gloo
 def test_fsdp_two_processes_match_one(tmp_path, reference):
     run_ok(tmp_path, "fsdp", "--steps", str(STEPS), "--skew-init")
     assert_same_run(metrics(tmp_path), final_weights(tmp_path), *reference)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -119,6 +120,18 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _join_process_group(parallel: str) -> bool:
+    """Under torchrun (``WORLD_SIZE`` set) join its process group if nobody has yet, as
+    ``kineflow train ... `` launched by torchrun needs: gloo on CPU, NCCL with CUDA. Returns
+    whether this call created the group (then :func:`run_training` also ends it)."""
+    if parallel == "none" or "WORLD_SIZE" not in os.environ:
+        return False
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def _wrap(model: nn.Module, parallel: str) -> nn.Module:
@@ -291,10 +304,34 @@ def run_training(
             ``parallel="none"`` in a process group of several processes.
         FloatingPointError: a non-finite loss (the last good checkpoint is kept).
     """
-    from tqdm.auto import tqdm
-
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    owns_group = _join_process_group(parallel)
+    try:
+        result = _run(task, optim, Path(out), config, log_every, ckpt_every, parallel, progress,
+                      desc, on_log)  # fmt: skip
+        if owns_group:
+            dist.barrier()  # gloo aborts the process when a peer leaves mid-collective
+        return result
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _run(
+    task: Task,
+    optim: Optim,
+    out: Path,
+    config: Mapping[str, Any],
+    log_every: int,
+    ckpt_every: int,
+    parallel: str,
+    progress: bool,
+    desc: str,
+    on_log: Callable[[dict[str, float]], None] | None,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     rank, world = _world()
     if parallel == "none" and world > 1:
         # Every process would train its own copy on its share and write the same files.
@@ -309,7 +346,6 @@ def run_training(
             f"{optim.grad_accum} accumulation piece(s)"
         )
     piece = share // optim.grad_accum
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = task.model
     ckpt = out / "checkpoint"
