@@ -172,7 +172,10 @@ def test_ar_initialises_the_flow_model(assets, tmp_path) -> None:
     config.init_from = str(tmp_path / "ar" / "model")
     config.optim.lr = 1e-12  # one step that barely moves: the weights are the AR ones
     train_fudoki(config, progress=False)
-    ar = kineflow.load(tmp_path / "ar" / "model").model.state_dict()
+    ar_pipe = kineflow.load(tmp_path / "ar" / "model")
+    assert ar_pipe.config.path == "ar"  # an AR run samples left to right with a KV cache
+    assert ar_pipe.text_to_image(["a red circle"], seed=0).timings["nfe"] == 16
+    ar = ar_pipe.model.state_dict()
     dfm = kineflow.load(tmp_path / "dfm" / "model").model.state_dict()
     key = "language_model.model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(dfm[key], ar[key], atol=1e-6, rtol=0)

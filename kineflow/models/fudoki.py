@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from kineflow.config import check_config_keys
 from kineflow.io import check_state_dict
-from kineflow.models.llama import LlamaConfig, LlamaModel
+from kineflow.models.llama import KVCache, LlamaConfig, LlamaModel
 from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
 from kineflow.tokenizers.vq import VQConfig, VQModel
 
@@ -598,12 +598,14 @@ class FudokiModel(nn.Module):
         mask: str = "full",
         prefix_lengths: Tensor | None = None,
         position_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Tensor:
         """Final hidden states ``[B, N, D]`` of the backbone over :meth:`embed`'s inputs.
 
         ``attention_mask [B, N]`` marks real tokens; ``mask`` is ``"full"`` (FUDOKI,
         bidirectional), ``"causal"`` (Janus AR) or ``"prefix"`` (with ``prefix_lengths``).
-        Feed the result to :meth:`text_logits` / :meth:`image_logits`.
+        Feed the result to :meth:`text_logits` / :meth:`image_logits`. With ``kv_cache`` the
+        inputs are the tokens after the cached ones (incremental AR decoding).
         """
         embeds = self.embed(
             input_ids,
@@ -619,6 +621,7 @@ class FudokiModel(nn.Module):
             mask=mask,
             prefix_lengths=prefix_lengths,
             position_ids=position_ids,
+            kv_cache=kv_cache,
         )
 
     def text_logits(self, hidden: Tensor, shift: bool = True) -> Tensor:

@@ -16,6 +16,10 @@ every step. Tokens outside the region never change, so this is exact, and the so
 the head's logits scale with the region, not with the sequence.
 
 Understanding features (SigLIP + aligner) are computed once per call, not once per step.
+
+``path="ar"`` reads the same network causally and fills the region left to right with a KV
+cache instead (:mod:`kineflow.pipelines.autoregressive`): the AR baseline, sampled with the
+same layouts, guidance and tokenizer.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from kineflow.flow import EulerSolver, MaskedPath, MetricPath, classifier_free_g
 from kineflow.flow.path import DiscretePath
 from kineflow.io import atomic_save_safetensors, load_pretrained_folder, save_pretrained_folder
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
+from kineflow.pipelines.autoregressive import decode_autoregressive
 from kineflow.pipelines.images import load_image, preprocess_understanding, save_gif, save_strip
 from kineflow.pipelines.layout import (
     Layout,
@@ -62,7 +67,7 @@ JANUS_SYSTEM_PROMPT = (
     "language."
 )
 KIND = "fudoki"
-PATHS = ("metric", "masked")
+PATHS = ("metric", "masked", "ar")
 ImageInput = str | os.PathLike[str] | Image.Image
 METRIC_FILE = "metric.safetensors"
 
@@ -79,7 +84,8 @@ class FudokiPipelineConfig:
     ``answer_tokens``: defaults of the sampling calls (``answer_tokens=None``: the official
     layout, answers fill the text budget). ``path``: ``"metric"`` (FUDOKI) or ``"masked"``
     (the absorbing-state baseline: text mask = the pad token, image mask = the extra image id
-    ``K`` of a model built with ``image_mask_token``).
+    ``K`` of a model built with ``image_mask_token``) or ``"ar"`` (the autoregressive
+    baseline: causal attention, left-to-right decoding with a KV cache; ``steps`` is unused).
     """
 
     metric_exponent: float = 4.0
@@ -136,12 +142,14 @@ def make_paths(
     image_embeddings: Tensor,
     pad_id: int,
     model_config: FudokiConfig,
-) -> tuple[DiscretePath, DiscretePath]:
+) -> tuple[DiscretePath, DiscretePath] | tuple[None, None]:
     """The text and image paths of ``config.path`` (shared by sampling and training).
 
     metric: ``softmax(−β_t ‖ê_x − ê_y‖^p)`` over each table; masked: absorbing paths whose
-    masks are the pad token (text) and the extra image id ``K``.
+    masks are the pad token (text) and the extra image id ``K``; ar: none (no corruption).
     """
+    if config.path == "ar":
+        return None, None
     if config.path == "metric":
         return tuple(
             MetricPath.from_embeddings(t, config.metric_exponent, config.beta_a, config.beta_c)
@@ -305,8 +313,9 @@ class FudokiPipeline:
         ):
             raise ValueError("device 'cuda' was asked for but torch finds no CUDA device")
         self.model.to(device=device, dtype=dtype)
-        self.text_path.to(self.device)
-        self.image_path.to(self.device)
+        for path in (self.text_path, self.image_path):
+            if path is not None:
+                path.to(self.device)
         return self
 
     @property
@@ -558,8 +567,6 @@ class FudokiPipeline:
         progress: bool,
     ) -> dict[str, Any]:
         """Sample the layout's region with the ``head`` ("image" / "text") path and logits."""
-        path = self.image_path if head == "image" else self.text_path
-        fn, clock = self._model_fn(layout, head, cfg_scale, features)
         if generator is None:
             generator = torch.Generator(self.device)
             if seed is None:
@@ -568,6 +575,13 @@ class FudokiPipeline:
                 generator.manual_seed(int(seed))
         elif seed is not None:
             raise ValueError("pass seed or generator, not both")
+        if self.config.path == "ar":
+            return self._decode_ar(
+                layout, head, cfg_scale, features, temperature, top_k, generator,
+                return_trajectory, progress,
+            )  # fmt: skip
+        path = self.image_path if head == "image" else self.text_path
+        fn, clock = self._model_fn(layout, head, cfg_scale, features)
         steps = self.config.steps if steps is None else steps
         lo, hi = layout.window
         region = layout.region[:, lo:hi]
@@ -595,6 +609,41 @@ class FudokiPipeline:
         out: dict[str, Any] = {"samples": result.samples, "timings": timings}
         if return_trajectory:
             out["states"] = result.states
+        return out
+
+    def _decode_ar(
+        self,
+        layout: Layout,
+        head: str,
+        cfg_scale: float,
+        features: Tensor | None,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator,
+        return_trajectory: bool,
+        progress: bool,
+    ) -> dict[str, Any]:
+        start = time.perf_counter()
+        run = decode_autoregressive(
+            self.model,
+            layout,
+            head,
+            pad_id=self.tokenizer.pad_id,
+            cfg_scale=cfg_scale,
+            features=features,
+            stop_id=self.tokenizer.eos_id if head == "text" else None,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+            return_trajectory=return_trajectory,
+            progress=progress,
+        )
+        total = time.perf_counter() - start
+        timings = {"nfe": float(run["nfe"]), "model_s": run["model_s"]}
+        timings["solver_s"] = total - run["model_s"]
+        out: dict[str, Any] = {"samples": run["samples"], "timings": timings}
+        if return_trajectory:
+            out["states"] = run["states"]
         return out
 
     def _decode_images(self, codes: Tensor) -> list[Image.Image]:

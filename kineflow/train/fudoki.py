@@ -232,7 +232,7 @@ class FudokiTask:
             steps=16,
             cfg_scale=3.0,
             answer_tokens=self.data.vqa_answer_tokens,
-            path="masked" if o.kind == "masked" else "metric",
+            path=o.kind,  # the objective names its sampler: metric / masked / ar
         )
 
     # One sample: (layout row, target ids of its region, kind, picture or None, generator).

@@ -1,0 +1,153 @@
+"""AR baseline decoding: KV cache vs full re-runs vs one causal forward, EOS handling, pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from janus_fixture import janus_tokenizer, random_model, tiny_config
+from PIL import Image
+
+from kineflow.flow import classifier_free_guidance
+from kineflow.pipelines import FudokiPipeline, FudokiPipelineConfig
+from kineflow.pipelines.autoregressive import decode_autoregressive
+from kineflow.pipelines.images import preprocess_understanding
+from kineflow.pipelines.layout import text_to_image_layout, understanding_layout
+
+P, L = 4, 16  # understanding placeholders, generation image tokens of the tiny model
+PROMPTS = ["a red circle", "two green triangles left of a yellow circle", "a blue square"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pipe() -> FudokiPipeline:
+    tok = janus_tokenizer()
+    model = random_model(tiny_config(tok.vocab_size + 10)).double()
+    config = FudokiPipelineConfig(text_budget=48, system_prompt="", path="ar")
+    return FudokiPipeline(
+        model,
+        tok,
+        model.language_model.model.embed_tokens.weight,
+        model.gen_vision_model.quantize.embedding.weight,
+        config,
+    )
+
+
+def image_layout(pipe):
+    return text_to_image_layout(pipe.tokenizer, PROMPTS, L, text_budget=48)
+
+
+def vqa_inputs(pipe, answer_tokens=6):
+    pictures = [Image.new("RGB", (16, 16), c) for c in ("red", "blue", "green")]
+    lay = understanding_layout(
+        pipe.tokenizer, ["what colour?", "how many shapes are there?", "is it round?"],
+        P, 48, answer_tokens, "",
+    )  # fmt: skip
+    pixels = preprocess_understanding(pictures, pipe.model.config.vision.image_size)
+    return lay, pipe.model.encode_images(pixels.double())
+
+
+@pytest.mark.parametrize("cfg", [0.0, 3.0])
+def test_kv_cache_equals_full_reruns(pipe, cfg) -> None:
+    lay = image_layout(pipe)
+
+    def run(cache: bool) -> dict:
+        g = torch.Generator().manual_seed(7)
+        return decode_autoregressive(
+            pipe.model, lay, "image", pad_id=pipe.tokenizer.pad_id, cfg_scale=cfg, generator=g,
+            use_cache=cache,
+        )  # fmt: skip
+
+    runs = [run(True), run(False)]
+    assert torch.equal(runs[0]["samples"], runs[1]["samples"])
+    assert runs[0]["nfe"] == runs[1]["nfe"] == L  # the prefix pass draws the first token
+
+
+def test_each_token_is_the_argmax_of_one_causal_forward(pipe) -> None:
+    """Greedy guided decoding, checked against a single causal forward over the result."""
+    lay, w = image_layout(pipe), 2.0
+    run = decode_autoregressive(
+        pipe.model, lay, "image", pad_id=pipe.tokenizer.pad_id, cfg_scale=w, top_k=1
+    )
+    lo, hi = lay.window
+    ids = lay.input_ids.clone()
+    ids[:, lo:hi] = run["samples"]
+    uncond = ids.masked_fill(lay.prompt_span, pipe.tokenizer.pad_id)
+    logits = []
+    for x in (ids, uncond):
+        hidden = pipe.model(
+            x, image_mask=lay.image_mask, attention_mask=lay.attention_mask, mask="causal"
+        )
+        logits.append(pipe.model.image_logits(hidden)[:, lo:hi])
+    assert torch.equal(classifier_free_guidance(*logits, w).argmax(-1), run["samples"])
+
+
+def test_text_with_understanding_features_and_eos(pipe) -> None:
+    lay, features = vqa_inputs(pipe)
+    tok = pipe.tokenizer
+
+    def run(cache: bool) -> dict:
+        return decode_autoregressive(
+            pipe.model, lay, "text", pad_id=tok.pad_id, features=features, stop_id=tok.eos_id,
+            top_k=1, use_cache=cache,
+        )  # fmt: skip
+
+    runs = [run(True), run(False)]
+    assert torch.equal(runs[0]["samples"], runs[1]["samples"])
+    # Reference: one causal forward over the answer, greedy at each slot until EOS.
+    lo, hi = lay.window
+    ids = lay.input_ids.clone()
+    ids[:, lo:hi] = runs[0]["samples"]
+    hidden = pipe.model(
+        ids, understanding_mask=lay.understanding_mask, understanding_features=features,
+        attention_mask=lay.attention_mask, mask="causal",
+    )  # fmt: skip
+    greedy = pipe.model.text_logits(hidden)[:, lo:hi].argmax(-1)
+    for b, row in enumerate(runs[0]["samples"].tolist()):
+        n = row.index(tok.eos_id) + 1 if tok.eos_id in row else len(row)
+        assert row[:n] == greedy[b, :n].tolist()
+        assert all(t == tok.eos_id for t in row[n:])
+
+
+def test_stops_once_every_row_has_emitted_eos(pipe) -> None:
+    """A head rigged to always say EOS: one forward, every slot EOS."""
+    lay, features = vqa_inputs(pipe, answer_tokens=8)
+    tok = pipe.tokenizer
+
+    def always_eos(module, inputs, logits):
+        return logits.index_fill(-1, torch.tensor([tok.eos_id]), 1e4)
+
+    hook = pipe.model.language_model.lm_head.register_forward_hook(always_eos)
+    try:
+        run = decode_autoregressive(
+            pipe.model, lay, "text", pad_id=tok.pad_id, features=features, stop_id=tok.eos_id,
+            top_k=1, return_trajectory=True,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert run["nfe"] == 1  # the prefix pass drew EOS for every row: nothing left to run
+    lo, hi = lay.window
+    samples = run["samples"]
+    assert (samples[lay.region[:, lo:hi]] == tok.eos_id).all()
+    assert run["states"].shape[1:] == samples.shape
+    assert torch.equal(run["states"][-1], samples)
+
+
+def test_pipeline_ar_path(pipe) -> None:
+    out = pipe.text_to_image(PROMPTS[:2], cfg_scale=2.0, seed=3, return_trajectory=True)
+    assert out.codes.shape == (2, 4, 4) and len(out.images) == 2
+    assert out.timings["nfe"] == L and out.timings["model_s"] > 0
+    assert len(out.trajectory[0]) == L + 1  # empty canvas, then one frame per token
+    again = pipe.text_to_image(PROMPTS[:2], cfg_scale=2.0, seed=3)
+    assert torch.equal(out.codes, again.codes)
+    answers = pipe.answer([Image.new("RGB", (20, 12), "red")], "what colour?", answer_tokens=4)
+    assert len(answers.texts) == 1 and isinstance(answers.texts[0], str)
+    assert answers.timings["nfe"] <= 4
+
+
+def test_bad_arguments(pipe) -> None:
+    lay = image_layout(pipe)
+    with pytest.raises(ValueError, match="head must be"):
+        decode_autoregressive(pipe.model, lay, "audio", pad_id=0)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        decode_autoregressive(pipe.model, lay, "image", pad_id=0, cfg_scale=-1.0)
