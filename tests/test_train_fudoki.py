@@ -167,7 +167,10 @@ def test_run_resumes_exactly_and_saves_a_loadable_model(assets, tmp_path) -> Non
 
 
 def test_ar_initialises_the_flow_model(assets, tmp_path) -> None:
-    train_fudoki(make_config(assets, tmp_path / "ar", "ar", steps=2), progress=False)
+    ar_config = make_config(assets, tmp_path / "ar", "ar", steps=2)
+    ar_config.export_steps = [1]  # the AR half of an equal-compute AR -> DFM run
+    train_fudoki(ar_config, progress=False)
+    half = kineflow.load(tmp_path / "ar" / "model_step1").model.state_dict()
     config = make_config(assets, tmp_path / "dfm", steps=1)
     config.init_from = str(tmp_path / "ar" / "model")
     config.optim.lr = 1e-12  # one step that barely moves: the weights are the AR ones
@@ -179,6 +182,7 @@ def test_ar_initialises_the_flow_model(assets, tmp_path) -> None:
     dfm = kineflow.load(tmp_path / "dfm" / "model").model.state_dict()
     key = "language_model.model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(dfm[key], ar[key], atol=1e-6, rtol=0)
+    assert not torch.equal(half[key], ar[key])  # step 1 of 2, exported mid-run
 
 
 def test_config_errors(assets, tmp_path) -> None:
@@ -190,6 +194,8 @@ def test_config_errors(assets, tmp_path) -> None:
                          understanding_ratio=1.0)  # fmt: skip
     with pytest.raises(ValueError, match="does not fit in 3 slots"):
         train_fudoki(config, progress=False)
+    with pytest.raises(ValueError, match="export_steps must be steps"):
+        FudokiTrainConfig.from_dict({**config.to_dict(), "export_steps": [0]})
     with pytest.raises(ValueError, match=r"objective\.kind must be one of"):
         FudokiTrainConfig.from_dict({**make_config(assets, tmp_path).to_dict(),
                                      "objective": {"kind": "diffusion"}})  # fmt: skip

@@ -126,6 +126,15 @@ class FudokiTrainConfig:
     ckpt_every: int = 250
     parallel: str = "none"
     threads: int | None = None
+    export_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        steps = self.optim.steps
+        bad = [s for s in self.export_steps if not isinstance(s, int) or not 0 < s <= steps]
+        if bad:
+            raise ValueError(
+                f"export_steps must be steps in [1, optim.steps={self.optim.steps}], got {bad}"
+            )
 
     @classmethod
     def from_dict(cls, raw: dict) -> FudokiTrainConfig:
@@ -338,9 +347,14 @@ class FudokiTask:
 
 
 # -- the run ------------------------------------------------------------------------------------
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; writes ``out/model`` (a kineflow FUDOKI folder that
-    :func:`kineflow.load` reads) and returns the loop's summary."""
+    :func:`kineflow.load` reads), ``out/model_step{s}`` for each of ``export_steps``, and
+    returns the loop's summary."""
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
@@ -361,6 +375,21 @@ def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, 
         }
         atomic_save_safetensors(tables_file, tables)
     task = FudokiTask(model, tokenizer, config, tables["text"], tables["image"])
+
+    def pipeline() -> FudokiPipeline:
+        return FudokiPipeline(
+            model, tokenizer, tables["text"], tables["image"], task.pipeline_config()
+        )
+
+    def export(done: int) -> None:
+        # The live (not EMA) weights, e.g. the AR half of an AR -> DFM run at equal compute.
+        if done in config.export_steps and _rank() == 0:
+            training = model.training
+            pipeline().save_pretrained(out / f"model_step{done}")
+            model.train(training)
+
+    if config.export_steps and config.parallel == "fsdp":
+        raise ValueError("export_steps needs whole weights on every process: not with FSDP")
     summary = run_training(
         task,
         config.optim,
@@ -371,10 +400,8 @@ def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, 
         parallel=config.parallel,
         progress=progress,
         desc=f"train {config.objective.kind}",
+        on_step=export,
     )
-    pipeline = FudokiPipeline(
-        model, tokenizer, tables["text"], tables["image"], task.pipeline_config()
-    )
-    pipeline.save_pretrained(out / "model")
+    pipeline().save_pretrained(out / "model")
     atomic_write_json(out / "summary.json", summary)
     return summary

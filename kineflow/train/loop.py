@@ -291,9 +291,12 @@ def run_training(
     progress: bool = True,
     desc: str = "train",
     on_log: Callable[[dict[str, float]], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``task.model`` in place (see the module docstring); returns a summary dict.
 
+    ``on_log(row)`` sees every metrics row; ``on_step(done)`` runs on every process after each
+    optimizer step (and its checkpoint), e.g. to export the weights at given steps.
     ``config`` is the run's full config (saved in every checkpoint; resuming with a different
     ``config["model"]`` is refused). With an EMA, ``task.model`` holds the EMA weights on
     return.
@@ -309,7 +312,7 @@ def run_training(
     owns_group = _join_process_group(parallel)
     try:
         result = _run(task, optim, Path(out), config, log_every, ckpt_every, parallel, progress,
-                      desc, on_log)  # fmt: skip
+                      desc, on_log, on_step)  # fmt: skip
         if owns_group:
             dist.barrier()  # gloo aborts the process when a peer leaves mid-collective
         return result
@@ -329,6 +332,7 @@ def _run(
     progress: bool,
     desc: str,
     on_log: Callable[[dict[str, float]], None] | None,
+    on_step: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -450,6 +454,8 @@ def _run(
                     save_checkpoint(ckpt, weights, dict(config), trainer_state)
                 if world > 1:
                     dist.barrier()
+            if on_step is not None:
+                on_step(done)
     finally:
         if metrics is not None:
             metrics.close()
