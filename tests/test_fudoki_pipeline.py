@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from janus_fixture import janus_tokenizer, random_model, tiny_config
@@ -256,3 +257,23 @@ def test_vocab_and_table_checks(pipe: FudokiPipeline) -> None:
     model = random_model(tiny_config(tok.vocab_size))
     with pytest.raises(ValueError, match=r"image metric table has shape \(63, 4\)"):
         FudokiPipeline(model, tok, torch.randn(tok.vocab_size, 4), torch.randn(63, 4))
+
+
+def test_masked_path_trajectory_shows_masked_cells_grey() -> None:
+    tok = janus_tokenizer()
+    config = tiny_config(tok.vocab_size + 10)
+    config.image_mask_token = True
+    model = random_model(config)
+    masked = FudokiPipeline(
+        model,
+        tok,
+        model.language_model.model.embed_tokens.weight,
+        model.gen_vision_model.quantize.embedding.weight,
+        FudokiPipelineConfig(text_budget=48, steps=4, system_prompt="", path="masked"),
+    )
+    out = masked.text_to_image(["a red circle"], seed=0, return_trajectory=True)
+    K = config.gen_vision.codebook_size
+    assert (out.states[0] == K).all() and (out.states[-1] < K).all()
+    first = np.asarray(out.trajectory[0][0])
+    assert np.abs(first.astype(int) - 127).max() <= 1  # every cell still masked: all grey
+    assert (out.codes < K).all()

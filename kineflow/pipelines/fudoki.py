@@ -647,7 +647,14 @@ class FudokiPipeline:
         return out
 
     def _decode_images(self, codes: Tensor) -> list[Image.Image]:
-        pixels = self.model.gen_vision_model.decode(codes)
+        """Long[B, h, w] -> pictures; the masked path's mask id ``K`` (only in trajectory
+        states) is drawn as a mid-grey cell."""
+        masked = codes >= self.model.config.gen_vision.codebook_size
+        pixels = self.model.gen_vision_model.decode(codes.masked_fill(masked, 0))
+        if bool(masked.any()):
+            cell = pixels.shape[-1] // codes.shape[-1]
+            cells = masked.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+            pixels = pixels.masked_fill(cells[:, None], 0.0)  # 0 in [-1, 1] is mid grey
         return [tensor_to_image(p.float().cpu()) for p in pixels]
 
     # -- checkpoints ----------------------------------------------------------------------------
