@@ -574,6 +574,64 @@ def _run_answer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=Path("configs/reproduce.yaml"), help="reproduction YAML"
+    )
+    parser.add_argument("--out", type=output_dir, default=None, help="override the config's out")
+    parser.add_argument(
+        "--steps", type=int_in_range(2, 10**9), default=None, help="override N (steps per model)"
+    )
+    parser.add_argument(
+        "--ship", type=Path, default=None, help="copy the FUDOKI checkpoint to this folder"
+    )
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from kineflow.reproduce import ReproduceConfig, reproduce
+
+    try:
+        config = ReproduceConfig.from_yaml(args.config)
+        if args.out is not None:
+            config.out = str(args.out)
+        if args.steps is not None:
+            config.steps = args.steps
+        if args.ship is not None:
+            config.ship = str(args.ship)
+        reproduce(config)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}")
+        return 2
+    return 0
+
+
+def _plot_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="metrics.jsonl files or the run folders holding them"
+    )
+    parser.add_argument(
+        "--keys", nargs="+", default=["loss"], help="metrics to plot, one panel each"
+    )
+    parser.add_argument("--out", type=Path, default=Path("loss.png"), help="PNG to write")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from kineflow.eval.plot import plot_metrics, read_metrics
+
+    runs = {}
+    try:
+        for path in args.runs:
+            file = path / "metrics.jsonl" if path.is_dir() else path
+            name = str(file.parent) if file.name == "metrics.jsonl" else str(path)
+            runs[name] = read_metrics(file)
+        written = plot_metrics(runs, args.keys, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    print(written)
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: ``options`` adds its arguments, ``handler`` runs it."""
@@ -630,6 +688,24 @@ COMMANDS: tuple[Command, ...] = (
         description="Training, e.g. 'kineflow train tokenizer --config configs/vq_shapes.yaml'.",
         options=_train_options,
         handler=lambda args: 2,
+    ),
+    Command(
+        name="reproduce",
+        help="the whole ShapesWorld reproduction: tokenizers, encoders, 4 models, results",
+        description="Train the VQ tokenizer, text tokenizer and SigLIP encoder, then the AR "
+        "baseline, FUDOKI from scratch, FUDOKI from AR and the masked baseline at equal "
+        "compute, evaluate them and write results.md / results.json with figures. Re-running "
+        "continues an interrupted run.",
+        options=_reproduce_options,
+        handler=_run_reproduce,
+    ),
+    Command(
+        name="plot",
+        help="plot training curves from metrics.jsonl files",
+        description="'kineflow plot outputs/run_a outputs/run_b --keys loss loss_gen' draws "
+        "one panel per metric, one line per run.",
+        options=_plot_options,
+        handler=_run_plot,
     ),
     Command(
         name="eval",

@@ -1,0 +1,459 @@
+"""``kineflow reproduce``: the ShapesWorld reproduction, end to end, on a CPU.
+
+Stages (a stage whose output is complete is skipped; an interrupted trainer resumes from its
+checkpoint, so re-running the command continues where it stopped)::
+
+    text tokenizer   byte-level BPE on the ShapesWorld corpus             out/text_tokenizer
+    vq, siglip       VQ image tokenizer; tiny SigLIP encoder              out/vq, out/siglip
+    ar               AR baseline, N steps; exports its weights at N/2     out/ar
+    fudoki           FUDOKI (metric path) from scratch, N steps           out/fudoki
+    masked           masked-path baseline, N steps                        out/masked
+    fudoki_from_ar   FUDOKI for N/2 steps from the AR weights at N/2      out/fudoki_from_ar
+    evaluation       ShapesWorld generation (per category, held-out compositions), VQA and
+                     captioning; sample grids, refinement GIFs, self-correction statistics
+    results          out/results.json, out/results.md, out/figures/, and optionally the FUDOKI
+                     checkpoint copied to ``ship``
+
+Every model trains on the same batches for the same number of optimizer steps of the same
+network (equal training compute); ``fudoki_from_ar`` splits its N steps into N/2 AR + N/2 DFM.
+Training jobs run as ``kineflow train`` subprocesses, ``jobs`` at a time, each with
+``cpu_count // jobs`` threads (two one-thread jobs use a 2-core CPU better than one two-thread
+job); their logs are in out/logs/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kineflow.config import build_run_config, load_yaml_config
+from kineflow.io import atomic_write, atomic_write_json
+
+__all__ = ["RUNS", "EvalSettings", "ReproduceConfig", "reproduce", "write_results"]
+
+#: The compared models: name -> (objective, label).
+RUNS: dict[str, tuple[str, str]] = {
+    "ar": ("ar", "AR baseline (causal, KV-cache decoding)"),
+    "fudoki": ("metric", "FUDOKI, metric path, from scratch"),
+    "fudoki_from_ar": ("metric", "FUDOKI, metric path, N/2 AR + N/2 DFM"),
+    "masked": ("masked", "masked-path baseline"),
+}
+#: The GenEval-style categories, in table order.
+CATEGORIES = ("single", "two", "counting", "colors", "position", "color_attr")
+
+
+@dataclass
+class EvalSettings:
+    """How each model is evaluated (the same for all)."""
+
+    steps: int = 16
+    cfg_scale: float = 3.0
+    max_prompts_per_category: int = 24
+    images_per_prompt: int = 2
+    vqa_items: int = 300
+    caption_items: int = 100
+    trajectories: int = 48
+    grid_prompts_per_category: int = 2
+    grid_samples: int = 4
+    seed: int = 0
+
+
+@dataclass
+class ReproduceConfig:
+    """The reproduction run (``configs/reproduce.yaml``).
+
+    ``vq``, ``siglip``, ``model``: the stage configs (their ``out`` is replaced by a folder of
+    ``out``); ``vq_steps`` / ``siglip_steps`` override their step counts when set. ``steps``: N,
+    the optimizer steps of every compared model. ``runs``: which of :data:`RUNS` to train.
+    """
+
+    out: str = "outputs/reproduce"
+    vq: str = "configs/vq_shapes.yaml"
+    siglip: str = "configs/siglip_shapes.yaml"
+    model: str = "configs/fudoki_shapes.yaml"
+    text_vocab_size: int = 512
+    text_corpus_items: int = 2000
+    vq_steps: int | None = None
+    siglip_steps: int | None = None
+    steps: int = 3000
+    runs: list[str] = field(default_factory=lambda: list(RUNS))
+    jobs: int = 2
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    ship: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.runs if r not in RUNS]
+        if unknown or not self.runs:
+            raise ValueError(f"runs must be a non-empty subset of {list(RUNS)}, got {self.runs}")
+        if "fudoki_from_ar" in self.runs and "ar" not in self.runs:
+            raise ValueError("fudoki_from_ar starts from the AR run: add 'ar' to runs")
+        for name in ("steps", "jobs", "text_vocab_size", "text_corpus_items"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.steps < 2:
+            raise ValueError(f"steps must be >= 2 (the AR -> DFM run splits it), got {self.steps}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ReproduceConfig:
+        return build_run_config(cls, raw, {"eval": EvalSettings}, ())
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> ReproduceConfig:
+        return load_yaml_config(cls, path)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- training jobs ------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    name: str
+    kind: str  # the `kineflow train` subcommand
+    config: dict[str, Any]
+    done_file: Path
+    needs: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
+
+
+def _yaml_dict(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config must be a mapping")
+    return data
+
+
+def _jobs(config: ReproduceConfig, out: Path, threads: int) -> list[_Job]:
+    vq = _yaml_dict(config.vq) | {"out": str(out / "vq"), "threads": threads}
+    if config.vq_steps is not None:
+        vq["optim"] = {**vq.get("optim", {}), "steps": config.vq_steps}
+    siglip = _yaml_dict(config.siglip) | {"out": str(out / "siglip"), "threads": threads}
+    if config.siglip_steps is not None:
+        siglip["optim"] = {**siglip.get("optim", {}), "steps": config.siglip_steps}
+    jobs = [
+        _Job("vq", "tokenizer", vq, out / "vq" / "eval.json"),
+        _Job("siglip", "siglip", siglip, out / "siglip" / "eval.json",
+             extra_args=("--tokenizer", str(out / "text_tokenizer"))),
+    ]  # fmt: skip
+    base = _yaml_dict(config.model)
+    base |= {
+        "vq": str(out / "vq" / "model"),
+        "vision": str(out / "siglip" / "vision"),
+        "text_tokenizer": str(out / "text_tokenizer"),
+        "threads": threads,
+    }
+    N = config.steps
+    for name in config.runs:
+        run = json.loads(json.dumps(base))
+        run["out"] = str(out / name)
+        run["objective"] = {**run.get("objective", {}), "kind": RUNS[name][0]}
+        run["optim"] = {**run.get("optim", {}), "steps": N}
+        needs: tuple[str, ...] = ("vq", "siglip")
+        if name == "ar" and "fudoki_from_ar" in config.runs:
+            run["export_steps"] = [N // 2]
+        if name == "fudoki_from_ar":
+            run["init_from"] = str(out / "ar" / f"model_step{N // 2}")
+            run["optim"]["steps"] = N - N // 2
+            needs = ("ar",)
+        jobs.append(_Job(name, "fudoki", run, out / name / "summary.json", needs))
+    return jobs
+
+
+def _run_jobs(jobs: list[_Job], out: Path, parallel: int, threads: int, log: Callable) -> dict:
+    """Run the jobs' ``kineflow train`` subprocesses, ``parallel`` at a time, in dependency
+    order; returns each job's wall seconds (0 when it was already done)."""
+    import yaml
+
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    seconds = {j.name: 0.0 for j in jobs if j.done_file.is_file()}
+    pending = [j for j in jobs if j.name not in seconds]
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    while pending or running:
+        for job in list(pending):
+            if len(running) >= parallel:
+                break
+            if all(n in seconds for n in job.needs):
+                path = out / "configs" / f"{job.name}.yaml"
+                atomic_write(path, lambda t, c=job.config: t.write_text(yaml.safe_dump(c)))
+                cmd = [sys.executable, "-m", "kineflow", "train", job.kind, "--config", str(path),
+                       "--no-progress", *job.extra_args]  # fmt: skip
+                handle = (out / "logs" / f"{job.name}.log").open("a")
+                log(f"start {job.name}: {' '.join(cmd[1:])}")
+                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                running[job.name] = (proc, time.perf_counter(), handle)
+                pending.remove(job)
+        if not running:
+            blocked = [j.name for j in pending]
+            raise RuntimeError(f"jobs {blocked} wait for jobs that did not finish")
+        time.sleep(0.5)
+        for name, (proc, start, handle) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            handle.close()
+            del running[name]
+            if proc.returncode != 0:
+                for other, _, h in running.values():
+                    other.terminate()
+                    h.close()
+                tail = (out / "logs" / f"{name}.log").read_text().splitlines()[-15:]
+                raise RuntimeError(
+                    f"training job {name!r} failed (exit {proc.returncode}); see "
+                    f"{out / 'logs' / f'{name}.log'}:\n" + "\n".join(tail)
+                )
+            seconds[name] = time.perf_counter() - start
+            log(f"done  {name} in {seconds[name] / 60:.1f} min")
+    return seconds
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def _evaluate(name: str, out: Path, settings: EvalSettings, log: Callable) -> dict[str, Any]:
+    """Scores, sample grid, refinement GIFs and self-correction statistics of one run."""
+    import numpy as np
+
+    import kineflow
+    from kineflow.data.shapes.prompts import passes, prompt_set
+    from kineflow.eval.detector import detect
+    from kineflow.eval.model_shapes import evaluate_model, summary
+    from kineflow.eval.self_correction import picture_corrections, token_revisions
+    from kineflow.eval.shapes import contact_sheet
+    from kineflow.pipelines.images import save_gif, save_strip
+
+    s = settings
+    pipe = kineflow.load(out / name / "model")
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    report = evaluate_model(
+        pipe,
+        images_per_prompt=s.images_per_prompt,
+        max_prompts_per_category=s.max_prompts_per_category,
+        vqa_items=s.vqa_items,
+        caption_items=s.caption_items,
+        steps=s.steps,
+        cfg_scale=s.cfg_scale,
+        seed=s.seed,
+        progress=False,
+    )
+    result = summary(report)
+    result["eval_seconds"] = time.perf_counter() - start
+
+    # Sample grid: the first prompts of every category (test), then held-out ones.
+    test = prompt_set("test")
+    chosen = [p for c in CATEGORIES for p in [q for q in test if q.category == c][
+        : s.grid_prompts_per_category]]  # fmt: skip
+    chosen += prompt_set("heldout")[: s.grid_prompts_per_category]
+    texts = [p.text for p in chosen for _ in range(s.grid_samples)]
+    images = pipe.text_to_image(texts, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed).images
+    pictures = [np.asarray(im) for im in images]
+    verdicts = [passes(p, sc) for p, sc in zip(
+        [p for p in chosen for _ in range(s.grid_samples)], detect(np.stack(pictures)),
+        strict=True)]  # fmt: skip
+    labels = [t if k % s.grid_samples == 0 else "" for k, t in enumerate(texts)]
+    sheet = contact_sheet(pictures, verdicts, labels, columns=s.grid_samples * 2, scale=3)
+    sheet.save(figures / f"{name}_samples.png")
+
+    # Refinement GIFs and self-correction on test prompts (trajectories of every sample).
+    rng = np.random.default_rng(s.seed)
+    traj_prompts = [test[i] for i in rng.choice(len(test), size=s.trajectories, replace=False)]
+    run = pipe.text_to_image([p.text for p in traj_prompts], steps=s.steps,
+                             cfg_scale=s.cfg_scale, seed=s.seed + 1,
+                             return_trajectory=True)  # fmt: skip
+    for b in range(2):
+        save_gif(run.trajectory[b], figures / f"{name}_refine_{b}.gif", scale=4)
+        frames = run.trajectory[b]
+        keep = sorted({round(k * (len(frames) - 1) / 8) for k in range(9)})
+        save_strip([frames[k] for k in keep], figures / f"{name}_refine_{b}.png", scale=3)
+    correction = {"tokens": token_revisions(run.states)}
+    if pipe.config.path != "ar":  # a half-drawn AR canvas always "fails": not comparable
+        pics = picture_corrections(traj_prompts, run.trajectory)
+        correction["pictures"] = pics
+        if pics["examples"]:
+            ex = pics["examples"][0]
+            frames = run.trajectory[ex["sample"]]
+            save_gif(frames, figures / f"{name}_corrected.gif", scale=4)
+            save_strip(frames, figures / f"{name}_corrected.png", scale=3)
+    result["self_correction"] = correction
+    result["path"] = pipe.config.path
+    result["parameters"] = sum(p.numel() for p in pipe.model.parameters())
+    log(f"eval  {name}: {json.dumps({k: v for k, v in result.items() if k != 'self_correction'})}")
+    return result
+
+
+# -- results ------------------------------------------------------------------------------------
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def write_results(results: dict[str, Any], out: Path) -> Path:
+    """``out/results.json`` (everything) and ``out/results.md`` (tables, targets, figures)."""
+    atomic_write_json(out / "results.json", results)
+    runs = results["runs"]
+    steps = results["config"]["steps"]
+    lines = [
+        "# ShapesWorld reproduction",
+        "",
+        f"Every model: the same network ({_params(runs)} parameters with the frozen VQ and "
+        f"SigLIP), {steps} optimizer steps of the same batches (equal training compute; "
+        "`fudoki_from_ar` = the AR run's weights at N/2, then N/2 DFM steps). Generation is "
+        "scored by the ShapesWorld detector (GenEval-style rules); sampling: "
+        f"{results['config']['eval']['steps']} Euler steps for the flow models, one step per "
+        f"token for AR, CFG w = {results['config']['eval']['cfg_scale']}.",
+        "",
+        "| model | gen overall | " + " | ".join(CATEGORIES) + " | held-out | VQA | caption "
+        "exact | caption parse | train min |",
+        "|---" * (len(CATEGORIES) + 7) + "|",
+    ]
+    for name, r in runs.items():
+        cats = r["t2i_test"]["by_category"]
+        row = [f"`{name}`", _fmt(r["t2i_test"]["overall"])]
+        row += [_fmt(cats.get(c)) for c in CATEGORIES]
+        row += [_fmt(r["t2i_heldout"]["overall"]), _fmt(r["vqa"]["accuracy"]),
+                _fmt(r["caption"]["accuracy"]), _fmt(r["caption"]["parse_rate"]),
+                f"{results['train_seconds'].get(name, 0) / 60:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Targets (tiny FUDOKI = `fudoki`)", ""]
+    for t in results["targets"]:
+        verdict = "met" if t["met"] else f"missed by {t['gap']:.3f}"
+        lines.append(f"- {t['what']}: **{_fmt(t['value'])}** (target {t['target']}): {verdict}")
+    lines += ["", "## Self-correction", "",
+              "A token is *set* when it first leaves its source value (mask or uniform draw); "
+              "*revised* when it changes again later. A picture is *corrected* when a frame in "
+              "the second half of its trajectory fails its prompt and the final picture passes.",
+              "", "| model | tokens revised after being set | set to a non-final value | "
+              "changes per token | pictures corrected | pictures broken |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in runs.items():
+        tok = r["self_correction"]["tokens"]
+        pics = r["self_correction"].get("pictures")
+        cells = [f"`{name}`", _fmt(tok["revised_fraction"]),
+                 _fmt(tok["set_value_wrong_fraction"]), f"{tok['mean_changes_per_token']:.2f}",
+                 f"{pics['corrected']}/{pics['samples']}" if pics else "–",
+                 f"{pics['broken']}/{pics['samples']}" if pics else "–"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    example = next((
+        (n, r["self_correction"]["pictures"]["examples"][0]) for n, r in runs.items()
+        if r["self_correction"].get("pictures", {}).get("examples")), None)  # fmt: skip
+    if example:
+        n, ex = example
+        lines += ["", f"Example (`{n}`): \"{ex['prompt']}\": frame {ex['failed_frame']} of "
+                  f"{ex['frames']} failed ({'; '.join(ex['failures'])}); the final picture "
+                  f"passes. ![corrected](figures/{n}_corrected.gif) "
+                  f"![strip](figures/{n}_corrected.png)"]  # fmt: skip
+    lines += ["", "## Samples and refinement", ""]
+    for name in runs:
+        lines += [f"### `{name}`", "", f"![samples](figures/{name}_samples.png)", "",
+                  f"![refine](figures/{name}_refine_0.gif) ![refine](figures/{name}_refine_1.gif)"
+                  f" ![strip](figures/{name}_refine_0.png)", ""]  # fmt: skip
+    lines += ["## Training curves", "", "![loss](figures/loss.png)", ""]
+    path = out / "results.md"
+    atomic_write(path, lambda t: t.write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def _params(runs: dict[str, Any]) -> str:
+    counts = {r["parameters"] for r in runs.values()}
+    return "/".join(f"{c / 1e6:.2f} M" for c in sorted(counts))
+
+
+def _targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
+    if "fudoki" not in runs:
+        return []
+    f = runs["fudoki"]
+    gen, vqa = f["t2i_test"]["overall"], f["vqa"]["accuracy"]
+    targets = [
+        {"what": "generation overall", "value": gen, "target": ">= 0.70", "met": gen >= 0.70,
+         "gap": 0.70 - gen},
+        {"what": "VQA accuracy", "value": vqa, "target": ">= 0.85", "met": vqa >= 0.85,
+         "gap": 0.85 - vqa},
+    ]  # fmt: skip
+    if "ar" in runs:
+        a = runs["ar"]
+        for what, mine, theirs in (
+            ("generation: FUDOKI − AR", gen, a["t2i_test"]["overall"]),
+            ("VQA: FUDOKI − AR", vqa, a["vqa"]["accuracy"]),
+        ):
+            d = mine - theirs
+            targets.append({"what": what, "value": d, "target": ">= -0.05", "met": d >= -0.05,
+                            "gap": -0.05 - d})  # fmt: skip
+    return targets
+
+
+# -- the whole run ------------------------------------------------------------------------------
+def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage (see the module docstring); returns the results dict."""
+    from kineflow.data.shapes.dataset import corpus
+    from kineflow.eval.plot import plot_metrics, read_metrics
+    from kineflow.tokenizers.text import train_text_tokenizer
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    threads = max(1, (os.cpu_count() or 1) // config.jobs)
+    jobs = _jobs(config, out, threads)  # reads the stage configs first: fail before training
+    if not (out / "text_tokenizer" / "tokenizer.json").is_file():
+        tokenizer = train_text_tokenizer(
+            corpus(n=config.text_corpus_items), vocab_size=config.text_vocab_size
+        )
+        tokenizer.save(out / "text_tokenizer")
+        log(f"text tokenizer: {tokenizer.vocab_size} tokens")
+    train_seconds = _run_jobs(jobs, out, config.jobs, threads, log)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    evals = {}
+    for name in config.runs:
+        path = out / name / "eval.json"
+        if path.is_file():
+            evals[name] = json.loads(path.read_text())
+        else:
+            evals[name] = _evaluate(name, out, config.eval, log)
+            atomic_write_json(path, evals[name])
+    curves = {name: read_metrics(out / name / "metrics.jsonl") for name in config.runs}
+    plot_metrics(curves, ["loss", "loss_gen", "loss_und"], out / "figures" / "loss.png")
+    results = {
+        "config": config.to_dict(),
+        "train_seconds": train_seconds,
+        "runs": evals,
+        "targets": _targets(evals),
+        "stages": {
+            "vq": json.loads((out / "vq" / "eval.json").read_text()),
+            "siglip": json.loads((out / "siglip" / "eval.json").read_text()),
+        },
+    }
+    if config.ship:
+        results["shipped"] = ship(out / "fudoki" / "model", Path(config.ship))
+    results["wall_seconds_this_call"] = time.perf_counter() - t0
+    write_results(results, out)
+    log(f"results: {out / 'results.md'}")
+    return results
+
+
+def ship(model: Path, dest: Path) -> dict[str, Any]:
+    """Copy a trained model folder to ``dest`` (replacing it whole); returns its size."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(model, tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    return {"path": str(dest), "bytes": size}

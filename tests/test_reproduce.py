@@ -1,0 +1,169 @@
+"""`kineflow reproduce` end to end at toy size, plus its pieces: self-correction statistics
+and the training-curve plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from kineflow.cli import main
+from kineflow.data.shapes.prompts import prompt_set, scene_for_prompt
+from kineflow.data.shapes.render import render_image
+from kineflow.data.shapes.scene import ShapesWorld
+from kineflow.eval.plot import plot_metrics, read_metrics
+from kineflow.eval.self_correction import picture_corrections, token_revisions
+from kineflow.reproduce import ReproduceConfig
+
+VISION = {"image_size": 32, "patch_size": 16, "hidden_size": 16, "intermediate_size": 32,
+          "num_hidden_layers": 1, "num_attention_heads": 2}  # fmt: skip
+
+
+def write_stage_configs(root: Path) -> dict[str, str]:
+    vq = {
+        "model": {"type": "vq", "image_size": 32, "channels": 8, "channel_mult": [1, 2, 2, 2],
+                  "num_res_blocks": 1, "z_channels": 8, "norm_groups": 4, "codebook_size": 32,
+                  "codebook_dim": 4},
+        "data": {"source": "shapes", "split": "train", "image_size": 32},
+        "optim": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup": 1},
+        "out": "unused", "eval_images": 8,
+    }  # fmt: skip
+    siglip = {
+        "model": {**VISION, "embed_dim": 16, "text_width": 16, "text_layers": 1,
+                  "text_heads": 2, "text_max_len": 48},
+        "optim": {"steps": 2, "batch_size": 8, "lr": 1e-3, "warmup": 1},
+        "out": "unused", "eval_pairs": 8,
+    }  # fmt: skip
+    model = {
+        "model": {
+            "language": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                         "num_attention_heads": 4, "max_position_embeddings": 256},
+            "vision": {**VISION, "select_layer": -1},
+            "aligner_hidden": 32, "gen_aligner_hidden": 32, "gen_head_hidden": 24,
+        },
+        "vq": "set by reproduce", "text_tokenizer": "set by reproduce", "out": "unused",
+        "data": {"vqa_answer_tokens": 2, "caption_tokens": 40, "text_budget": 64},
+        "optim": {"batch_size": 4, "lr": 1e-3, "warmup": 1},
+        "log_every": 1, "ckpt_every": 1,
+    }  # fmt: skip
+    paths = {}
+    for name, data in (("vq", vq), ("siglip", siglip), ("model", model)):
+        paths[name] = str(root / f"{name}.yaml")
+        Path(paths[name]).write_text(yaml.safe_dump(data))
+    return paths
+
+
+def test_reproduce_end_to_end(tmp_path, capsys) -> None:
+    stages = write_stage_configs(tmp_path)
+    config = {
+        **stages,
+        "out": str(tmp_path / "run"),
+        "text_corpus_items": 100,
+        "steps": 2,
+        "jobs": 2,
+        "eval": {"steps": 2, "max_prompts_per_category": 1, "images_per_prompt": 1,
+                 "vqa_items": 4, "caption_items": 2, "trajectories": 2,
+                 "grid_prompts_per_category": 1, "grid_samples": 1},
+    }  # fmt: skip
+    (tmp_path / "reproduce.yaml").write_text(yaml.safe_dump(config))
+    ship = tmp_path / "shipped"
+    args = ["reproduce", "--config", str(tmp_path / "reproduce.yaml"), "--ship", str(ship)]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["runs"]) == {"ar", "fudoki", "fudoki_from_ar", "masked"}
+    for name, r in results["runs"].items():
+        assert r["t2i_test"]["n"] > 0 and r["vqa"]["n"] == 4 and r["caption"]["n"] == 2
+        assert (run / "figures" / f"{name}_samples.png").is_file()
+        assert (run / "figures" / f"{name}_refine_0.gif").is_file()
+        revisions = r["self_correction"]["tokens"]["revised_fraction"]
+        if name in ("ar", "masked"):
+            assert revisions == 0  # a revealed / decoded token never moves again
+    assert results["runs"]["ar"]["path"] == "ar" and results["runs"]["masked"]["path"] == "masked"
+    # Equal compute: the AR -> DFM run starts from the AR weights at N/2 and trains N/2 steps.
+    from_ar = yaml.safe_load((run / "configs" / "fudoki_from_ar.yaml").read_text())
+    assert from_ar["init_from"].endswith("model_step1") and from_ar["optim"]["steps"] == 1
+    assert (run / "ar" / "model_step1" / "config.json").is_file()
+    md = (run / "results.md").read_text()
+    assert "| `fudoki` |" in md and "Targets" in md and "Self-correction" in md
+    assert (run / "figures" / "loss.png").is_file()
+    assert results["shipped"]["bytes"] > 0 and (ship / "model.safetensors").is_file()
+    import kineflow
+
+    assert kineflow.load(ship).config.path == "metric"
+    # A second call finds every stage done and only rewrites the results.
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "start" not in capsys.readouterr().out
+
+
+def test_reproduce_config_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="runs must be"):
+        ReproduceConfig(runs=["gpt"])
+    with pytest.raises(ValueError, match="add 'ar'"):
+        ReproduceConfig(runs=["fudoki_from_ar"])
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['eval.stepz'\]"):
+        ReproduceConfig.from_dict({"eval": {"stepz": 3}})
+    assert main(["reproduce", "--config", str(tmp_path / "nope.yaml")]) == 2
+
+
+# -- self-correction statistics -----------------------------------------------------------------
+def test_token_revisions_on_a_handmade_trajectory() -> None:
+    # Rows: time; columns: four tokens of one sample.
+    states = torch.tensor([
+        [5, 1, 4, 9],
+        [5, 2, 4, 9],
+        [7, 3, 4, 8],
+        [7, 3, 4, 9],
+    ])[:, None, :]  # fmt: skip
+    stats = token_revisions(states)
+    # token 0: set once (5 -> 7); token 1: set to 2, revised to 3; token 2: never set;
+    # token 3: set to 8, revised back to 9 (its start value).
+    assert stats["revised_fraction"] == 0.5
+    assert stats["set_value_wrong_fraction"] == 0.5
+    assert stats["never_set_fraction"] == 0.25
+    assert stats["mean_changes_per_token"] == (1 + 2 + 0 + 2) / 4
+    assert stats["settled_fraction"] == [0.5, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="states must be"):
+        token_revisions(states[:1])
+
+
+def test_picture_corrections_counts_a_fixed_mistake() -> None:
+    prompts = prompt_set("test")[:2]
+    rng = np.random.default_rng(0)
+    good = [render_image(scene_for_prompt(p, ShapesWorld(), rng)) for p in prompts]
+    blank = Image.new("RGB", (32, 32), (255, 255, 255))
+    frames = [[blank, blank, blank, good[0]], [blank, good[1], blank, blank]]
+    out = picture_corrections(prompts, frames)
+    assert (out["corrected"], out["broken"], out["samples"]) == (1, 1, 2)
+    ex = out["examples"][0]
+    assert ex["sample"] == 0 and ex["failed_frame"] == 2 and ex["failures"]
+
+
+# -- training curves -----------------------------------------------------------------------------
+def test_plot_metrics(tmp_path) -> None:
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "loss": scale * 5 / s, "lr": 1e-3} for s in range(1, 50)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    runs = {n: read_metrics(tmp_path / n / "metrics.jsonl") for n in "ab"}
+    path = plot_metrics(runs, ["loss", "lr"], tmp_path / "curves.png")
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape[1] == 2 * 420
+    # Both runs' colours were drawn.
+    for colour in ((31, 119, 180), (214, 39, 40)):
+        assert (image == colour).all(-1).any()
+    with pytest.raises(ValueError, match=r"run 'a' has no metric \['acc'\]"):
+        plot_metrics(runs, ["acc"], tmp_path / "x.png")
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not a JSON line"):
+        read_metrics(tmp_path / "bad.jsonl")
+    out = tmp_path / "cli.png"
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["plot", str(tmp_path / "missing")]) == 2
