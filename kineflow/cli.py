@@ -574,6 +574,42 @@ def _run_answer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _showcase_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="checkpoints/fudoki-shapes",
+        help="checkpoint folder (default: the tiny FUDOKI model shipped in the repository)",
+    )
+    parser.add_argument(
+        "--out", type=output_dir, default=Path("outputs/showcase"), help="output folder"
+    )
+    parser.add_argument("--seeds", type=int_in_range(1, 64), default=4, help="pictures per prompt")
+    parser.add_argument(
+        "--vqa", type=int_in_range(0, 10000), default=24, help="test questions to answer"
+    )
+    parser.add_argument("--steps", type=int_in_range(1, 10000), default=None, help="solver steps")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+
+
+def _run_showcase(args: argparse.Namespace) -> int:
+    from kineflow.showcase import format_showcase, run_showcase
+
+    try:
+        run_showcase(
+            args.model,
+            args.out,
+            seeds=args.seeds,
+            vqa_items=args.vqa,
+            steps=args.steps,
+            device=args.device,
+        )
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    print(format_showcase(args.out))
+    return 0
+
+
 def _reproduce_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, default=Path("configs/reproduce.yaml"), help="reproduction YAML"
@@ -645,6 +681,15 @@ class Command:
 
 #: The subcommands, in the order ``--help`` lists them.
 COMMANDS: tuple[Command, ...] = (
+    Command(
+        name="showcase",
+        help="the main job: text-to-image and VQA with the shipped tiny FUDOKI model",
+        description="Generate pictures for one prompt per ShapesWorld category (plus a "
+        "held-out composition), check them with the detector, write refinement GIFs, and "
+        "answer test questions, with a trained checkpoint (default: the one in the repository).",
+        options=_showcase_options,
+        handler=_run_showcase,
+    ),
     Command(
         name="demo",
         help="sample a tiny image world with the metric, uniform and masked paths",

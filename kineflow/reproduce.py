@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from kineflow.config import build_run_config, load_yaml_config
+from kineflow.data.shapes.prompts import CATEGORIES
 from kineflow.io import atomic_write, atomic_write_json
 
 __all__ = ["RUNS", "EvalSettings", "ReproduceConfig", "reproduce", "write_results"]
@@ -49,8 +50,6 @@ RUNS: dict[str, tuple[str, str]] = {
     "fudoki_from_ar": ("metric", "FUDOKI, metric path, N/2 AR + N/2 DFM"),
     "masked": ("masked", "masked-path baseline"),
 }
-#: The GenEval-style categories, in table order.
-CATEGORIES = ("single", "two", "counting", "colors", "position", "color_attr")
 
 
 @dataclass
