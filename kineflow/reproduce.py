@@ -16,9 +16,10 @@ checkpoint, so re-running the command continues where it stopped)::
 
 Every model trains on the same batches for the same number of optimizer steps of the same
 network (equal training compute); ``fudoki_from_ar`` splits its N steps into N/2 AR + N/2 DFM.
-Training jobs run as ``kineflow train`` subprocesses, ``jobs`` at a time, each with
+Training and evaluation jobs run as subprocesses (``kineflow train ...``, ``python -m
+kineflow.reproduce eval RUN``), ``jobs`` at a time in dependency order, each with
 ``cpu_count // jobs`` threads (two one-thread jobs use a 2-core CPU better than one two-thread
-job); their logs are in out/logs/.
+job), so a finished model is evaluated while the others train; logs are in out/logs/.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from kineflow.config import build_run_config, load_yaml_config
 from kineflow.data.shapes.prompts import CATEGORIES
@@ -119,12 +118,22 @@ class ReproduceConfig:
 # -- training jobs ------------------------------------------------------------------------------
 @dataclass
 class _Job:
+    """A subprocess: ``kineflow train {kind} --config out/configs/{name}.yaml`` or, with
+    ``kind="eval"``, this module's evaluation of run ``name``."""
+
     name: str
-    kind: str  # the `kineflow train` subcommand
+    kind: str
     config: dict[str, Any]
     done_file: Path
     needs: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
+
+    def command(self, config_file: Path) -> list[str]:
+        if self.kind == "eval":
+            return [sys.executable, "-m", "kineflow.reproduce", "eval", self.config["run"],
+                    str(config_file)]  # fmt: skip
+        return [sys.executable, "-m", "kineflow", "train", self.kind, "--config",
+                str(config_file), "--no-progress", *self.extra_args]  # fmt: skip
 
 
 def _yaml_dict(path: str) -> dict[str, Any]:
@@ -172,6 +181,10 @@ def _jobs(config: ReproduceConfig, out: Path, threads: int) -> list[_Job]:
             run["optim"]["steps"] = N - N // 2
             needs = ("ar",)
         jobs.append(_Job(name, "fudoki", run, out / name / "summary.json", needs))
+    # Evaluations are jobs too: a finished model is scored while others still train.
+    for name in config.runs:
+        jobs.append(_Job(f"eval_{name}", "eval", {"run": name, **config.to_dict()},
+                         out / name / "eval.json", (name,)))  # fmt: skip
     return jobs
 
 
@@ -193,8 +206,7 @@ def _run_jobs(jobs: list[_Job], out: Path, parallel: int, threads: int, log: Cal
             if all(n in seconds for n in job.needs):
                 path = out / "configs" / f"{job.name}.yaml"
                 atomic_write(path, lambda t, c=job.config: t.write_text(yaml.safe_dump(c)))
-                cmd = [sys.executable, "-m", "kineflow", "train", job.kind, "--config", str(path),
-                       "--no-progress", *job.extra_args]  # fmt: skip
+                cmd = job.command(path)
                 handle = (out / "logs" / f"{job.name}.log").open("a")
                 log(f"start {job.name}: {' '.join(cmd[1:])}")
                 proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -414,17 +426,9 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
         )
         tokenizer.save(out / "text_tokenizer")
         log(f"text tokenizer: {tokenizer.vocab_size} tokens")
-    train_seconds = _run_jobs(jobs, out, config.jobs, threads, log)
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    evals = {}
-    for name in config.runs:
-        path = out / name / "eval.json"
-        if path.is_file():
-            evals[name] = json.loads(path.read_text())
-        else:
-            evals[name] = _evaluate(name, out, config.eval, log)
-            atomic_write_json(path, evals[name])
+    seconds = _run_jobs(jobs, out, config.jobs, threads, log)
+    train_seconds = {k: v for k, v in seconds.items() if not k.startswith("eval_")}
+    evals = {name: json.loads((out / name / "eval.json").read_text()) for name in config.runs}
     curves = {name: read_metrics(out / name / "metrics.jsonl") for name in config.runs}
     plot_metrics(curves, ["loss", "loss_gen", "loss_und"], out / "figures" / "loss.png")
     results = {
@@ -445,6 +449,21 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
     return results
 
 
+def _main(argv: list[str]) -> int:
+    """``python -m kineflow.reproduce eval RUN CONFIG``: the evaluation job of one run."""
+    if len(argv) != 3 or argv[0] != "eval":
+        print("usage: python -m kineflow.reproduce eval RUN CONFIG_YAML")
+        return 2
+    run, path = argv[1], argv[2]
+    raw = _yaml_dict(path)
+    raw.pop("run", None)
+    config = ReproduceConfig.from_dict(raw)
+    out = Path(config.out)
+    result = _evaluate(run, out, config.eval, print)
+    atomic_write_json(out / run / "eval.json", result)
+    return 0
+
+
 def ship(model: Path, dest: Path) -> dict[str, Any]:
     """Copy a trained model folder to ``dest`` (replacing it whole); returns its size."""
     tmp = dest.with_name(dest.name + ".tmp")
@@ -456,3 +475,7 @@ def ship(model: Path, dest: Path) -> dict[str, Any]:
     tmp.rename(dest)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     return {"path": str(dest), "bytes": size}
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -100,6 +100,11 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(args) == 0
     assert "start" not in capsys.readouterr().out
+    for name in ("vq", "siglip", "ar", "eval_ar", "eval_masked"):
+        assert (run / "logs" / f"{name}.log").is_file()
+    cats = results["runs"]["fudoki"]["t2i_test"]["by_category"]
+    assert set(cats) == {"single_object", "two_object", "counting", "colors", "position",
+                         "color_attr"}  # fmt: skip
 
 
 def test_reproduce_config_errors(tmp_path) -> None:
