@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kineflow-installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo demo-flow reproduce test bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The main job: the tiny FUDOKI model shipped in checkpoints/ generates and answers (< 1 min).
 demo: $(STAMP)
+	$(PY) -m kineflow showcase --model checkpoints/fudoki-shapes --out outputs/showcase
+
+# The flow core alone: metric / uniform / masked paths with an exact denoiser.
+demo-flow: $(STAMP)
 	$(PY) -m kineflow demo --out outputs/demo
+
+# Everything behind the shipped checkpoint, from scratch (~1 h on 2 CPU cores).
+reproduce: $(STAMP)
+	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -42,6 +42,7 @@ __all__ = [
     "load_pretrained",
     "load_pretrained_folder",
     "read_json_object",
+    "read_jsonl",
     "save_pretrained_folder",
 ]
 
@@ -126,6 +127,26 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of the JSON-lines file ``path``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: ``"{path}:{line}: bad JSON (...)"`` for the first line that does not parse.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: bad JSON ({e.msg})") from None
+    return rows
 
 
 # -- state dicts ----------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ checkpoint, so re-running the command continues where it stopped)::
     fudoki_from_ar   FUDOKI for N/2 steps from the AR weights at N/2      out/fudoki_from_ar
     evaluation       ShapesWorld generation (per category, held-out compositions), VQA and
                      captioning; sample grids, refinement GIFs, self-correction statistics
-    results          out/results.json, out/results.md, out/figures/, and optionally the FUDOKI
-                     checkpoint copied to ``ship``
+    results          out/results.json, out/results.md, out/figures/; optionally copies into
+                     ``ship`` the FUDOKI checkpoint (self-contained) and, standalone, its VQ
+                     tokenizer and SigLIP encoder
 
 Every model trains on the same batches for the same number of optimizer steps of the same
 network (equal training compute); ``fudoki_from_ar`` splits its N steps into N/2 AR + N/2 DFM.
@@ -442,7 +443,13 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
         },
     }
     if config.ship:
-        results["shipped"] = ship(out / "fudoki" / "model", Path(config.ship))
+        results["shipped"] = {
+            name: ship(src, Path(config.ship) / name) for name, src in (
+                ("fudoki-shapes", out / "fudoki" / "model"),
+                ("vq-shapes", out / "vq" / "model"),
+                ("siglip-shapes", out / "siglip" / "vision"),
+            )
+        }  # fmt: skip
     results["wall_seconds_this_call"] = time.perf_counter() - t0
     write_results(results, out)
     log(f"results: {out / 'results.md'}")

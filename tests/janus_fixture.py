@@ -24,6 +24,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.models.llama import LlamaConfig
 from kineflow.models.siglip import SiglipConfig
+from kineflow.pipelines import FudokiPipeline, FudokiPipelineConfig
 from kineflow.tokenizers.autoencoder import AutoencoderConfig
 from kineflow.tokenizers.text import BOI, BOS, EOI, EOS, IMAGE, PAD, TextTokenizer
 from kineflow.tokenizers.vq import VQConfig
@@ -100,6 +101,21 @@ def random_model(config: FudokiConfig, seed: int = 0) -> FudokiModel:
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model.eval()
+
+
+def tiny_pipeline(path: str = "metric", dtype: torch.dtype = torch.float32) -> FudokiPipeline:
+    """A random tiny pipeline (text budget 48, 4 steps, no system prompt) on ``path``."""
+    tok = janus_tokenizer()
+    config = tiny_config(tok.vocab_size + 10)
+    config.image_mask_token = path == "masked"
+    model = random_model(config).to(dtype)
+    return FudokiPipeline(
+        model,
+        tok,
+        model.language_model.model.embed_tokens.weight,
+        model.gen_vision_model.quantize.embedding.weight,
+        FudokiPipelineConfig(text_budget=48, steps=4, system_prompt="", path=path),
+    )
 
 
 def janus_state_dict(model: FudokiModel) -> dict[str, torch.Tensor]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from janus_fixture import janus_tokenizer, random_model, tiny_config
+from janus_fixture import tiny_pipeline
 from PIL import Image
 
 from kineflow.flow import classifier_free_guidance
-from kineflow.pipelines import FudokiPipeline, FudokiPipelineConfig
+from kineflow.pipelines import FudokiPipeline
 from kineflow.pipelines.autoregressive import decode_autoregressive
 from kineflow.pipelines.images import preprocess_understanding
 from kineflow.pipelines.layout import text_to_image_layout, understanding_layout
@@ -21,16 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pipe() -> FudokiPipeline:
-    tok = janus_tokenizer()
-    model = random_model(tiny_config(tok.vocab_size + 10)).double()
-    config = FudokiPipelineConfig(text_budget=48, system_prompt="", path="ar")
-    return FudokiPipeline(
-        model,
-        tok,
-        model.language_model.model.embed_tokens.weight,
-        model.gen_vision_model.quantize.embedding.weight,
-        config,
-    )
+    return tiny_pipeline("ar", torch.float64)
 
 
 def image_layout(pipe):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from janus_fixture import janus_tokenizer, random_model, tiny_config
+from janus_fixture import random_model, tiny_config, tiny_pipeline
 from PIL import Image
 
 from kineflow.flow import classifier_free_guidance
@@ -24,16 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pipe() -> FudokiPipeline:
-    tok = janus_tokenizer()
-    model = random_model(tiny_config(tok.vocab_size + 10))
-    config = FudokiPipelineConfig(text_budget=48, steps=4, system_prompt="")
-    return FudokiPipeline(
-        model,
-        tok,
-        model.language_model.model.embed_tokens.weight,
-        model.gen_vision_model.quantize.embedding.weight,
-        config,
-    )
+    return tiny_pipeline()
 
 
 # -- layouts ------------------------------------------------------------------------------------
@@ -260,19 +251,9 @@ def test_vocab_and_table_checks(pipe: FudokiPipeline) -> None:
 
 
 def test_masked_path_trajectory_shows_masked_cells_grey() -> None:
-    tok = janus_tokenizer()
-    config = tiny_config(tok.vocab_size + 10)
-    config.image_mask_token = True
-    model = random_model(config)
-    masked = FudokiPipeline(
-        model,
-        tok,
-        model.language_model.model.embed_tokens.weight,
-        model.gen_vision_model.quantize.embedding.weight,
-        FudokiPipelineConfig(text_budget=48, steps=4, system_prompt="", path="masked"),
-    )
+    masked = tiny_pipeline("masked")
     out = masked.text_to_image(["a red circle"], seed=0, return_trajectory=True)
-    K = config.gen_vision.codebook_size
+    K = masked.model.config.gen_vision.codebook_size
     assert (out.states[0] == K).all() and (out.states[-1] < K).all()
     first = np.asarray(out.trajectory[0][0])
     assert np.abs(first.astype(int) - 127).max() <= 1  # every cell still masked: all grey

@@ -92,10 +92,12 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     md = (run / "results.md").read_text()
     assert "| `fudoki` |" in md and "Targets" in md and "Self-correction" in md
     assert (run / "figures" / "loss.png").is_file()
-    assert results["shipped"]["bytes"] > 0 and (ship / "model.safetensors").is_file()
+    assert sum(v["bytes"] for v in results["shipped"].values()) > 0
+    for name in ("fudoki-shapes", "vq-shapes", "siglip-shapes"):
+        assert (ship / name / "model.safetensors").is_file()
     import kineflow
 
-    assert kineflow.load(ship).config.path == "metric"
+    assert kineflow.load(ship / "fudoki-shapes").config.path == "metric"
     # A second call finds every stage done and only rewrites the results.
     capsys.readouterr()
     assert main(args) == 0
@@ -166,7 +168,7 @@ def test_plot_metrics(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"run 'a' has no metric \['acc'\]"):
         plot_metrics(runs, ["acc"], tmp_path / "x.png")
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not a JSON line"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: bad JSON"):
         read_metrics(tmp_path / "bad.jsonl")
     out = tmp_path / "cli.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0

@@ -7,7 +7,6 @@ apart by colour, keys by panel (one panel per key, side by side).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from kineflow.io import atomic_write
+from kineflow.io import atomic_write, read_jsonl
 
 __all__ = ["plot_metrics", "read_metrics"]
 
@@ -25,17 +24,8 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
     """The rows of a ``metrics.jsonl`` file; a missing file or a bad line is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such metrics file")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from e
+    for n, row in read_jsonl(path):
         if not isinstance(row, dict) or "step" not in row:
             raise ValueError(f"{path}:{n}: a metrics row must be an object with a 'step'")
         rows.append(row)

@@ -40,6 +40,7 @@ from kineflow.eval.shapes import (
     score_vqa,
     write_report,
 )
+from kineflow.io import read_jsonl
 
 _ITEM_ID = re.compile(r"^(train|val|test|heldout)-(t2i|caption|vqa|edit)-(\d+)$")
 MAX_SHEET = 240  # pictures on a contact sheet (failures first)
@@ -110,13 +111,7 @@ def _manifest_task(task: str) -> str:
 def read_jsonl_outputs(path: str | Path, field: str) -> dict[str, str]:
     """``{id: text}`` from a JSONL file of ``{"id": ..., field: ...}`` lines."""
     out: dict[str, str] = {}
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: bad JSON ({err})") from None
+    for line_no, obj in read_jsonl(path):
         if not isinstance(obj, dict) or set(obj) != {"id", field}:
             raise ValueError(f"{path}:{line_no}: expected keys 'id' and {field!r}, got {obj!r}")
         if not isinstance(obj[field], str):

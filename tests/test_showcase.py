@@ -1,0 +1,51 @@
+"""The main job on the checkpoint shipped in the repository (``make demo``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kineflow.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "checkpoints"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_shipped_checkpoints_are_small_and_complete() -> None:
+    files = [f for f in SHIPPED.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 20 * 2**20
+    for name in ("fudoki-shapes", "vq-shapes", "siglip-shapes"):
+        assert (SHIPPED / name / "config.json").is_file()
+        assert (SHIPPED / name / "model.safetensors").is_file()
+    assert (SHIPPED / "fudoki-shapes" / "tokenizer.json").is_file()
+
+
+def test_showcase_generates_and_answers(tmp_path, capsys) -> None:
+    out = tmp_path / "show"
+    argv = ["showcase", "--model", str(SHIPPED / "fudoki-shapes"), "--out", str(out),
+            "--seeds", "2", "--vqa", "16"]  # fmt: skip
+    assert main(argv) == 0
+    report = capsys.readouterr().out
+    assert "pictures pass their prompt" in report
+    summary = json.loads((out / "summary.json").read_text())
+    records = json.loads((out / "t2i.json").read_text())
+    answers = json.loads((out / "answers.json").read_text())
+    assert summary["t2i"]["pictures"] == len(records) == 2 * 7
+    assert all(r["passes"] is not None for r in records)  # every prompt is a benchmark prompt
+    gif = Image.open(out / "refine_0.gif")
+    assert gif.n_frames == 17  # the checkpoint's 16 solver steps + the source draw
+    assert Image.open(out / "samples.png").size[0] > 0
+    assert len(answers) == 16 + 7 and all(isinstance(a["answer"], str) for a in answers)
+    # A trained model, not a random one: far above chance on both tasks (fixed seeds).
+    assert summary["t2i"]["passed"] >= 5
+    assert summary["vqa"]["correct"] >= 8
+
+
+def test_showcase_missing_checkpoint(tmp_path, capsys) -> None:
+    assert main(["showcase", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().out
