@@ -202,3 +202,24 @@ def test_config_errors(assets, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['data.ratio'\]"):
         FudokiTrainConfig.from_dict({**make_config(assets, tmp_path).to_dict(),
                                      "data": {"ratio": 1}})  # fmt: skip
+
+
+def test_text_samples_draw_t_from_their_own_range(assets, tmp_path) -> None:
+    task = make_task(assets, tmp_path, vqa_answer_tokens=4)
+    task.obj.text_t_max = 0.2
+    seen: dict[str, list[float]] = {"text": [], "image": []}
+    for name in seen:
+        path = getattr(task, f"{name}_path")
+        original = path.sample
+
+        def spy(x1, t, g, original=original, name=name):
+            seen[name].append(float(t.flatten()[0]))
+            return original(x1, t, g)
+
+        path.sample = spy
+    task.batch(list(range(40)))
+    assert seen["text"] and seen["image"]
+    assert max(seen["text"]) <= 0.2 < max(seen["image"])
+    with pytest.raises(ValueError, match="need 0 <= t_min < text_t_max <= 1"):
+        FudokiTrainConfig.from_dict({**make_config(assets, tmp_path).to_dict(),
+                                     "objective": {"text_t_max": 1.5}})  # fmt: skip
