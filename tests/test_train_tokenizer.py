@@ -187,3 +187,19 @@ def test_schedule_and_psnr():
     b[0, 0, 0, 0] = 255  # MSE = 255^2 / 48
     assert psnr(a, b)[0] == pytest.approx(10 * np.log10(48))
     assert psnr(a, a)[0] == 100.0
+
+
+def test_training_device_names():
+    from kineflow.train.loop import resolve_device, to_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == want
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    batch = {"x": torch.ones(2), "rows": [torch.zeros(1), 3], "name": "a"}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved["rows"][1] == 3 and moved["name"] == "a" and torch.equal(moved["x"], batch["x"])

@@ -313,7 +313,8 @@ class FudokiTask:
     def _encode(self, pictures: list[np.ndarray]) -> Tensor:
         """uint8 [S, S, 3] pictures -> VQ ids Long[G, L] (pixels scaled to [-1, 1])."""
         x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return self.model.gen_vision_model.encode(x).flatten(1)
+        vq = self.model.gen_vision_model
+        return vq.encode(x.to(next(vq.parameters()).device)).flatten(1).cpu()
 
     def _corrupt(self, target: Tensor, kind: str, g: torch.Generator) -> Tensor:
         if self.obj.kind == "ar":

@@ -54,7 +54,9 @@ class Optim:
     it must divide by ``world_size · grad_accum``. ``ema`` is the decay of an exponential
     moving average of the weights (0: none; the EMA weights are what gets saved at the end).
     ``precision="bf16"`` runs forward passes under bfloat16 autocast (for GPUs; weights and
-    optimizer stay float32).
+    optimizer stay float32). ``device``: where the model trains: ``"cpu"``, ``"cuda"``
+    (``cuda:LOCAL_RANK`` under torchrun), ``"cuda:1"``…, or ``"auto"`` (CUDA when there is one).
+    Batches are built on the CPU and moved there.
     """
 
     steps: int = 2000
@@ -69,6 +71,7 @@ class Optim:
     ema: float = 0.0
     precision: str = "fp32"
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -107,6 +110,35 @@ class Task(Protocol):
     def batch(self, indices: list[int]) -> Any: ...
 
     def losses(self, batch: Any, model: nn.Module) -> dict[str, Tensor]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """The training device for ``Optim.device`` (see there); a clear error for CUDA without
+    a GPU or an unknown name."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"optim.device: unknown device {name!r} ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"optim.device is {name!r} but torch finds no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor (in dicts, lists, tuples, or objects with ``.to``) on
+    ``device``; anything else is returned as it is."""
+    if isinstance(batch, Tensor) or (hasattr(batch, "to") and not isinstance(batch, type)):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -352,6 +384,9 @@ def _run(
     piece = share // optim.grad_accum
     out.mkdir(parents=True, exist_ok=True)
     model = task.model
+    home = next(model.parameters()).device  # the model goes back there at the end
+    device = resolve_device(optim.device)
+    model.to(device)
     ckpt = out / "checkpoint"
     start, state = 0, None
     if ckpt.exists():
@@ -384,7 +419,6 @@ def _run(
             _truncate_metrics(out / "metrics.jsonl", start)
     else:
         torch.manual_seed(optim.seed)
-    device = next(model.parameters()).device
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if optim.precision == "bf16"
@@ -404,6 +438,8 @@ def _run(
             for k in range(optim.grad_accum):
                 indices = list(range(first + k * piece, first + (k + 1) * piece))
                 batch = task.batch(indices)
+                if device.type != "cpu":
+                    batch = to_device(batch, device)
                 sync = k == optim.grad_accum - 1 or parallel != "ddp"
                 with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
                     losses = task.losses(batch, wrapped)
@@ -471,6 +507,7 @@ def _run(
             params_by_name = dict(model.named_parameters())
             for n, v in final_ema.items():
                 params_by_name[n].copy_(v)
+    model.to(home)  # the trainers evaluate and save where the model was built
     return {
         "steps": optim.steps,
         "resumed_from": start,
