@@ -223,3 +223,23 @@ def test_text_samples_draw_t_from_their_own_range(assets, tmp_path) -> None:
     with pytest.raises(ValueError, match="need 0 <= t_min < text_t_max <= 1"):
         FudokiTrainConfig.from_dict({**make_config(assets, tmp_path).to_dict(),
                                      "objective": {"text_t_max": 1.5}})  # fmt: skip
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_pretrained_siglip_is_frozen_unless_asked(assets, tmp_path, train_vision) -> None:
+    from kineflow.io import save_pretrained_folder
+    from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
+    from kineflow.tokenizers.text import TextTokenizer
+    from kineflow.train.siglip import VISION_KIND
+
+    vision = SiglipConfig.from_dict(MODEL["vision"])
+    tower = SiglipVisionModel(vision)
+    save_pretrained_folder(tmp_path / "siglip", tower.state_dict(), vision.to_dict(), VISION_KIND)
+    config = make_config(assets, tmp_path / "run")
+    config.vision = str(tmp_path / "siglip")
+    config.train_vision = train_vision
+    model = build_model(config, TextTokenizer.load(assets["text"]))
+    params = list(model.vision_model.vision_tower.parameters())
+    assert all(p.requires_grad == train_vision for p in params)
+    for name, value in model.vision_model.vision_tower.state_dict().items():
+        torch.testing.assert_close(value, tower.state_dict()[name])  # starts from the folder

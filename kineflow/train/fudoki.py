@@ -137,6 +137,7 @@ class FudokiTrainConfig:
     parallel: str = "none"
     threads: int | None = None
     export_steps: list[int] = field(default_factory=list)
+    train_vision: bool = False
 
     def __post_init__(self) -> None:
         steps = self.optim.steps
@@ -197,7 +198,9 @@ def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiMo
                 f"model.vision is {model.config.vision.to_dict()}"
             )
         model.vision_model.vision_tower.load_state_dict(tower.state_dict())
-        model.vision_model.vision_tower.requires_grad_(False)
+        # Frozen by default (FUDOKI's decoupled encoders); train_vision fine-tunes it, as
+        # Janus's last stage does.
+        model.vision_model.vision_tower.requires_grad_(config.train_vision)
     return model
 
 
