@@ -128,6 +128,7 @@ class _Job:
     done_file: Path
     needs: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
+    exclusive: bool = False  # runs alone, with every thread (the tokenizer and SigLIP)
 
     def command(self, config_file: Path) -> list[str]:
         if self.kind == "eval":
@@ -150,16 +151,18 @@ def _yaml_dict(path: str) -> dict[str, Any]:
 
 
 def _jobs(config: ReproduceConfig, out: Path, threads: int) -> list[_Job]:
-    vq = _yaml_dict(config.vq) | {"out": str(out / "vq"), "threads": threads}
+    # The two encoders come first and alone, each with every thread: everything waits for them.
+    every = os.cpu_count() or 1
+    vq = _yaml_dict(config.vq) | {"out": str(out / "vq"), "threads": every}
     if config.vq_steps is not None:
         vq["optim"] = {**vq.get("optim", {}), "steps": config.vq_steps}
-    siglip = _yaml_dict(config.siglip) | {"out": str(out / "siglip"), "threads": threads}
+    siglip = _yaml_dict(config.siglip) | {"out": str(out / "siglip"), "threads": every}
     if config.siglip_steps is not None:
         siglip["optim"] = {**siglip.get("optim", {}), "steps": config.siglip_steps}
     jobs = [
-        _Job("vq", "tokenizer", vq, out / "vq" / "eval.json"),
+        _Job("vq", "tokenizer", vq, out / "vq" / "eval.json", exclusive=True),
         _Job("siglip", "siglip", siglip, out / "siglip" / "eval.json",
-             extra_args=("--tokenizer", str(out / "text_tokenizer"))),
+             extra_args=("--tokenizer", str(out / "text_tokenizer")), exclusive=True),
     ]  # fmt: skip
     base = _yaml_dict(config.model)
     base |= {
@@ -199,12 +202,16 @@ def _run_jobs(jobs: list[_Job], out: Path, parallel: int, threads: int, log: Cal
     seconds = {j.name: 0.0 for j in jobs if j.done_file.is_file()}
     pending = [j for j in jobs if j.name not in seconds]
     running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    exclusive = {j.name for j in jobs if j.exclusive}
     while pending or running:
         for job in list(pending):
-            if len(running) >= parallel:
+            if len(running) >= parallel or exclusive & set(running):
                 break
+            if job.exclusive and running:
+                continue
             if all(n in seconds for n in job.needs):
+                n = str(os.cpu_count() or 1) if job.exclusive else str(threads)
+                env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
                 path = out / "configs" / f"{job.name}.yaml"
                 atomic_write(path, lambda t, c=job.config: t.write_text(yaml.safe_dump(c)))
                 cmd = job.command(path)
