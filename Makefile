@@ -22,7 +22,7 @@ demo: $(STAMP)
 demo-flow: $(STAMP)
 	$(PY) -m kineflow demo --out outputs/demo
 
-# Everything behind the shipped checkpoint, from scratch (~1 h on 2 CPU cores).
+# Everything behind the shipped checkpoint, from scratch (49 min on 2 CPU cores).
 reproduce: $(STAMP)
 	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
 
@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/solver_quality.py
 	$(PY) bench/detector_robustness.py
 	$(PY) bench/inference.py
+	$(PY) bench/ar_decoding.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check kineflow tests bench

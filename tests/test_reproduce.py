@@ -89,6 +89,9 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     from_ar = yaml.safe_load((run / "configs" / "fudoki_from_ar.yaml").read_text())
     assert from_ar["init_from"].endswith("model_step1") and from_ar["optim"]["steps"] == 1
     assert (run / "ar" / "model_step1" / "config.json").is_file()
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings["jobs"]) >= {"vq", "siglip", "ar", "eval_ar"} and timings["calls"]
+    assert set(results["targets"]) == {"fudoki", "fudoki_from_ar"}
     md = (run / "results.md").read_text()
     assert "| `fudoki` |" in md and "Targets" in md and "Self-correction" in md
     assert (run / "figures" / "loss.png").is_file()
