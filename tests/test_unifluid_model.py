@@ -148,3 +148,45 @@ def test_understanding_prefix_is_bidirectional_and_answer_causal() -> None:
     answer = ids.clone()
     answer[0, -1] = (ids[0, -1] + 1) % V
     torch.testing.assert_close(run(answer)[0, :-1], base[0, :-1])  # nothing sees the answer
+
+
+def sequence_logprob(model, embeds, prefix, tokens) -> float:
+    """log p(tokens | prompt) by one prefix-LM forward over prompt + tokens."""
+    ids = torch.tensor([tokens])
+    full = torch.cat([embeds, model.backbone.embed(ids)], dim=1)
+    mask = torch.ones(full.shape[:2], dtype=torch.bool)
+    hidden = model.backbone(inputs_embeds=full, attention_mask=mask, mask="prefix",
+                            prefix_lengths=prefix)  # fmt: skip
+    N = embeds.shape[1]
+    logp = torch.log_softmax(model.text_logits(hidden[0, N - 1 : -1]).double(), -1)
+    return float(logp[torch.arange(len(tokens)), ids[0]].sum().detach())
+
+
+def test_text_generation_greedy_and_beam() -> None:
+    model = tiny()
+    ids = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(5))
+    embeds = model.backbone.embed(ids)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    prefix = torch.tensor([7, 7])
+    eos = 3
+    greedy = model.generate_text(embeds, mask, prefix, max_tokens=6, eos_id=eos)
+    beam = model.generate_text(embeds, mask, prefix, max_tokens=6, eos_id=eos, beams=4)
+    for b in range(2):
+        g, k = greedy[b], beam[b]
+        # Greedy: every token is the argmax after the previous ones (one full forward).
+        full = (
+            torch.cat([embeds[b : b + 1], model.backbone.embed(torch.tensor([g]))], 1)
+            if g
+            else embeds[b : b + 1]
+        )
+        real = torch.ones(full.shape[:2], dtype=torch.bool)
+        hidden = model.backbone(inputs_embeds=full, attention_mask=real, mask="prefix",
+                                prefix_lengths=prefix[b : b + 1])  # fmt: skip
+        argmax = model.text_logits(hidden[0, 6:]).argmax(-1).tolist()
+        assert argmax[: len(g)] == g
+        # Beam search finds a sequence at least as likely as greedy's.
+        with_eos = [[*s, eos] if len(s) < 6 else s for s in (g, k)]
+        assert sequence_logprob(model, embeds[b : b + 1], prefix[b : b + 1], with_eos[1]) >= (
+            sequence_logprob(model, embeds[b : b + 1], prefix[b : b + 1], with_eos[0]) - 1e-9
+        )
+    assert model.generate_text(embeds, mask, prefix, max_tokens=6, eos_id=eos, beams=1) == greedy

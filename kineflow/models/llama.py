@@ -259,6 +259,13 @@ class KVCache:
             )
         return self.keys[layer], self.values[layer]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index [B']`` of the batch (with repeats): beam search's reshuffle."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+
 
 def build_attention_mask(
     key_mask: torch.Tensor,

@@ -259,6 +259,19 @@ class UnifluidModel(nn.Module):
         return out
 
     # -- understanding ---------------------------------------------------------------------------
+    def understanding_embeds(
+        self, input_ids: Tensor, image_mask: Tensor, features: Tensor
+    ) -> Tensor:
+        """Text embeddings ``[B, N, D]`` with the ``image_mask`` positions filled, row-major,
+        by ``features [I, P, D]`` (:meth:`encode_images`)."""
+        embeds = self.backbone.embed(input_ids.masked_fill(image_mask, 0))
+        if int(image_mask.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"image_mask marks {int(image_mask.sum())} positions but the features hold "
+                f"{features.shape[0]} x {features.shape[1]}"
+            )
+        return embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+
     def understanding_hidden(
         self,
         input_ids: Tensor,
@@ -267,16 +280,9 @@ class UnifluidModel(nn.Module):
         features: Tensor,
         prefix_lengths: Tensor,
     ) -> Tensor:
-        """Hidden states ``[B, N, D]``: text embeddings with the ``image_mask`` positions
-        filled, row-major, by ``features [I, P, D]``; prefix-LM attention over the first
-        ``prefix_lengths`` real tokens (image + question)."""
-        embeds = self.backbone.embed(input_ids.masked_fill(image_mask, 0))
-        if int(image_mask.sum()) != features.shape[0] * features.shape[1]:
-            raise ValueError(
-                f"image_mask marks {int(image_mask.sum())} positions but the features hold "
-                f"{features.shape[0]} x {features.shape[1]}"
-            )
-        embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+        """Hidden states ``[B, N, D]`` of :meth:`understanding_embeds` with prefix-LM attention
+        over the first ``prefix_lengths`` real tokens (image + question)."""
+        embeds = self.understanding_embeds(input_ids, image_mask, features)
         return self.backbone(
             inputs_embeds=embeds, attention_mask=attention_mask, mask="prefix",
             prefix_lengths=prefix_lengths,
@@ -291,3 +297,63 @@ class UnifluidModel(nn.Module):
         B = targets.shape[0]
         total = torch.zeros(B, device=ce.device).index_add_(0, rows, ce)
         return total / target_mask.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        embeds: Tensor,
+        attention_mask: Tensor,
+        prefix_lengths: Tensor,
+        *,
+        max_tokens: int,
+        eos_id: int,
+        beams: int = 1,
+    ) -> list[list[int]]:
+        """Continue each row of ``embeds [B, N, D]`` (e.g. :meth:`understanding_embeds`) for at most
+        ``max_tokens`` tokens, greedily (``beams=1``) or by beam search, with a KV cache.
+        Returns each row's tokens up to (not including) its first EOS.
+
+        Beam search keeps the ``beams`` highest sums of log-probabilities; a finished beam
+        (EOS emitted) keeps its score and is extended by EOS at no cost; the best beam wins
+        (no length normalisation: ShapesWorld answers and captions are short).
+        """
+        if beams < 1 or max_tokens < 1:
+            raise ValueError(f"need beams >= 1 and max_tokens >= 1, got {beams}, {max_tokens}")
+        B, K = embeds.shape[0], beams
+        rows = torch.arange(B, device=embeds.device).repeat_interleave(K)
+        cache = KVCache()
+        h = self.backbone(
+            inputs_embeds=embeds[rows], attention_mask=attention_mask[rows], mask="prefix",
+            prefix_lengths=prefix_lengths[rows], kv_cache=cache,
+        )[:, -1]  # fmt: skip
+        scores = torch.zeros(B, K, device=embeds.device, dtype=torch.float64)
+        scores[:, 1:] = -torch.inf  # the K copies start identical: expand from the first only
+        done = torch.zeros(B, K, dtype=torch.bool, device=embeds.device)
+        seqs = torch.empty(B, K, 0, dtype=torch.long, device=embeds.device)
+        for _ in range(max_tokens):
+            logp = torch.log_softmax(self.text_logits(h).double(), -1).view(B, K, -1)
+            V = logp.shape[-1]
+            # A finished beam may only repeat EOS, for free.
+            frozen = torch.full_like(logp[0, 0], -torch.inf)
+            frozen[eos_id] = 0.0
+            logp = torch.where(done[..., None], frozen, logp)
+            total = (scores[..., None] + logp).view(B, K * V)
+            scores, flat = total.topk(K, dim=-1)
+            beam, token = flat // V, flat % V
+            seqs = torch.cat(
+                [seqs.gather(1, beam[..., None].expand_as(seqs)), token[..., None]], -1
+            )
+            done = done.gather(1, beam) | (token == eos_id)
+            if bool(done[:, 0].all()) and (K == 1 or bool(done.all())):
+                break
+            cache.reorder((torch.arange(B, device=beam.device)[:, None] * K + beam).flatten())
+            step = self.backbone.embed(token.view(B * K, 1))
+            h = self.backbone(
+                inputs_embeds=step, attention_mask=step.new_ones(B * K, 1, dtype=torch.bool),
+                mask="prefix", prefix_lengths=prefix_lengths[rows], kv_cache=cache,
+            )[:, -1]  # fmt: skip
+        out = []
+        for b in range(B):
+            ids = seqs[b, 0].tolist()
+            out.append(ids[: ids.index(eos_id)] if eos_id in ids else ids)
+        return out
