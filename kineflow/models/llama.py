@@ -20,23 +20,41 @@ either side; position ids default to the running count of real tokens, so a left
 gets the same positions as the same row unpadded. :class:`KVCache` lets causal decoding cost
 one step per new token.
 
+**Gemma-2 options** (all off by default; :meth:`LlamaConfig.gemma2_2b`,
+:meth:`LlamaConfig.from_hf_gemma2`): ``norm_offset`` (RMSNorm scale ``1 + w``, applied in
+float32 before the cast, weights initialised to 0), ``embed_scale`` (token embeddings times
+``sqrt(D)``), ``hidden_act="gelu_tanh"`` (GeGLU), ``query_pre_attn_scalar`` (attention scale
+``s^-1/2`` instead of ``head_dim^-1/2``), ``attn_logit_softcapping`` (scores
+``c·tanh(scores / c)`` before the mask), ``sandwich_norms`` (the block becomes
+``h + post_attention_layernorm(attn(input_layernorm(h)))`` then
+``h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``), ``sliding_window``
+with per-layer ``layer_types`` (a sliding layer only sees keys fewer than ``window`` real
+tokens away), and ``final_logit_softcapping`` for heads (:func:`softcap`).
+
 Parameter names follow Hugging Face's ``LlamaModel`` (``embed_tokens``,
 ``layers.{i}.self_attn.{q,k,v,o}_proj``, ``layers.{i}.mlp.{gate,up,down}_proj``,
 ``layers.{i}.{input,post_attention}_layernorm``, ``norm``), so Janus's
-``language_model.model.*`` state dict loads as is.
+``language_model.model.*`` state dict loads as is; with ``sandwich_norms`` they are
+``Gemma2Model``'s (``pre_feedforward_layernorm``, ``post_feedforward_layernorm`` added).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kineflow.checkpoint_files import read_weights
 from kineflow.config import check_config_keys
+from kineflow.io import check_state_dict, read_json_object
 
 MASK_MODES = ("causal", "full", "prefix")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -54,6 +72,15 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     attention_bias: bool = False
+    hidden_act: str = "silu"
+    norm_offset: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -88,6 +115,26 @@ class LlamaConfig:
                 f"rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps}, "
                 f"{self.rope_theta}"
             )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers or any(
+            t not in LAYER_TYPES for t in self.layer_types
+        ):
+            raise ValueError(
+                f"layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, "
+                f"got {self.layer_types}"
+            )
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("sliding_attention layers need a sliding_window")
 
     @classmethod
     def janus_1_3b(cls) -> LlamaConfig:
@@ -103,6 +150,58 @@ class LlamaConfig:
             rms_norm_eps=1e-6,
             rope_theta=10000.0,
             max_position_embeddings=16384,
+        )
+
+    @classmethod
+    def gemma2_2b(cls) -> LlamaConfig:
+        """Gemma-2 2B's backbone (UniFluid's language model, SPEC §2)."""
+        return cls.from_hf_gemma2(
+            {
+                "vocab_size": 256000,
+                "hidden_size": 2304,
+                "intermediate_size": 9216,
+                "num_hidden_layers": 26,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 4,
+                "head_dim": 256,
+                "max_position_embeddings": 8192,
+                "query_pre_attn_scalar": 256,
+                "sliding_window": 4096,
+            }
+        )
+
+    @classmethod
+    def from_hf_gemma2(cls, config: dict) -> LlamaConfig:
+        """The backbone of a Hugging Face ``Gemma2Config`` (its ``config.json`` as a dict);
+        fields it leaves out take Gemma-2's defaults. Layer types alternate sliding / full
+        starting with sliding, as in ``transformers``, unless ``layer_types`` is given."""
+        c = dict(config)
+        L = int(c["num_hidden_layers"])
+        act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"Gemma-2 uses the tanh GELU; this config asks for {act!r}")
+        return cls(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_hidden_layers=L,
+            num_attention_heads=int(c["num_attention_heads"]),
+            num_key_value_heads=int(c.get("num_key_value_heads", c["num_attention_heads"])),
+            head_dim=int(c.get("head_dim", 256)),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+            max_position_embeddings=int(c.get("max_position_embeddings", 8192)),
+            attention_bias=bool(c.get("attention_bias", False)),
+            hidden_act="gelu_tanh",
+            norm_offset=True,
+            embed_scale=True,
+            sandwich_norms=True,
+            query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
+            attn_logit_softcapping=c.get("attn_logit_softcapping", 50.0),
+            final_logit_softcapping=c.get("final_logit_softcapping", 30.0),
+            sliding_window=c.get("sliding_window", 4096),
+            layer_types=c.get("layer_types")
+            or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)],
         )
 
     def to_dict(self) -> dict:
@@ -160,12 +259,20 @@ class KVCache:
             )
         return self.keys[layer], self.values[layer]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index [B']`` of the batch (with repeats): beam search's reshuffle."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+
 
 def build_attention_mask(
     key_mask: torch.Tensor,
     num_queries: int | None = None,
     mode: str = "causal",
     prefix_lengths: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, N, N_k]`` (True = may attend).
 
@@ -178,6 +285,9 @@ def build_attention_mask(
     - ``"prefix"``: real keys ``j <= q_i`` plus every real key among the first
       ``prefix_lengths[b]`` real tokens (``r_j < prefix_lengths[b]``), i.e. bidirectional
       within the prefix and causal afterwards (PaliGemma / UniFluid prefix-LM).
+
+    ``window`` (sliding-window layers) also drops keys ``window`` or more real tokens away
+    from the query (``|r_q − r_j| >= window``; in causal rows only earlier keys remain).
 
     Padding keys are never attended. A query row left with no key at all (a padding query
     before the first real token) attends to its own position instead, so softmax stays finite;
@@ -213,6 +323,10 @@ def build_attention_mask(
             rank = torch.cumsum(key_mask.long(), dim=1) - 1  # [B, N_k] rank among real tokens
             in_prefix = key_mask & (rank < prefix_lengths[:, None])
             allowed = allowed | in_prefix[:, None, :]
+    if window is not None:
+        rank = torch.cumsum(key_mask.long(), dim=1) - 1  # [B, N_k]
+        gap = rank[:, N_k - N :, None] - rank[:, None, :]  # [B, N, N_k] query minus key rank
+        allowed = allowed & (gap.abs() < window)
     # Rows with nothing to attend to would softmax to NaN; let them see their own position.
     empty = ~allowed.any(dim=-1, keepdim=True)  # [B, N, 1]
     allowed = allowed | (empty & (k_pos == q_pos)[None])
@@ -254,18 +368,29 @@ def rope_cos_sin(
 
 
 class RMSNorm(nn.Module):
-    """``w * x / sqrt(mean(x^2) + eps)``, normalised in float32 and cast back before scaling."""
+    """``w * x / sqrt(mean(x^2) + eps)``, normalised in float32 and cast back before scaling
+    (Llama); with ``offset`` ``(1 + w) * x / sqrt(...)``, scaled in float32 then cast, ``w``
+    starting at 0 (Gemma)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x32.to(dtype)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap · tanh(x / cap)`` (Gemma-2's logit soft-capping); ``x`` unchanged when ``cap`` is
+    None."""
+    return x if cap is None else cap * torch.tanh(x / cap)
 
 
 class LlamaAttention(nn.Module):
@@ -282,6 +407,9 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=bias)
+        scalar = config.query_pre_attn_scalar
+        self.scale = (scalar if scalar is not None else self.head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcapping
 
     def forward(
         self,
@@ -305,12 +433,18 @@ class LlamaAttention(nn.Module):
             # Expand shared KV heads to match queries (portable to torch without enable_gqa).
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, N, head_dim]
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:  # soft-capped scores: SDPA cannot apply tanh before the softmax
+            scores = softcap(q @ k.transpose(-1, -2) * self.scale, self.softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: ``down_proj(SiLU(gate_proj(x)) * up_proj(x))``."""
+    """Gated MLP ``down_proj(act(gate_proj(x)) * up_proj(x))``: SwiGLU (``act`` = SiLU) or
+    GeGLU (tanh-approximated GELU, Gemma)."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -318,20 +452,34 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(D, F_, bias=False)
         self.up_proj = nn.Linear(D, F_, bias=False)
         self.down_proj = nn.Linear(F_, D, bias=False)
+        self.gelu = config.hidden_act == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
+    """Pre-norm block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``; with
+    ``sandwich_norms`` the attention and MLP outputs are normalised too (Gemma-2)."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx)
         self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sliding = config.layer_types[layer_idx] == "sliding_attention"
+
+        def norm() -> RMSNorm:
+            return RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
+
+        self.input_layernorm = norm()
+        # Llama: the norm before the MLP; Gemma-2: the norm of the attention output.
+        self.post_attention_layernorm = norm()
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(
         self,
@@ -341,8 +489,12 @@ class LlamaDecoderLayer(nn.Module):
         mask: torch.Tensor,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
+        if not self.sandwich:
+            h = h + attn
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.post_attention_layernorm(attn)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class LlamaModel(nn.Module):
@@ -355,7 +507,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -366,7 +518,7 @@ class LlamaModel(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+                nn.init.constant_(m.weight, 0.0 if m.offset else 1.0)  # a scale of 1 either way
 
     def forward(
         self,
@@ -408,7 +560,7 @@ class LlamaModel(nn.Module):
                     raise ValueError(
                         f"input_ids must lie in [0, vocab_size={V}), got {lo if lo < 0 else hi}"
                     )
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed(input_ids)
         elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must be [B, N, {self.config.hidden_size}], got shape "
@@ -455,10 +607,52 @@ class LlamaModel(nn.Module):
 
         key_mask = attention_mask if kv_cache is None else kv_cache.append_mask(attention_mask)
         attn_mask = build_attention_mask(key_mask, N, mask, prefix_lengths)
+        window_mask = None
+        if "sliding_attention" in self.config.layer_types:
+            window = self.config.sliding_window
+            window_mask = build_attention_mask(key_mask, N, mask, prefix_lengths, window)
         cos, sin = rope_cos_sin(
             position_ids, int(self.config.head_dim), self.config.rope_theta, inputs_embeds.dtype
         )
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask, kv_cache)
+            h = layer(h, cos, sin, window_mask if layer.sliding else attn_mask, kv_cache)
         return self.norm(h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[B, N, D]``, times ``sqrt(D)`` (in their dtype) with
+        ``embed_scale``; callers that build ``inputs_embeds`` themselves use this for text."""
+        embeds = self.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            embeds = embeds * torch.tensor(self.config.hidden_size**0.5, dtype=embeds.dtype)
+        return embeds
+
+
+def load_hf_gemma2(folder: str | os.PathLike[str]) -> LlamaModel:
+    """The Gemma-2 backbone of a local Hugging Face folder (``config.json`` with
+    ``model_type: gemma2`` and its weights, from ``Gemma2Model`` or ``Gemma2ForCausalLM``),
+    in the checkpoint's dtype. Gemma-2 ties its LM head to ``embed_tokens``: read logits as
+    ``softcap(h @ embed_tokens.weight.T, config.final_logit_softcapping)``.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing file, another model type, or weights that do
+            not fit (each missing, unexpected or mis-shaped tensor named).
+    """
+    folder = Path(folder)
+    config = read_json_object(folder / "config.json")
+    if config.get("model_type") != "gemma2":
+        raise ValueError(
+            f"{folder / 'config.json'}: model_type is {config.get('model_type')!r}, not 'gemma2'"
+        )
+    weights = read_weights(folder)
+    head = weights.pop("lm_head.weight", None)
+    prefix = "model." if any(k.startswith("model.") for k in weights) else ""
+    state = {k.removeprefix(prefix): v for k, v in weights.items()}
+    model = LlamaModel(LlamaConfig.from_hf_gemma2(config))
+    check_state_dict(model.state_dict(), state, str(folder), prefix=prefix)
+    if head is not None and not torch.equal(head, state["embed_tokens.weight"]):
+        raise ValueError(f"{folder}: lm_head.weight differs from embed_tokens (Gemma-2 ties them)")
+    dtypes = {t.dtype for t in state.values()}
+    model.to(dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    model.load_state_dict(state)
+    return model.eval()
