@@ -61,6 +61,7 @@ def run_showcase(
     from kineflow.data.shapes.scene import Scene, ShapesWorld
     from kineflow.eval.detector import detect
     from kineflow.eval.shapes import contact_sheet
+    from kineflow.pipelines.images import save_gif, save_strip
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,8 +89,6 @@ def run_showcase(
             "detected": scene.to_dict(),
             "passes": failures == [] if failures is not None else None, "failures": failures,
         })  # fmt: skip
-    from kineflow.pipelines.images import save_gif, save_strip
-
     for k in range(len(prompts)):
         frames = result.trajectory[k * seeds]
         save_gif(frames, out / f"refine_{k}.gif", scale=4)
