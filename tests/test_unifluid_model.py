@@ -93,7 +93,7 @@ def test_guided_generation_uses_both_halves(monkeypatch) -> None:
         return torch.tanh(z[:, :C] + cfg_scale * (z[:, :C] - z_uncond[:, :C]))
 
     monkeypatch.setattr(model.diffusion_head, "sample", fake_sample)
-    model.generate_tokens(ids, mask, uncond_ids=torch.zeros_like(ids), cfg_scale=4.0)
+    model.generate_tokens(ids, mask, uncond=torch.zeros_like(ids), cfg_scale=4.0)
     assert weights[0] == pytest.approx(1 + 3 / L) and weights[-1] == pytest.approx(4.0)
     assert all(a < b for a, b in itertools.pairwise(weights))  # rises over the tokens
 
@@ -190,3 +190,32 @@ def test_text_generation_greedy_and_beam() -> None:
             sequence_logprob(model, embeds[b : b + 1], prefix[b : b + 1], with_eos[0]) - 1e-9
         )
     assert model.generate_text(embeds, mask, prefix, max_tokens=6, eos_id=eos, beams=1) == greedy
+
+
+def test_editing_prompt_with_image_features(monkeypatch) -> None:
+    """A prompt given as embeddings (source picture features + instruction) generates like
+    teacher forcing sees it."""
+    model = tiny()
+    P = model.config.vision.num_patches
+    ids = torch.randint(1, V, (1, P + 5), generator=torch.Generator().manual_seed(6))
+    image_mask = torch.zeros_like(ids, dtype=torch.bool)
+    image_mask[0, 1 : 1 + P] = True
+    features = model.encode_images(torch.randn(1, 3, 16, 16, dtype=torch.float64))
+    prompt = model.understanding_embeds(ids, image_mask, features)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    seen = []
+
+    def fake_sample(z, **kw):
+        seen.append(z.clone())
+        return torch.tanh(z[:, :C])
+
+    monkeypatch.setattr(model.diffusion_head, "sample", fake_sample)
+    order = generation_order(1, L, "random", torch.Generator().manual_seed(7))
+    tokens = model.generate_tokens(prompt, mask, order=order)
+    z_tf = model.generation_hidden(prompt, mask, tokens, order)
+    torch.testing.assert_close(torch.stack(seen, 1), z_tf, rtol=1e-5, atol=1e-5)
+    other = features + 1.0  # another source picture changes the result
+    seen.clear()
+    again = model.generate_tokens(model.understanding_embeds(ids, image_mask, other), mask,
+                                  order=order)  # fmt: skip
+    assert not torch.allclose(again, tokens)

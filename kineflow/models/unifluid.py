@@ -151,9 +151,19 @@ class UnifluidModel(nn.Module):
         return self.aligner(self.vision_model(pixel_values))
 
     # -- generation ------------------------------------------------------------------------------
+    def prompt_embeds(self, prompt: Tensor) -> Tensor:
+        """``prompt`` as input embeddings: ids ``[B, N]`` are embedded (text only), embeddings
+        ``[B, N, D]`` (e.g. :meth:`understanding_embeds` for an editing prompt) pass through."""
+        return self.backbone.embed(prompt) if prompt.ndim == 2 else prompt
+
+    def _announce_first(self, prompt: Tensor, order: Tensor) -> Tensor:
+        """The ``<boi>`` input (the prompt's last) also carries ``P_next[π(0)]``."""
+        first = self.pos_next[order[:, 0]].to(prompt.dtype)
+        return torch.cat([prompt[:, :-1], prompt[:, -1:] + first[:, None]], dim=1)
+
     def generation_hidden(
         self,
-        prompt_ids: Tensor,
+        prompt: Tensor,
         prompt_mask: Tensor,
         tokens: Tensor,
         order: Tensor,
@@ -161,19 +171,18 @@ class UnifluidModel(nn.Module):
         """Teacher-forced hidden states ``z [B, L, D]`` that condition the diffusion head for
         ``x_π(0) … x_π(L−1)``.
 
-        ``prompt_ids [B, N]`` end with ``<boi>`` (left-padded; ``prompt_mask`` marks real
-        tokens), ``tokens [B, L, C]`` are the target image tokens in grid order.
+        ``prompt`` (ids ``[B, N]`` or embeddings ``[B, N, D]``, see :meth:`prompt_embeds`) ends
+        with ``<boi>`` (left-padded; ``prompt_mask`` marks real tokens); ``tokens [B, L, C]``
+        are the target image tokens in grid order.
         """
-        B, N = prompt_ids.shape
+        B, N = prompt_mask.shape
         L = self.config.num_image_tokens
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (L, self.config.vae.token_dim):
             raise ValueError(
                 f"image tokens must be [B, {L}, {self.config.vae.token_dim}], got shape "
                 f"{tuple(tokens.shape)}"
             )
-        text = self.backbone.embed(prompt_ids)
-        boi_next = self.pos_next[order[:, 0]]  # the <boi> input announces the first position
-        text = torch.cat([text[:, :-1], text[:, -1:] + boi_next[:, None]], dim=1)
+        text = self._announce_first(self.prompt_embeds(prompt), order)
         embeds = torch.cat([text, self.image_inputs(tokens, order).to(text.dtype)], dim=1)
         mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, L - 1).bool()], dim=1)
         hidden = self.backbone(
@@ -186,14 +195,14 @@ class UnifluidModel(nn.Module):
 
     def image_loss(
         self,
-        prompt_ids: Tensor,
+        prompt: Tensor,
         prompt_mask: Tensor,
         tokens: Tensor,
         order: Tensor,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Per-sample diffusion loss ``[B]`` (mean over the sample's image tokens)."""
-        z = self.generation_hidden(prompt_ids, prompt_mask, tokens, order)
+        z = self.generation_hidden(prompt, prompt_mask, tokens, order)
         B, L, C = tokens.shape
         targets = tokens.gather(1, order[..., None].expand_as(tokens))
         dtype = self._head_dtype  # the small head may run in float32 under a bf16 backbone
@@ -205,40 +214,42 @@ class UnifluidModel(nn.Module):
     @torch.no_grad()
     def generate_tokens(
         self,
-        prompt_ids: Tensor,
+        prompt: Tensor,
         prompt_mask: Tensor,
         *,
-        uncond_ids: Tensor | None = None,
+        uncond: Tensor | None = None,
         cfg_scale: float = 1.0,
         temperature: float = 1.0,
         order: Tensor | None = None,
         generator: torch.Generator | None = None,
         clip_x0: float | None = None,
     ) -> Tensor:
-        """Image tokens ``[B, L, C]`` (grid order) for prompts ending in ``<boi>``, one
-        incremental backbone step per token (KV cache).
+        """Image tokens ``[B, L, C]`` (grid order) for prompts (ids or embeddings, see
+        :meth:`prompt_embeds`) ending in ``<boi>``, one incremental backbone step per token
+        (KV cache).
 
-        With ``uncond_ids`` (the prompts blanked, same mask) the ε of the diffusion head is
-        guided with a weight rising linearly from 1 to ``cfg_scale`` over the generated tokens.
+        With ``uncond`` (the prompts blanked, same mask) the ε of the diffusion head is guided
+        with a weight rising linearly from 1 to ``cfg_scale`` over the generated tokens.
         """
-        B = prompt_ids.shape[0]
+        B = prompt_mask.shape[0]
         L, C = self.config.num_image_tokens, self.config.vae.token_dim
+        device = prompt_mask.device
         if order is None:
             order = generation_order(B, L, self.config.order, generator)
-        order = order.to(prompt_ids.device)
-        guided = uncond_ids is not None
-        ids = torch.cat([prompt_ids, uncond_ids]) if guided else prompt_ids
+        order = order.to(device)
+        guided = uncond is not None
+        text = self.prompt_embeds(prompt)
+        if guided:
+            text = torch.cat([text, self.prompt_embeds(uncond)])
         mask = torch.cat([prompt_mask, prompt_mask]) if guided else prompt_mask
         rows = 2 if guided else 1
-        text = self.backbone.embed(ids)
-        first = self.pos_next[order[:, 0]].repeat(rows, 1)
-        text = torch.cat([text[:, :-1], text[:, -1:] + first[:, None]], dim=1)
+        text = self._announce_first(text, order.repeat(rows, 1))
         cache = KVCache()
         z = self.backbone(
             inputs_embeds=text, attention_mask=mask, mask="prefix",
             prefix_lengths=mask.sum(1), kv_cache=cache,
         )[:, -1]  # fmt: skip
-        out = torch.zeros(B, L, C, device=prompt_ids.device, dtype=self._head_dtype)
+        out = torch.zeros(B, L, C, device=device, dtype=self._head_dtype)
         for j in range(L):
             w = 1.0 + (cfg_scale - 1.0) * (j + 1) / L
             cond, uncond = (z[:B], z[B:]) if guided else (z, None)
