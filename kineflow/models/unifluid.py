@@ -269,6 +269,33 @@ class UnifluidModel(nn.Module):
             )[:, -1]  # fmt: skip
         return out
 
+    # -- training --------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict:
+        """Per-sample losses of a training batch in one call (one forward per step, as DDP
+        wants): ``{"image": [G + E], "text": [U]}`` for its ``gen`` / ``edit`` / ``und`` parts
+        (each a dict or None; see :class:`kineflow.train.unifluid.UnifluidTask`). Editing
+        prompts carry the source picture's SigLIP features at their ``image_mask`` positions."""
+        device = self.pos_in.device
+        image, text = [], torch.zeros(0, device=device)
+        for part in ("gen", "edit"):
+            b = batch.get(part)
+            if b is None:
+                continue
+            prompt = b["ids"]
+            if part == "edit":
+                prompt = self.understanding_embeds(
+                    b["ids"], b["image_mask"], self.encode_images(b["pixels"])
+                )
+            image.append(self.image_loss(prompt, b["mask"], b["tokens"], b["order"], generator))
+        b = batch.get("und")
+        if b is not None:
+            hidden = self.understanding_hidden(
+                b["ids"], b["mask"], b["image_mask"], self.encode_images(b["pixels"]), b["prefix"]
+            )
+            text = self.text_loss(hidden, b["targets"], b["target_mask"])
+        image_loss = torch.cat(image) if image else torch.zeros(0, device=device)
+        return {"image": image_loss, "text": text}
+
     # -- understanding ---------------------------------------------------------------------------
     def understanding_embeds(
         self, input_ids: Tensor, image_mask: Tensor, features: Tensor

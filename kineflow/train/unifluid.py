@@ -1,0 +1,272 @@
+"""Training UniFluid on ShapesWorld through the shared loop.
+
+A batch mixes three kinds of samples, each drawn (with its scene, its generation order, its
+CFG dropout) from its own seeded generator:
+
+    gen    BOS "User: {caption}\\n\\nAssistant:" <boi>  →  the picture's L KL-VAE tokens
+    edit   BOS "User: " <boi> <img>×P <eoi> "{instruction}\\n\\nAssistant:" <boi>
+           →  the edited picture's tokens (the source picture enters as SigLIP features)
+    und    the understanding layout of :mod:`kineflow.pipelines.layout` (VQA or captioning)
+           →  the answer slots (answer, then EOS)
+
+Loss (SPEC §2): each generation / editing sample contributes its diffusion loss, each
+understanding sample ``λ`` times its cross-entropy; the batch loss is the mean over samples,
+so it averages exactly over processes. The KL-VAE is frozen; SigLIP starts from ``vision``
+(a pre-trained tower) and is frozen too. Image tokens are the VAE posterior means, scaled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from kineflow.config import build_run_config, load_yaml_config
+from kineflow.data.shapes.dataset import draw_item
+from kineflow.data.shapes.render import render
+from kineflow.data.shapes.scene import Scene, ShapesWorld
+from kineflow.io import atomic_write_json
+from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
+from kineflow.pipelines.images import preprocess_understanding
+from kineflow.pipelines.layout import stack_layouts, understanding_layout
+from kineflow.tokenizers.kl_vae import AutoencoderKL
+from kineflow.tokenizers.text import TextTokenizer
+from kineflow.train.loop import Optim, run_training, sample_generator
+
+__all__ = [
+    "UnifluidData",
+    "UnifluidTask",
+    "UnifluidTrainConfig",
+    "build_unifluid",
+    "train_unifluid",
+]
+
+
+@dataclass
+class UnifluidData:
+    """Shares of the batch: ``understanding_ratio`` VQA / captioning (``caption_ratio`` of
+    those captioning), ``edit_ratio`` editing, the rest text-to-image."""
+
+    split: str = "train"
+    image_size: int = 32
+    seed: int = 0
+    understanding_ratio: float = 0.4
+    edit_ratio: float = 0.2
+    caption_ratio: float = 0.3
+    vqa_answer_tokens: int = 2
+    caption_tokens: int = 40
+    caption_instruction: str = "Describe the picture."
+    text_budget: int = 64
+    cfg_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("understanding_ratio", "edit_ratio", "caption_ratio", "cfg_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.understanding_ratio + self.edit_ratio > 1:
+            raise ValueError("data.understanding_ratio + data.edit_ratio must be <= 1")
+
+
+@dataclass
+class UnifluidTrainConfig:
+    """A run: ``model`` holds :class:`UnifluidConfig` fields except ``vae`` (read from the
+    ``vae`` folder); ``language.vocab_size`` defaults to the text tokenizer's size."""
+
+    model: dict[str, Any]
+    vae: str
+    text_tokenizer: str
+    out: str
+    vision: str | None = None
+    data: UnifluidData = field(default_factory=UnifluidData)
+    optim: Optim = field(default_factory=Optim)
+    log_every: int = 25
+    ckpt_every: int = 250
+    parallel: str = "none"
+    threads: int | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> UnifluidTrainConfig:
+        sections = {"data": UnifluidData, "optim": Optim}
+        return build_run_config(cls, raw, sections, ("model", "vae", "text_tokenizer", "out"))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> UnifluidTrainConfig:
+        return load_yaml_config(cls, path)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_unifluid(config: UnifluidTrainConfig, tokenizer: TextTokenizer) -> UnifluidModel:
+    """The network around the frozen KL-VAE (and, with ``vision``, the pre-trained SigLIP)."""
+    vae = AutoencoderKL.from_pretrained(config.vae)
+    model_dict = dict(config.model)
+    language = dict(model_dict.get("language", {}))
+    V = language.setdefault("vocab_size", tokenizer.vocab_size)
+    if tokenizer.vocab_size != V:
+        raise ValueError(
+            f"model.language.vocab_size={V} but the text tokenizer has {tokenizer.vocab_size} "
+            "tokens: the model and tokenizer vocabularies must match"
+        )
+    model_dict["language"] = language
+    model = UnifluidModel(UnifluidConfig(vae=vae.config, **model_dict))
+    model.vae.load_state_dict(vae.state_dict())
+    model.vae.requires_grad_(False)
+    if config.vision is not None:
+        from kineflow.train.siglip import load_siglip_vision
+
+        tower = load_siglip_vision(config.vision)
+        if model.vision_model is None or tower.config.to_dict() != model.config.vision.to_dict():
+            raise ValueError(f"the SigLIP folder {config.vision} does not match model.vision")
+        model.vision_model.load_state_dict(tower.state_dict())
+        model.vision_model.requires_grad_(False)
+    return model
+
+
+class UnifluidTask:
+    """Batches and losses of :func:`train_unifluid` (see the module docstring)."""
+
+    def __init__(self, model: UnifluidModel, tokenizer: TextTokenizer, config: UnifluidTrainConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.data = config.data
+        self.world = ShapesWorld()
+        vision = model.config.vision
+        self.num_patches = vision.num_patches if vision is not None else 0
+
+    def _kind(self, g: torch.Generator) -> str:
+        u = float(torch.rand((), generator=g))
+        d = self.data
+        if self.num_patches and u < d.understanding_ratio:
+            return "und"
+        if self.num_patches and u < d.understanding_ratio + d.edit_ratio:
+            return "edit"
+        return "gen"
+
+    def _prompt(self, text: str, image: bool, g: torch.Generator) -> list[int]:
+        """Chat-template ids ending in ``<boi>``; an editing prompt starts its user turn with
+        the source picture's ``P`` placeholders. A text-to-image prompt is blanked (pad after
+        BOS) with probability ``cfg_dropout``, for classifier-free guidance."""
+        tok = self.tokenizer
+        message = (tok.image_span(1) if image else "") + text
+        chat = tok.apply_chat_template([{"role": "user", "content": message}], system="")
+        ids = tok.encode(chat, bos=True)
+        if image:
+            at = ids.index(tok.image_id)
+            ids[at : at + 1] = [tok.image_id] * self.num_patches
+        elif float(torch.rand((), generator=g)) < self.data.cfg_dropout:
+            ids = ids[:1] + [tok.pad_id] * (len(ids) - 1)
+        return [*ids, tok.boi_id]
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        d, tok = self.data, self.tokenizer
+        groups: dict[str, list[dict]] = {"gen": [], "edit": [], "und": []}
+        for index in indices:
+            g = sample_generator(d.seed, index)
+            kind = self._kind(g)
+            if kind == "und":
+                caption = float(torch.rand((), generator=g)) < d.caption_ratio
+                task = "caption" if caption else "vqa"
+                item = draw_item(self.world, task, d.split, index)
+                question = d.caption_instruction if caption else item.texts["question"]
+                answer = item.texts["caption" if caption else "answer"]
+                slots = d.caption_tokens if caption else d.vqa_answer_tokens
+                ids = tok.encode(answer)
+                if len(ids) >= slots:
+                    raise ValueError(f"a {task} answer of {len(ids)} tokens needs > {slots} slots")
+                lay = understanding_layout(tok, [question], self.num_patches, d.text_budget, slots)
+                target = ids + [tok.eos_id] * (slots - len(ids))
+                picture = render(Scene.from_key(item.scene_key), d.image_size)
+                groups["und"].append({"layout": lay, "target": target, "picture": picture})
+                continue
+            L = self.model.config.num_image_tokens
+            order = generation_order(1, L, self.model.config.order, g)[0]
+            if kind == "gen":
+                item = draw_item(self.world, "t2i", d.split, index)
+                ids = self._prompt(item.texts["caption"], False, g)
+                groups["gen"].append({"ids": ids, "scene": item.scene_key, "order": order})
+            else:
+                item = draw_item(self.world, "edit", d.split, index)
+                ids = self._prompt(item.texts["instruction"], True, g)
+                source = render(Scene.from_key(item.scene_key), d.image_size)
+                groups["edit"].append({"ids": ids, "scene": item.target_key, "order": order,
+                                       "source": source})  # fmt: skip
+        batch = {name: self._collate(name, rows) for name, rows in groups.items()}
+        batch["first"] = indices[0]  # seeds the diffusion (t, ε) draws of this batch
+        return batch
+
+    def _collate(self, name: str, rows: list[dict]) -> dict[str, Tensor] | None:
+        if not rows:
+            return None
+        tok, d = self.tokenizer, self.data
+        size = self.model.config.vision.image_size if self.num_patches else d.image_size
+        if name == "und":
+            lay = stack_layouts([r["layout"] for r in rows], tok.pad_id)
+            targets = lay.input_ids.clone()
+            for b, r in enumerate(rows):
+                targets[b, lay.region[b]] = torch.tensor(r["target"])
+            pictures = [Image.fromarray(r["picture"]) for r in rows]
+            prefix = (lay.attention_mask & ~lay.region).sum(1)
+            return {"ids": lay.input_ids, "mask": lay.attention_mask,
+                    "image_mask": lay.understanding_mask, "targets": targets,
+                    "target_mask": lay.region, "prefix": prefix,
+                    "pixels": preprocess_understanding(pictures, size)}  # fmt: skip
+        N = max(len(r["ids"]) for r in rows)
+        ids = torch.full((len(rows), N), tok.pad_id)
+        mask = torch.zeros(len(rows), N, dtype=torch.bool)
+        for b, r in enumerate(rows):  # left padding: every prompt ends in <boi> at column N - 1
+            ids[b, N - len(r["ids"]) :] = torch.tensor(r["ids"])
+            mask[b, N - len(r["ids"]) :] = True
+        pictures = [render(Scene.from_key(r["scene"]), d.image_size) for r in rows]
+        out = {"ids": ids, "mask": mask, "tokens": self._tokens(pictures),
+               "order": torch.stack([r["order"] for r in rows])}  # fmt: skip
+        if name == "edit":
+            out["image_mask"] = ids == tok.image_id
+            sources = [Image.fromarray(r["source"]) for r in rows]
+            out["pixels"] = preprocess_understanding(sources, size)
+        return out
+
+    @torch.no_grad()
+    def _tokens(self, pictures: list[np.ndarray]) -> Tensor:
+        x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        vae = self.model.vae
+        return vae.images_to_tokens(x.to(next(vae.parameters()).device)).cpu()
+
+    def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
+        g = sample_generator(self.data.seed + 1, batch["first"])
+        out = model(batch, g)
+        lam = (model.module if hasattr(model, "module") else model).config.text_loss_weight
+        per_sample = torch.cat([out["image"], lam * out["text"]])
+        B = per_sample.shape[0]
+        return {"loss": per_sample.mean(), "loss_image": out["image"].sum() / B,
+                "loss_text": lam * out["text"].sum() / B}  # fmt: skip
+
+
+def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a UniFluid training run; writes ``out/model.safetensors`` +
+    ``out/config.json`` (the network) and ``out/summary.json``."""
+    from kineflow.io import save_pretrained_folder
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = TextTokenizer.load(config.text_tokenizer)
+    torch.manual_seed(config.optim.seed)
+    model = build_unifluid(config, tokenizer)
+    task = UnifluidTask(model, tokenizer, config)
+    summary = run_training(task, config.optim, out, config.to_dict(), log_every=config.log_every,
+                           ckpt_every=config.ckpt_every, parallel=config.parallel,
+                           progress=progress, desc="train unifluid")  # fmt: skip
+    tokenizer.save(out / "model")
+    save_pretrained_folder(out / "model", model.state_dict(), model.config.to_dict(), "unifluid")
+    atomic_write_json(out / "summary.json", summary)
+    return summary

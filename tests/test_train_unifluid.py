@@ -1,0 +1,104 @@
+"""The UniFluid trainer: mixed batches, the loss, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kineflow.data.shapes.dataset import corpus
+from kineflow.tokenizers.kl_vae import AutoencoderKL, KLConfig
+from kineflow.tokenizers.text import TextTokenizer, train_text_tokenizer
+from kineflow.train.unifluid import (
+    UnifluidTask,
+    UnifluidTrainConfig,
+    build_unifluid,
+    train_unifluid,
+)
+
+MODEL = {
+    "language": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                 "max_position_embeddings": 256, "hidden_act": "gelu_tanh", "norm_offset": True,
+                 "embed_scale": True, "sandwich_norms": True, "query_pre_attn_scalar": 8,
+                 "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "vision": {"image_size": 32, "patch_size": 16, "hidden_size": 16, "intermediate_size": 32,
+               "num_hidden_layers": 1, "num_attention_heads": 2},
+    "head": {"width": 32, "depth": 1, "steps": 50, "sample_steps": 5, "draws": 2},
+}  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("unifluid")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(KLConfig(channels=8, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                 z_channels=4, norm_groups=4, image_size=32))  # fmt: skip
+    vae.save_pretrained(root / "vae")
+    train_text_tokenizer(corpus(n=200), vocab_size=400).save(root / "text")
+    return {"vae": str(root / "vae"), "text": str(root / "text")}
+
+
+def make_config(assets, out, steps=4, **data) -> UnifluidTrainConfig:
+    return UnifluidTrainConfig.from_dict({
+        "model": MODEL, "vae": assets["vae"], "text_tokenizer": assets["text"], "out": str(out),
+        "data": {"vqa_answer_tokens": 3, "caption_tokens": 40, **data},
+        "optim": {"steps": steps, "batch_size": 6, "lr": 1e-3, "warmup": 1},
+        "log_every": 1, "ckpt_every": 2,
+    })  # fmt: skip
+
+
+def test_batches_mix_generation_editing_and_understanding(assets, tmp_path) -> None:
+    config = make_config(assets, tmp_path)
+    tok = TextTokenizer.load(assets["text"])
+    model = build_unifluid(config, tok)
+    task = UnifluidTask(model, tok, config)
+    batch = task.batch(list(range(24)))
+    gen, edit, und = batch["gen"], batch["edit"], batch["und"]
+    assert gen is not None and edit is not None and und is not None
+    L, C = model.config.num_image_tokens, model.config.vae.token_dim
+    assert gen["tokens"].shape[1:] == (L, C) and (gen["ids"][:, -1] == tok.boi_id).all()
+    P = model.config.vision.num_patches
+    assert (edit["image_mask"].sum(1) == P).all() and edit["pixels"].shape[0] == len(edit["ids"])
+    assert (und["targets"][und["target_mask"]] >= 0).all() and und["prefix"].min() > P
+    losses = task.losses(batch, model)
+    assert torch.isfinite(losses["loss"])
+    torch.testing.assert_close(losses["loss_image"] + losses["loss_text"], losses["loss"])
+    losses["loss"].backward()
+    assert model.pos_next.grad is not None and model.vae.encoder is not None
+    assert all(p.grad is None for p in model.vae.parameters())  # frozen
+
+
+def test_resumed_run_equals_straight_run(assets, tmp_path) -> None:
+    straight = tmp_path / "straight"
+    train_unifluid(make_config(assets, straight), progress=False)
+    resumed = tmp_path / "resumed"
+    real = UnifluidTask.batch
+
+    def dies_at_step_4(self, indices):
+        if indices[0] == 3 * 6:  # batch size 6: step 4 starts at sample 18
+            raise KeyboardInterrupt
+        return real(self, indices)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(UnifluidTask, "batch", dies_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            train_unifluid(make_config(assets, resumed), progress=False)
+    train_unifluid(make_config(assets, resumed), progress=False)
+
+    def losses(out) -> list[float]:
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 4
+    assert (straight / "model" / "model.safetensors").is_file()
+    assert (straight / "model" / "tokenizer.json").is_file()
+
+
+def test_vocabulary_mismatch(assets, tmp_path) -> None:
+    config = make_config(assets, tmp_path)
+    config.model = {**MODEL, "language": {**MODEL["language"], "vocab_size": 99}}
+    with pytest.raises(ValueError, match="vocabularies must match"):
+        train_unifluid(config, progress=False)
