@@ -123,15 +123,19 @@ def load(
     config = read_json_object(config_path)
     if config.get(TYPE_FIELD) == FUDOKI_KIND:
         pipeline = FudokiPipeline.from_kineflow_folder(folder)
+    elif config.get(TYPE_FIELD) == "unifluid":
+        from kineflow.pipelines.unifluid import UnifluidPipeline
+
+        pipeline = UnifluidPipeline.from_pretrained(folder)
     elif config.get("model_type") == "multi_modality":
         pipeline = load_janus_folder(folder, config)
         dtype = dtype or torch.float32
     else:
         found = config.get(TYPE_FIELD) or config.get("model_type")
         raise ValueError(
-            f"{config_path} describes {found!r}; kineflow.load reads kineflow FUDOKI folders "
-            f"({TYPE_FIELD} {FUDOKI_KIND!r}) and Janus / FUDOKI releases (model_type "
-            "'multi_modality')"
+            f"{config_path} describes {found!r}; kineflow.load reads kineflow FUDOKI and UniFluid "
+            f"folders ({TYPE_FIELD} {FUDOKI_KIND!r} / 'unifluid') and Janus / FUDOKI releases "
+            "(model_type 'multi_modality')"
         )
     return pipeline.to(device=device, dtype=dtype)
 

@@ -102,3 +102,42 @@ def test_vocabulary_mismatch(assets, tmp_path) -> None:
     config.model = {**MODEL, "language": {**MODEL["language"], "vocab_size": 99}}
     with pytest.raises(ValueError, match="vocabularies must match"):
         train_unifluid(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    import kineflow
+
+    out = tmp_path_factory.mktemp("run")
+    train_unifluid(make_config(assets, out, steps=2), progress=False)
+    return kineflow.load(out / "model")
+
+
+def test_pipeline_generates_edits_and_answers(trained) -> None:
+    from PIL import Image
+
+    from kineflow.pipelines.unifluid import UnifluidPipeline
+
+    pipe = trained
+    assert isinstance(pipe, UnifluidPipeline)
+    out = pipe.text_to_image(["a red circle", "two blue squares left of a cyan circle"], seed=0)
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+    again = pipe.text_to_image(["a red circle", "two blue squares left of a cyan circle"], seed=0)
+    assert torch.equal(out.codes, again.codes)  # seeded
+    raster = pipe.text_to_image(["a red circle"], seed=0, cfg_scale=1.0,
+                                order=torch.arange(16)[None])  # fmt: skip
+    assert raster.codes.shape == (1, 16, 16)
+    source = Image.new("RGB", (32, 32), "white")
+    edited = pipe.edit([source], ["make the circle cyan."], seed=1)
+    assert edited.images[0].size == (32, 32)
+    answers = pipe.answer([source, source], ["how many circles are there?", "is it red?"],
+                          max_tokens=4)  # fmt: skip
+    assert len(answers.texts) == 2 and all(len(ids) <= 4 for ids in answers.ids)
+    beam = pipe.caption(source, beams=2)
+    assert isinstance(beam.texts[0], str)
+    with pytest.raises(ValueError, match="empty prompt"):
+        pipe.text_to_image(["  "])
+    with pytest.raises(ValueError, match="special token"):
+        pipe.text_to_image(["a <begin_of_image> circle"])
+    with pytest.raises(ValueError, match="1 image"):
+        pipe.edit([source], ["a", "b"])

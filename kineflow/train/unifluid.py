@@ -251,10 +251,8 @@ class UnifluidTask:
 
 
 def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a UniFluid training run; writes ``out/model.safetensors`` +
-    ``out/config.json`` (the network) and ``out/summary.json``."""
-    from kineflow.io import save_pretrained_folder
-
+    """Run (or resume) a UniFluid training run; writes ``out/model`` (a pipeline folder that
+    :func:`kineflow.load` reads) and ``out/summary.json``."""
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
@@ -266,7 +264,13 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
     summary = run_training(task, config.optim, out, config.to_dict(), log_every=config.log_every,
                            ckpt_every=config.ckpt_every, parallel=config.parallel,
                            progress=progress, desc="train unifluid")  # fmt: skip
-    tokenizer.save(out / "model")
-    save_pretrained_folder(out / "model", model.state_dict(), model.config.to_dict(), "unifluid")
+    from kineflow.pipelines.unifluid import UnifluidPipeline, UnifluidPipelineConfig
+
+    pipeline_config = UnifluidPipelineConfig(
+        text_budget=config.data.text_budget,
+        caption_tokens=config.data.caption_tokens,
+        caption_instruction=config.data.caption_instruction,
+    )
+    UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(out / "model")
     atomic_write_json(out / "summary.json", summary)
     return summary

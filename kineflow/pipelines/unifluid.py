@@ -1,0 +1,252 @@
+"""UniFluid inference: text-to-image, image editing, VQA and captioning with one model.
+
+Prompts use the same chat template and special tokens as the trainer
+(:mod:`kineflow.train.unifluid`), left-padded so every row's last prompt token sits in the
+same column:
+
+    text-to-image  BOS "User: {prompt}\\n\\nAssistant:" <boi>          → L image tokens
+    editing        BOS "User: " <boi> <img>×P <eoi> "{instruction}\\n\\nAssistant:" <boi>
+    understanding  BOS "User: " <boi> <img>×P <eoi> "{question}\\n\\nAssistant:"  → text
+
+Images are generated token by token in a random (or raster) order with a KV cache and the
+per-token diffusion head; classifier-free guidance blanks the text prompt (pad after BOS) and
+raises the weight over the tokens. Text is greedy or beam search, cut at EOS.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kineflow.config import check_config_keys
+from kineflow.data.example import tensor_to_image
+from kineflow.io import load_pretrained_folder, save_pretrained_folder
+from kineflow.models.unifluid import UnifluidConfig, UnifluidModel
+from kineflow.pipelines.fudoki import ImageResult, TextResult
+from kineflow.pipelines.images import load_image, preprocess_understanding
+from kineflow.pipelines.layout import understanding_layout
+from kineflow.tokenizers.text import TextTokenizer
+
+__all__ = ["KIND", "UnifluidPipeline", "UnifluidPipelineConfig"]
+
+KIND = "unifluid"
+
+
+@dataclass
+class UnifluidPipelineConfig:
+    """Defaults of the sampling calls and the text budget of understanding prompts."""
+
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    text_budget: int = 64
+    answer_tokens: int = 16
+    caption_tokens: int = 40
+    caption_instruction: str = "Describe the picture."
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnifluidPipelineConfig:
+        check_config_keys(d, cls, "UniFluid pipeline config")
+        return cls(**d)
+
+
+class UnifluidPipeline:
+    """A UniFluid model with its text tokenizer (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: UnifluidModel,
+        tokenizer: TextTokenizer,
+        config: UnifluidPipelineConfig | None = None,
+    ) -> None:
+        V = model.config.language.vocab_size
+        if tokenizer.vocab_size > V:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                f"has {V}: this tokenizer does not belong to this model"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or UnifluidPipelineConfig()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """Move the model in place; returns self."""
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def _prompt_ids(self, text: str, image: bool) -> list[int]:
+        tok = self.tokenizer
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("empty prompt / instruction")
+        found = [s for s in tok.special_tokens.as_tuple() if s in text]
+        if found:
+            raise ValueError(f"the text {text!r} contains the special token(s) {found}")
+        message = (tok.image_span(1) if image else "") + text.strip()
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": message}],
+                                                 system=""), bos=True)  # fmt: skip
+        if image:
+            at = ids.index(tok.image_id)
+            ids[at : at + 1] = [tok.image_id] * self.model.config.vision.num_patches
+        return [*ids, tok.boi_id]
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        N = max(len(r) for r in rows)
+        ids = torch.full((len(rows), N), self.tokenizer.pad_id)
+        mask = torch.zeros(len(rows), N, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            ids[b, N - len(r) :] = torch.tensor(r)
+            mask[b, N - len(r) :] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    def _features(self, images: Sequence[Any]) -> Tensor:
+        if self.model.vision_model is None:
+            raise ValueError("this model has no understanding encoder (config.vision is None)")
+        pictures = [load_image(im) for im in images]
+        size = self.model.config.vision.image_size
+        pixels = preprocess_understanding(pictures, size).to(self.device, self.model.pos_in.dtype)
+        return self.model.encode_images(pixels)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        g = torch.Generator()  # the head draws on the CPU and moves its noise
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(seed))
+        return g
+
+    # -- tasks -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        cfg_scale: float | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        order: Tensor | None = None,
+    ) -> ImageResult:
+        """One picture per prompt, sampled in one batch (``cfg_scale`` 1: no guidance)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        ids, mask = self._left_pad([self._prompt_ids(p, False) for p in prompts])
+        uncond = ids.clone()
+        uncond[:, :-1] = torch.where(mask[:, :-1], self.tokenizer.pad_id, uncond[:, :-1])
+        uncond[torch.arange(len(prompts)), mask.float().argmax(1)] = self.tokenizer.bos_id
+        return self._images(ids, mask, uncond, cfg_scale, temperature, seed, order)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: Sequence[Any] | Any,
+        instructions: str | Sequence[str],
+        *,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> ImageResult:
+        """The picture ``images[i]`` changed as ``instructions[i]`` says (no guidance: the
+        trainer never blanks editing prompts)."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        instructions = [instructions] if isinstance(instructions, str) else list(instructions)
+        if len(images) != len(instructions):
+            raise ValueError(f"got {len(images)} image(s) for {len(instructions)} instruction(s)")
+        ids, mask = self._left_pad([self._prompt_ids(t, True) for t in instructions])
+        prompt = self.model.understanding_embeds(
+            ids, ids == self.tokenizer.image_id, self._features(images)
+        )
+        return self._images(prompt, mask, None, 1.0, temperature, seed, None)
+
+    def _images(self, prompt, mask, uncond, cfg_scale, temperature, seed, order) -> ImageResult:
+        c = self.config
+        w = c.cfg_scale if cfg_scale is None else float(cfg_scale)
+        start = time.perf_counter()
+        tokens = self.model.generate_tokens(
+            prompt, mask, uncond=uncond if w != 1.0 else None, cfg_scale=w,
+            temperature=c.temperature if temperature is None else temperature,
+            order=order, generator=self._generator(seed),
+        )  # fmt: skip
+        model_s = time.perf_counter() - start
+        start = time.perf_counter()
+        pixels = self.model.vae.tokens_to_images(tokens.to(self.model.pos_in.dtype))
+        images = [tensor_to_image(p.float().clamp(-1, 1).cpu()) for p in pixels]
+        timings = {"model_s": model_s, "decode_s": time.perf_counter() - start,
+                   "nfe": float(tokens.shape[1])}  # fmt: skip
+        return ImageResult(images, tokens.cpu(), timings=timings)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        images: Sequence[Any] | Any,
+        questions: str | Sequence[str],
+        *,
+        max_tokens: int | None = None,
+        beams: int = 1,
+    ) -> TextResult:
+        """Answer ``questions[i]`` about ``images[i]``: greedy, or beam search with ``beams``."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} image(s) for {len(questions)} question(s)")
+        c, tok = self.config, self.tokenizer
+        P = self.model.config.vision.num_patches if self.model.config.vision else 0
+        lay = understanding_layout(tok, questions, P, c.text_budget, 1).to(self.device)
+        lo = lay.window[0]  # the prompts end at column lo (one answer slot after it)
+        ids, image_mask = lay.input_ids[:, :lo], lay.understanding_mask[:, :lo]
+        mask = lay.attention_mask[:, :lo]
+        start = time.perf_counter()
+        embeds = self.model.understanding_embeds(ids, image_mask, self._features(images))
+        out = self.model.generate_text(
+            embeds, mask, mask.sum(1), max_tokens=max_tokens or c.answer_tokens,
+            eos_id=tok.eos_id, beams=beams,
+        )  # fmt: skip
+        known = [[i for i in row if i < tok.vocab_size] for row in out]
+        texts = [tok.decode(row) for row in known]
+        return TextResult(texts, out, None, {"model_s": time.perf_counter() - start})
+
+    def caption(self, images: Sequence[Any] | Any, *, beams: int = 3) -> TextResult:
+        """Captions with the trained instruction (beam search by default)."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        c = self.config
+        return self.answer(images, [c.caption_instruction] * len(images),
+                           max_tokens=c.caption_tokens, beams=beams)  # fmt: skip
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """``config.json`` (``kineflow_type: unifluid``, model + pipeline configs),
+        ``model.safetensors`` and the tokenizer files."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(folder)
+        config = {"model": self.model.config.to_dict(), "pipeline": self.config.to_dict()}
+        return save_pretrained_folder(folder, self.model.state_dict(), config, KIND)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str]) -> UnifluidPipeline:
+        """Read what :meth:`save_pretrained` wrote; every tensor must fit."""
+        folder = Path(folder)
+        config, weights = load_pretrained_folder(folder, KIND, "UniFluid checkpoint")
+        try:
+            model_config = UnifluidConfig(**config["model"])
+            pipeline_config = UnifluidPipelineConfig.from_dict(config.get("pipeline", {}))
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{folder / 'config.json'}: {e}") from e
+        model = UnifluidModel(model_config)
+        from kineflow.io import check_state_dict
+
+        check_state_dict(model.state_dict(), weights, str(folder / "model.safetensors"))
+        model.load_state_dict(weights)
+        return cls(model, TextTokenizer.load(folder), pipeline_config)
