@@ -359,6 +359,23 @@ def _run_train_fudoki(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train_unifluid(args: argparse.Namespace) -> int:
+    import json
+
+    from kineflow.train.unifluid import UnifluidTrainConfig, train_unifluid
+
+    config = _train_config(args, UnifluidTrainConfig)
+    if config is None:
+        return 2
+    try:
+        summary = train_unifluid(config, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _train_siglip_options(parser: argparse.ArgumentParser) -> None:
     _train_tokenizer_options(parser)
     parser.add_argument(
@@ -414,6 +431,13 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                 _train_tokenizer_options,
                 _run_train_fudoki,
             ),
+            (
+                "unifluid",
+                "train UniFluid (continuous image tokens, diffusion head) on ShapesWorld "
+                "text-to-image, editing and understanding from a YAML config (resumes)",
+                _train_tokenizer_options,
+                _run_train_unifluid,
+            ),
         ),
     )
 
@@ -437,6 +461,13 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _family(pipe) -> str:
+    """``"unifluid"`` or ``"fudoki"``: the model family a loaded checkpoint belongs to."""
+    from kineflow.pipelines.unifluid import UnifluidPipeline
+
+    return "unifluid" if isinstance(pipe, UnifluidPipeline) else "fudoki"
 
 
 def _load_for_cli(args: argparse.Namespace):
@@ -484,16 +515,22 @@ def _run_generate(args: argparse.Namespace) -> int:
         written, records = [], []
         for start in range(0, len(args.prompts), args.batch_size):
             prompts = args.prompts[start : start + args.batch_size]
-            result = pipe.text_to_image(
-                prompts,
-                steps=args.steps,
-                cfg_scale=args.cfg,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                seed=args.seed + start,
-                return_trajectory=not args.no_gif,
-                progress=not args.no_progress,
-            )
+            if _family(pipe) == "unifluid":  # continuous tokens: no steps, top-k or trajectory
+                result = pipe.text_to_image(
+                    prompts, cfg_scale=args.cfg, temperature=args.temperature,
+                    seed=args.seed + start,
+                )  # fmt: skip
+            else:
+                result = pipe.text_to_image(
+                    prompts,
+                    steps=args.steps,
+                    cfg_scale=args.cfg,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    seed=args.seed + start,
+                    return_trajectory=not args.no_gif,
+                    progress=not args.no_progress,
+                )
             # File names number the prompts across batches: sample_{index}.
             written += result.save(args.out, scale=args.scale, first_index=start)
             for i in range(len(prompts)):
@@ -527,11 +564,13 @@ def _answer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trajectory", action="store_true", help="also print the answer after every step"
     )
+    parser.add_argument(
+        "--beams", type=int_in_range(1, 16), default=1, help="beam search width (UniFluid)"
+    )
     parser.add_argument("--out", type=output_dir, default=None, help="also write answers.json here")
 
 
 def _run_answer(args: argparse.Namespace) -> int:
-    import json
 
     images = args.image or []
     if len(images) not in (0, 1, len(args.questions)):
@@ -542,6 +581,14 @@ def _run_answer(args: argparse.Namespace) -> int:
         return 2
     try:
         pipe = _load_for_cli(args)
+        if _family(pipe) == "unifluid":
+            if not images:
+                raise ValueError("a UniFluid checkpoint answers questions about a picture: "
+                                 "give --image")  # fmt: skip
+            pictures = images * len(args.questions) if len(images) == 1 else images
+            result = pipe.answer(pictures, args.questions, max_tokens=args.answer_tokens,
+                                 beams=args.beams)  # fmt: skip
+            return _print_answers(args, result)
         common = {
             "steps": args.steps,
             "seed": args.seed,
@@ -560,6 +607,12 @@ def _run_answer(args: argparse.Namespace) -> int:
     except CLI_ERRORS as err:
         print(f"error: {err}")
         return 2
+    return _print_answers(args, result)
+
+
+def _print_answers(args: argparse.Namespace, result) -> int:
+    import json
+
     records = []
     for i, (question, answer) in enumerate(zip(args.questions, result.texts, strict=True)):
         records.append({"question": question, "answer": answer})
@@ -607,6 +660,42 @@ def _run_showcase(args: argparse.Namespace) -> int:
         print(f"error: {err}")
         return 2
     print(format_showcase(args.out))
+    return 0
+
+
+def _edit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("instructions", nargs="+", help="one edited picture per instruction")
+    _model_options(parser)
+    parser.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        help="the picture to edit: once for all instructions, or once per one",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--out", type=output_dir, default=Path("outputs/edit"),
+                        help="folder for the edited pictures")  # fmt: skip
+    parser.add_argument("--scale", type=int_in_range(1, 32), default=4, help="enlarge the PNGs")
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    images = args.image
+    if len(images) not in (1, len(args.instructions)):
+        print(f"error: {len(images)} --image for {len(args.instructions)} instructions")
+        return 2
+    try:
+        pipe = _load_for_cli(args)
+        if _family(pipe) != "unifluid":
+            raise ValueError(f"{args.model} is not a UniFluid checkpoint; only UniFluid edits")
+        pictures = images * len(args.instructions) if len(images) == 1 else images
+        result = pipe.edit(pictures, args.instructions, temperature=args.temperature,
+                           seed=args.seed)  # fmt: skip
+        written = result.save(args.out, prefix="edit", scale=args.scale)
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    for path in written:
+        print(path)
     return 0
 
 
@@ -718,6 +807,14 @@ COMMANDS: tuple[Command, ...] = (
         "Without --image the model replies to the text alone.",
         options=_answer_options,
         handler=_run_answer,
+    ),
+    Command(
+        name="edit",
+        help="edit a picture by an instruction with a UniFluid checkpoint",
+        description="'kineflow edit --model ckpt --image pic.png \"make the circle cyan.\"' "
+        "writes edit_{i}.png per instruction.",
+        options=_edit_options,
+        handler=_run_edit,
     ),
     Command(
         name="data",

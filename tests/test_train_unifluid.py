@@ -105,12 +105,17 @@ def test_vocabulary_mismatch(assets, tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(assets, tmp_path_factory):
-    import kineflow
-
+def trained_folder(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train_unifluid(make_config(assets, out, steps=2), progress=False)
-    return kineflow.load(out / "model")
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def trained(trained_folder):
+    import kineflow
+
+    return kineflow.load(trained_folder)
 
 
 def test_pipeline_generates_edits_and_answers(trained) -> None:
@@ -141,3 +146,37 @@ def test_pipeline_generates_edits_and_answers(trained) -> None:
         pipe.text_to_image(["a <begin_of_image> circle"])
     with pytest.raises(ValueError, match="1 image"):
         pipe.edit([source], ["a", "b"])
+
+
+def test_cli_selects_the_family_and_edits(trained_folder, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from kineflow.cli import main
+
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (32, 32), "white").save(picture)
+    model = ["--model", str(trained_folder)]
+    assert main(["generate", *model, "a red circle", "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "sample_0.png").is_file()
+    assert main(["answer", *model, "--image", str(picture), "how many circles are there?",
+                 "--answer-tokens", "3", "--beams", "2"]) == 0  # fmt: skip
+    assert "A: " in capsys.readouterr().out
+    assert main(["edit", *model, "--image", str(picture), "make the circle cyan.",
+                 "--out", str(tmp_path / "edit")]) == 0  # fmt: skip
+    assert (tmp_path / "edit" / "edit_0.png").is_file()
+    assert main(["answer", *model, "how many?"]) == 2  # UniFluid needs a picture
+    assert "give --image" in capsys.readouterr().out
+
+
+def test_edit_refuses_a_fudoki_checkpoint(tmp_path, capsys) -> None:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from kineflow.cli import main
+
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (32, 32), "white").save(picture)
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "fudoki-shapes"
+    assert main(["edit", "--model", str(shipped), "--image", str(picture), "make it red."]) == 2
+    assert "not a UniFluid checkpoint" in capsys.readouterr().out
