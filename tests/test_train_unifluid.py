@@ -180,3 +180,15 @@ def test_edit_refuses_a_fudoki_checkpoint(tmp_path, capsys) -> None:
     shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "fudoki-shapes"
     assert main(["edit", "--model", str(shipped), "--image", str(picture), "make it red."]) == 2
     assert "not a UniFluid checkpoint" in capsys.readouterr().out
+
+
+def test_tokens_are_scaled_to_unit_variance(assets, tmp_path) -> None:
+    config = make_config(assets, tmp_path)
+    tok = TextTokenizer.load(assets["text"])
+    model = build_unifluid(config, tok)
+    task = UnifluidTask(model, tok, config)
+    batch = task.batch(list(range(256)))
+    std = float(batch["gen"]["tokens"].std())
+    assert 0.7 < std < 1.3, std  # the generation samples of the first 256 indices
+    config.token_scale = 2.5
+    assert build_unifluid(config, tok).config.vae.scaling_factor == 2.5

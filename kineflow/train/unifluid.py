@@ -12,7 +12,8 @@ CFG dropout) from its own seeded generator:
 Loss (SPEC §2): each generation / editing sample contributes its diffusion loss, each
 understanding sample ``λ`` times its cross-entropy; the batch loss is the mean over samples,
 so it averages exactly over processes. The KL-VAE is frozen; SigLIP starts from ``vision``
-(a pre-trained tower) and is frozen too. Image tokens are the VAE posterior means, scaled.
+(a pre-trained tower) and is frozen too. Image tokens are the VAE posterior means scaled to
+unit variance (``token_scale``, by default 1 / their std over 256 training pictures).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class UnifluidTrainConfig:
     ckpt_every: int = 250
     parallel: str = "none"
     threads: int | None = None
+    token_scale: float | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> UnifluidTrainConfig:
@@ -116,7 +118,12 @@ def build_unifluid(config: UnifluidTrainConfig, tokenizer: TextTokenizer) -> Uni
             "tokens: the model and tokenizer vocabularies must match"
         )
     model_dict["language"] = language
-    model = UnifluidModel(UnifluidConfig(vae=vae.config, **model_dict))
+    # The diffusion head's schedule assumes unit-variance tokens (SD's 0.18215 is for SD's
+    # VAE): rescale the latents by 1 / their std over fixed training pictures unless given.
+    scale = config.token_scale or _unit_variance_scale(vae, config.data)
+    vae_config = dataclasses.replace(vae.config, scaling_factor=float(scale),
+                                     shift_factor=0.0)  # fmt: skip
+    model = UnifluidModel(UnifluidConfig(vae=vae_config, **model_dict))
     model.vae.load_state_dict(vae.state_dict())
     model.vae.requires_grad_(False)
     if config.vision is not None:
@@ -128,6 +135,19 @@ def build_unifluid(config: UnifluidTrainConfig, tokenizer: TextTokenizer) -> Uni
         model.vision_model.load_state_dict(tower.state_dict())
         model.vision_model.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def _unit_variance_scale(vae: AutoencoderKL, data: UnifluidData, pictures: int = 256) -> float:
+    """``1 / std`` of the VAE's posterior means over the first ``pictures`` training
+    pictures (the text-to-image items of ``data.split``): deterministic, so a resumed run
+    computes the same scale."""
+    world = ShapesWorld()
+    batch = np.stack([render(Scene.from_key(draw_item(world, "t2i", data.split, i).scene_key),
+                             data.image_size) for i in range(pictures)])  # fmt: skip
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    latents = vae.encode(x).mode()
+    return float(1.0 / latents.float().std())
 
 
 class UnifluidTask:
