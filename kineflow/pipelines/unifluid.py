@@ -138,8 +138,15 @@ class UnifluidPipeline:
         temperature: float | None = None,
         seed: int | None = None,
         order: Tensor | None = None,
+        steps: int | None = None,
     ) -> ImageResult:
-        """One picture per prompt, sampled in one batch (``cfg_scale`` 1: no guidance)."""
+        """One picture per prompt, sampled in one batch (``cfg_scale`` 1: no guidance).
+
+        ``steps`` is accepted for a common interface with the FUDOKI pipeline and must be
+        None: UniFluid takes one backbone step per token (and the diffusion head's own
+        ``sample_steps`` per token)."""
+        if steps is not None:
+            raise ValueError("UniFluid has no solver steps (one backbone step per token)")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
@@ -195,8 +202,17 @@ class UnifluidPipeline:
         *,
         max_tokens: int | None = None,
         beams: int = 1,
+        answer_tokens: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
     ) -> TextResult:
-        """Answer ``questions[i]`` about ``images[i]``: greedy, or beam search with ``beams``."""
+        """Answer ``questions[i]`` about ``images[i]``: greedy, or beam search with ``beams``.
+
+        ``answer_tokens`` is a synonym of ``max_tokens``; ``steps`` and ``seed`` are accepted
+        for a common interface with the FUDOKI pipeline (decoding is deterministic)."""
+        if steps is not None:
+            raise ValueError("UniFluid has no solver steps (one backbone step per token)")
+        max_tokens = max_tokens or answer_tokens
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         questions = [questions] if isinstance(questions, str) else list(questions)
         if len(images) != len(questions):
