@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/detector_robustness.py
 	$(PY) bench/inference.py
 	$(PY) bench/ar_decoding.py
+	$(PY) bench/unifluid_decoding.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check kineflow tests bench
