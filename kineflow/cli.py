@@ -342,38 +342,32 @@ def _run_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_train_fudoki(args: argparse.Namespace) -> int:
+def _run_train_model(args: argparse.Namespace, config_cls, train) -> int:
+    """``kineflow train fudoki`` / ``unifluid``: read the config, train, print the summary."""
     import json
 
-    from kineflow.train.fudoki import FudokiTrainConfig, train_fudoki
-
-    config = _train_config(args, FudokiTrainConfig)
+    config = _train_config(args, config_cls)
     if config is None:
         return 2
     try:
-        summary = train_fudoki(config, progress=not args.no_progress)
+        summary = train(config, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}")
         return 2
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _run_train_fudoki(args: argparse.Namespace) -> int:
+    from kineflow.train.fudoki import FudokiTrainConfig, train_fudoki
+
+    return _run_train_model(args, FudokiTrainConfig, train_fudoki)
 
 
 def _run_train_unifluid(args: argparse.Namespace) -> int:
-    import json
-
     from kineflow.train.unifluid import UnifluidTrainConfig, train_unifluid
 
-    config = _train_config(args, UnifluidTrainConfig)
-    if config is None:
-        return 2
-    try:
-        summary = train_unifluid(config, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
-    print(json.dumps(summary, indent=1))
-    return 0
+    return _run_train_model(args, UnifluidTrainConfig, train_unifluid)
 
 
 def _train_siglip_options(parser: argparse.ArgumentParser) -> None:

@@ -39,6 +39,7 @@ from kineflow.pipelines.images import preprocess_understanding
 from kineflow.pipelines.layout import stack_layouts, understanding_layout
 from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
+from kineflow.train.fudoki import FudokiData
 from kineflow.train.loop import Optim, run_training, sample_generator
 
 __all__ = [
@@ -51,28 +52,22 @@ __all__ = [
 
 
 @dataclass
-class UnifluidData:
-    """Shares of the batch: ``understanding_ratio`` VQA / captioning (``caption_ratio`` of
-    those captioning), ``edit_ratio`` editing, the rest text-to-image."""
+class UnifluidData(FudokiData):
+    """:class:`~kineflow.train.fudoki.FudokiData` plus ``edit_ratio``: shares of the batch are
+    ``understanding_ratio`` VQA / captioning (``caption_ratio`` of those captioning),
+    ``edit_ratio`` editing, the rest text-to-image."""
 
-    split: str = "train"
-    image_size: int = 32
-    seed: int = 0
     understanding_ratio: float = 0.4
-    edit_ratio: float = 0.2
-    caption_ratio: float = 0.3
     vqa_answer_tokens: int = 2
     caption_tokens: int = 40
-    caption_instruction: str = "Describe the picture."
-    text_budget: int = 64
-    cfg_dropout: float = 0.1
+    edit_ratio: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("understanding_ratio", "edit_ratio", "caption_ratio", "cfg_dropout"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.understanding_ratio + self.edit_ratio > 1:
-            raise ValueError("data.understanding_ratio + data.edit_ratio must be <= 1")
+        super().__post_init__()
+        if not 0 <= self.edit_ratio <= 1 - self.understanding_ratio:
+            raise ValueError(
+                f"data.edit_ratio must be in [0, 1 - understanding_ratio], got {self.edit_ratio!r}"
+            )
 
 
 @dataclass
