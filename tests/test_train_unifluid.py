@@ -192,3 +192,19 @@ def test_tokens_are_scaled_to_unit_variance(assets, tmp_path) -> None:
     assert 0.7 < std < 1.3, std  # the generation samples of the first 256 indices
     config.token_scale = 2.5
     assert build_unifluid(config, tok).config.vae.scaling_factor == 2.5
+
+
+def test_cli_train_unifluid(assets, tmp_path, capsys) -> None:
+    import yaml
+
+    from kineflow.cli import main
+
+    config = make_config(assets, tmp_path / "run").to_dict()
+    path = tmp_path / "uf.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = ["train", "unifluid", "--config", str(path), "--steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    config["data"]["edit_ratio"] = 0.9  # with understanding_ratio 0.4: more than the batch
+    path.write_text(yaml.safe_dump(config))
+    assert main(argv) == 2 and "edit_ratio" in capsys.readouterr().out
