@@ -208,3 +208,13 @@ def test_cli_train_unifluid(assets, tmp_path, capsys) -> None:
     config["data"]["edit_ratio"] = 0.9  # with understanding_ratio 0.4: more than the batch
     path.write_text(yaml.safe_dump(config))
     assert main(argv) == 2 and "edit_ratio" in capsys.readouterr().out
+
+
+def test_shared_evaluation_runs_on_unifluid_with_editing(trained) -> None:
+    from kineflow.eval.model_shapes import evaluate_model, summary
+
+    report = evaluate_model(trained, max_prompts_per_category=1, vqa_items=2, caption_items=1,
+                            edit_items=3, batch_size=4, progress=False)  # fmt: skip
+    numbers = summary(report)
+    assert numbers["edit"]["n"] == 3 and 0 <= numbers["edit"]["accuracy"] <= 1
+    assert numbers["vqa"]["n"] == 2 and numbers["t2i_test"]["n"] > 0

@@ -5,6 +5,8 @@ Generation: every GenEval-style prompt of ``test`` (no held-out composition) and
 the detector, and :func:`~kineflow.eval.shapes.score_t2i` gives per-category and overall
 accuracy. Understanding: ``vqa_items`` test questions (one-word answers, exact match) and
 ``caption_items`` test pictures (a caption counts when it parses back to the exact scene).
+Editing (pipelines with an ``edit`` method, ``edit_items`` > 0): the edited test picture must
+read back as the target scene.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from kineflow.data.shapes.prompts import prompt_set
 from kineflow.data.shapes.render import render_image
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.eval.detector import detect
-from kineflow.eval.shapes import score_captions, score_t2i, score_vqa
+from kineflow.eval.shapes import score_captions, score_edits, score_t2i, score_vqa
 
 __all__ = ["evaluate_model", "summary"]
 
@@ -38,6 +40,7 @@ def evaluate_model(
     caption_items: int = 100,
     caption_instruction: str = "Describe the picture.",
     caption_tokens: int = 40,
+    edit_items: int = 0,
     steps: int | None = None,
     cfg_scale: float | None = None,
     batch_size: int = 64,
@@ -88,6 +91,21 @@ def evaluate_model(
         else:
             scenes_by_id = {it.id: Scene.from_key(it.scene_key) for it in items}
             report["caption"] = score_captions(scenes_by_id, answers)
+    if edit_items and hasattr(pipe, "edit"):
+        items = [draw_item(world, "edit", "test", i) for i in range(edit_items)]
+        edited: list[Image.Image] = []
+        for k, rows in enumerate(tqdm(_batches(edit_items, batch_size), disable=not progress,
+                                      desc="edit")):  # fmt: skip
+            batch = [items[i] for i in rows]
+            sources = [render_image(Scene.from_key(it.scene_key)) for it in batch]
+            out = pipe.edit(sources, [it.texts["instruction"] for it in batch], seed=seed + k)
+            edited += out.images
+        scenes = detect(np.stack([np.asarray(p) for p in edited]))
+        report["edit"] = score_edits(
+            {it.id: Scene.from_key(it.target_key) for it in items},
+            {it.id: sc for it, sc in zip(items, scenes, strict=True)},
+            {it.id: it.kind for it in items},
+        )
     return report
 
 
@@ -107,4 +125,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             out[key] = {"accuracy": value["accuracy"], "by_type": by_type, "n": value["n"]}
         elif key == "caption":
             out[key] = {k: value[k] for k in ("accuracy", "parse_rate", "n")}
+        elif key == "edit":
+            by_kind = {k: v["accuracy"] for k, v in value["by_kind"].items()}
+            out[key] = {"accuracy": value["accuracy"], "by_kind": by_kind, "n": value["n"]}
     return out
