@@ -64,6 +64,9 @@ def test_batches_mix_generation_editing_and_understanding(assets, tmp_path) -> N
     P = model.config.vision.num_patches
     assert (edit["image_mask"].sum(1) == P).all() and edit["pixels"].shape[0] == len(edit["ids"])
     assert (und["targets"][und["target_mask"]] >= 0).all() and und["prefix"].min() > P
+    # Teacher forcing: the model reads the answer itself in the answer slots.
+    assert torch.equal(und["ids"], und["targets"])
+    assert (und["ids"][und["target_mask"]] != tok.pad_id).all()
     losses = task.losses(batch, model)
     assert torch.isfinite(losses["loss"])
     torch.testing.assert_close(losses["loss_image"] + losses["loss_text"], losses["loss"])

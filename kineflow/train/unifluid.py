@@ -230,7 +230,9 @@ class UnifluidTask:
                 targets[b, lay.region[b]] = torch.tensor(r["target"])
             pictures = [Image.fromarray(r["picture"]) for r in rows]
             prefix = (lay.attention_mask & ~lay.region).sum(1)
-            return {"ids": lay.input_ids, "mask": lay.attention_mask,
+            # Teacher forcing: the answer slots hold the answer (the shifted logits at slot i
+            # are read from slot i − 1), not the layout's placeholder pads.
+            return {"ids": targets, "mask": lay.attention_mask,
                     "image_mask": lay.understanding_mask, "targets": targets,
                     "target_mask": lay.region, "prefix": prefix,
                     "pixels": preprocess_understanding(pictures, size)}  # fmt: skip
