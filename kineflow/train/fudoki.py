@@ -57,6 +57,7 @@ from kineflow.pipelines.layout import (
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.tokenizers.vq import VQModel
 from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = ["FudokiData", "FudokiTask", "FudokiTrainConfig", "Objective", "train_fudoki"]
 
@@ -172,14 +173,7 @@ def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiMo
     model_dict = dict(config.model)
     if "gen_vision" in model_dict:
         raise ValueError("model.gen_vision comes from the vq folder; remove it from the config")
-    language = dict(model_dict.get("language", {}))
-    V = language.setdefault("vocab_size", tokenizer.vocab_size)
-    if tokenizer.vocab_size != V:
-        raise ValueError(
-            f"model.language.vocab_size={V} but the text tokenizer {config.text_tokenizer} has "
-            f"{tokenizer.vocab_size} tokens: the model and tokenizer vocabularies must match"
-        )
-    model_dict["language"] = language
+    model_dict["language"] = language_with_vocab(model_dict, tokenizer, config.text_tokenizer)
     model_dict["gen_vision"] = vq.config.to_dict()
     model_dict.setdefault("image_mask_token", config.objective.kind == "masked")
     model = FudokiModel(FudokiConfig.from_dict(model_dict))
@@ -189,19 +183,26 @@ def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiMo
         K = vq.config.codebook_size
         model.gen_embed.weight[:K].copy_(vq.quantize.codebook())
     if config.vision is not None:
-        from kineflow.train.siglip import load_siglip_vision
-
-        tower = load_siglip_vision(config.vision)
-        if tower.config.to_dict() != model.config.vision.to_dict():
-            raise ValueError(
-                f"the SigLIP folder {config.vision} holds {tower.config.to_dict()}, but "
-                f"model.vision is {model.config.vision.to_dict()}"
-            )
-        model.vision_model.vision_tower.load_state_dict(tower.state_dict())
         # Frozen by default (FUDOKI's decoupled encoders); train_vision fine-tunes it, as
         # Janus's last stage does.
-        model.vision_model.vision_tower.requires_grad_(config.train_vision)
+        tower = model.vision_model.vision_tower if model.vision_model is not None else None
+        load_pretrained_tower(tower, model.config.vision, config.vision, config.train_vision)
     return model
+
+
+def language_with_vocab(
+    model: dict[str, Any], tokenizer: TextTokenizer, source: str
+) -> dict[str, Any]:
+    """``model["language"]`` with ``vocab_size`` defaulting to the tokenizer's (loaded from
+    ``source``); a different explicit size is an error naming both."""
+    language = dict(model.get("language", {}))
+    V = language.setdefault("vocab_size", tokenizer.vocab_size)
+    if tokenizer.vocab_size != V:
+        raise ValueError(
+            f"model.language.vocab_size={V} but the text tokenizer {source} has "
+            f"{tokenizer.vocab_size} tokens: the model and tokenizer vocabularies must match"
+        )
+    return language
 
 
 def _init_from(model: FudokiModel, folder: str) -> None:

@@ -464,6 +464,30 @@ def shapes_text_tokenizer(n: int = 2000, vocab_size: int = 512, seed: int = 0) -
     )
 
 
+def load_pretrained_tower(
+    tower: SiglipVisionModel | None,
+    expected: SiglipConfig | None,
+    folder: str | os.PathLike[str],
+    trainable: bool = False,
+) -> None:
+    """Fill a model's understanding ``tower`` (configured as ``expected``) with the weights
+    :func:`train_siglip` saved in ``folder``; frozen unless ``trainable``.
+
+    Raises:
+        ValueError: the model has no tower, or the folder holds a tower of another shape.
+    """
+    saved = load_siglip_vision(folder)
+    if tower is None or expected is None:
+        raise ValueError(f"a SigLIP folder ({folder}) was given but the model has no model.vision")
+    if saved.config.to_dict() != expected.to_dict():
+        raise ValueError(
+            f"the SigLIP folder {folder} holds {saved.config.to_dict()}, but model.vision is "
+            f"{expected.to_dict()}"
+        )
+    tower.load_state_dict(saved.state_dict())
+    tower.requires_grad_(trainable)
+
+
 def load_siglip_vision(folder: str | os.PathLike[str]) -> SiglipVisionModel:
     """The vision tower :func:`train_siglip` saved in ``folder`` (``out/vision``).
 

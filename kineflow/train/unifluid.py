@@ -39,8 +39,9 @@ from kineflow.pipelines.images import preprocess_understanding
 from kineflow.pipelines.layout import stack_layouts, understanding_layout
 from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
-from kineflow.train.fudoki import FudokiData
+from kineflow.train.fudoki import FudokiData, language_with_vocab
 from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = [
     "UnifluidData",
@@ -105,14 +106,7 @@ def build_unifluid(config: UnifluidTrainConfig, tokenizer: TextTokenizer) -> Uni
     """The network around the frozen KL-VAE (and, with ``vision``, the pre-trained SigLIP)."""
     vae = AutoencoderKL.from_pretrained(config.vae)
     model_dict = dict(config.model)
-    language = dict(model_dict.get("language", {}))
-    V = language.setdefault("vocab_size", tokenizer.vocab_size)
-    if tokenizer.vocab_size != V:
-        raise ValueError(
-            f"model.language.vocab_size={V} but the text tokenizer has {tokenizer.vocab_size} "
-            "tokens: the model and tokenizer vocabularies must match"
-        )
-    model_dict["language"] = language
+    model_dict["language"] = language_with_vocab(model_dict, tokenizer, config.text_tokenizer)
     # The diffusion head's schedule assumes unit-variance tokens (SD's 0.18215 is for SD's
     # VAE): rescale the latents by 1 / their std over fixed training pictures unless given.
     scale = config.token_scale or _unit_variance_scale(vae, config.data)
@@ -122,13 +116,7 @@ def build_unifluid(config: UnifluidTrainConfig, tokenizer: TextTokenizer) -> Uni
     model.vae.load_state_dict(vae.state_dict())
     model.vae.requires_grad_(False)
     if config.vision is not None:
-        from kineflow.train.siglip import load_siglip_vision
-
-        tower = load_siglip_vision(config.vision)
-        if model.vision_model is None or tower.config.to_dict() != model.config.vision.to_dict():
-            raise ValueError(f"the SigLIP folder {config.vision} does not match model.vision")
-        model.vision_model.load_state_dict(tower.state_dict())
-        model.vision_model.requires_grad_(False)
+        load_pretrained_tower(model.vision_model, model.config.vision, config.vision)
     return model
 
 
