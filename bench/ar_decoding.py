@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +35,10 @@ from kineflow.pipelines.layout import text_to_image_layout
 from kineflow.tokenizers.autoencoder import AutoencoderConfig
 from kineflow.tokenizers.text import train_text_tokenizer
 from kineflow.tokenizers.vq import VQConfig
+
+# bench/ holds scripts, not a package: make the shared helpers importable however we are run.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time
 
 SETTINGS = (
     {"hidden": 128, "layers": 4, "image_size": 32, "batch": 16},
@@ -57,16 +59,6 @@ def build(tokenizer, hidden: int, layers: int, image_size: int) -> FudokiModel:
         gen_aligner_hidden=hidden, gen_head_hidden=hidden,
     )  # fmt: skip
     return FudokiModel(config).eval()
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -96,18 +88,18 @@ def main() -> None:
                                       use_cache=cache)  # fmt: skip
 
         row = {**s, "image_tokens": model.config.image_token_count,
-               "ar_cache_s": timed(lambda: ar(True), args.repeats),
-               "ar_no_cache_s": timed(lambda: ar(False), args.repeats)}  # fmt: skip
+               "ar_cache_s": median_time(lambda: ar(True), args.repeats)[0],
+               "ar_no_cache_s": median_time(lambda: ar(False), args.repeats)[0]}  # fmt: skip
         row["cache_speedup"] = row["ar_no_cache_s"] / row["ar_cache_s"]
         pipe = FudokiPipeline(model, tokenizer, table_t, table_i,
                               FudokiPipelineConfig(text_budget=64, system_prompt=""))  # fmt: skip
         for steps in (16, 32):
-            row[f"fudoki_{steps}_s"] = timed(
+            row[f"fudoki_{steps}_s"] = median_time(
                 lambda st=steps, p=pipe, b=batch: p.text_to_image(
                     b, steps=st, cfg_scale=3.0, seed=0
                 ),
                 args.repeats,
-            )
+            )[0]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     result = {"threads": args.threads, "load_avg": os.getloadavg(), "rows": rows,

@@ -19,8 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +29,10 @@ from kineflow.models.llama import LlamaConfig
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.tokenizers.kl_vae import KLConfig
 from kineflow.tokenizers.text import train_text_tokenizer
+
+# bench/ holds scripts, not a package: make the shared helpers importable however we are run.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time
 
 
 def build(vocab: int, image_size: int) -> UnifluidModel:
@@ -57,16 +60,6 @@ def no_cache(model, ids, mask, uncond, w, order, generator) -> torch.Tensor:
         x = model.diffusion_head.sample(z, z_uncond=zu, cfg_scale=wj, generator=generator)
         tokens[torch.arange(B), order[:, j]] = x
     return tokens
-
-
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def main() -> None:
@@ -104,8 +97,8 @@ def main() -> None:
         def naive(model=model, ids=ids, mask=mask, uncond=uncond, order=order):
             return no_cache(model, ids, mask, uncond, 3.0, order, torch.Generator().manual_seed(1))
 
-        t_cache, a = timed(cached, args.repeats)
-        t_naive, b = timed(naive, args.repeats)
+        t_cache, a = median_time(cached, args.repeats)
+        t_naive, b = median_time(naive, args.repeats)
         row = {"image_size": size, "image_tokens": L, "batch": len(encoded),
                "cache_s": t_cache, "no_cache_s": t_naive, "speedup": t_naive / t_cache,
                "max_abs_difference": float((a - b).abs().max())}  # fmt: skip
