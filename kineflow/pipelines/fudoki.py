@@ -43,7 +43,13 @@ from kineflow.flow.path import DiscretePath
 from kineflow.io import atomic_save_safetensors, load_pretrained_folder, save_pretrained_folder
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.pipelines.autoregressive import decode_autoregressive
-from kineflow.pipelines.images import load_image, preprocess_understanding, save_gif, save_strip
+from kineflow.pipelines.images import (
+    load_image,
+    pair_images,
+    preprocess_understanding,
+    save_gif,
+    save_strip,
+)
 from kineflow.pipelines.layout import (
     Layout,
     text_layout,
@@ -401,11 +407,7 @@ class FudokiPipeline:
         """
         if self.model.vision_model is None:
             raise ValueError("this model has no understanding encoder (config.vision is None)")
-        single = not isinstance(images, Sequence) or isinstance(images, str)
-        images = [images] if single else list(images)
-        questions = [questions] if isinstance(questions, str) else list(questions)
-        if len(images) != len(questions):
-            raise ValueError(f"got {len(images)} image(s) for {len(questions)} question(s)")
+        images, questions = pair_images(images, questions, "question")
         pictures = [load_image(im) for im in images]
         c = self.config
         vision = self.model.config.vision

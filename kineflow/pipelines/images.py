@@ -26,7 +26,9 @@ from kineflow.io import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "as_image_list",
     "load_image",
+    "pair_images",
     "preprocess_understanding",
     "resize_pad",
     "save_gif",
@@ -53,6 +55,22 @@ def load_image(
     if w < 1 or h < 1 or w * h > max_pixels:
         raise ValueError(f"image of {w}x{h} pixels: expected 1 to {max_pixels} pixels")
     return to_rgb(source)
+
+
+def as_image_list(images: object) -> list:
+    """One picture (a path or a PIL image) as a one-item list; a sequence of them as a list."""
+    single = not isinstance(images, Sequence) or isinstance(images, str)
+    return [images] if single else list(images)
+
+
+def pair_images(images: object, texts: str | Sequence[str], what: str) -> tuple[list, list[str]]:
+    """Pictures and their texts (questions, instructions…) as two lists of equal length; one
+    picture or one text becomes a one-item list. Raises ValueError naming both counts."""
+    images = as_image_list(images)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if len(images) != len(texts):
+        raise ValueError(f"got {len(images)} image(s) for {len(texts)} {what}(s)")
+    return images, texts
 
 
 def resize_pad(

@@ -30,7 +30,12 @@ from kineflow.data.example import tensor_to_image
 from kineflow.io import load_pretrained_folder, save_pretrained_folder
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel
 from kineflow.pipelines.fudoki import ImageResult, TextResult
-from kineflow.pipelines.images import load_image, preprocess_understanding
+from kineflow.pipelines.images import (
+    as_image_list,
+    load_image,
+    pair_images,
+    preprocess_understanding,
+)
 from kineflow.pipelines.layout import understanding_layout
 from kineflow.tokenizers.text import TextTokenizer
 
@@ -173,10 +178,7 @@ class UnifluidPipeline:
     ) -> ImageResult:
         """The picture ``images[i]`` changed as ``instructions[i]`` says (no guidance: the
         trainer never blanks editing prompts)."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        instructions = [instructions] if isinstance(instructions, str) else list(instructions)
-        if len(images) != len(instructions):
-            raise ValueError(f"got {len(images)} image(s) for {len(instructions)} instruction(s)")
+        images, instructions = pair_images(images, instructions, "instruction")
         ids, mask = self._left_pad([self._prompt_ids(t, True) for t in instructions])
         prompt = self.model.understanding_embeds(
             ids, ids == self.tokenizer.image_id, self._features(images)
@@ -219,10 +221,7 @@ class UnifluidPipeline:
         if steps is not None:
             raise ValueError("UniFluid has no solver steps (one backbone step per token)")
         max_tokens = max_tokens or answer_tokens
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        questions = [questions] if isinstance(questions, str) else list(questions)
-        if len(images) != len(questions):
-            raise ValueError(f"got {len(images)} image(s) for {len(questions)} question(s)")
+        images, questions = pair_images(images, questions, "question")
         c, tok = self.config, self.tokenizer
         P = self.model.config.vision.num_patches if self.model.config.vision else 0
         lay = understanding_layout(tok, questions, P, c.text_budget, 1).to(self.device)
@@ -241,7 +240,7 @@ class UnifluidPipeline:
 
     def caption(self, images: Sequence[Any] | Any, *, beams: int = 3) -> TextResult:
         """Captions with the trained instruction (beam search by default)."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        images = as_image_list(images)
         c = self.config
         return self.answer(images, [c.caption_instruction] * len(images),
                            max_tokens=c.caption_tokens, beams=beams)  # fmt: skip
