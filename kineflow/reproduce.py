@@ -9,14 +9,20 @@ checkpoint, so re-running the command continues where it stopped)::
     fudoki           FUDOKI (metric path) from scratch, N steps           out/fudoki
     masked           masked-path baseline, N steps                        out/masked
     fudoki_from_ar   FUDOKI for N/2 steps from the AR weights at N/2      out/fudoki_from_ar
+    kl               KL-VAE image tokenizer (UniFluid's continuous tokens)  out/kl
+    unifluid…        UniFluid runs (``unifluid_runs``: the model and its λ / order
+                     ablations), ``unifluid_steps`` steps each             out/<run name>
     evaluation       ShapesWorld generation (per category, held-out compositions), VQA and
-                     captioning; sample grids, refinement GIFs, self-correction statistics
+                     captioning (and editing for UniFluid); sample grids, refinement GIFs
+                     (token-by-token GIFs for UniFluid), self-correction statistics
     results          out/results.json, out/results.md, out/figures/; optionally copies into
                      ``ship`` the FUDOKI checkpoint (``fudoki_from_ar``, FUDOKI's recipe;
-                     self-contained) and, standalone, its VQ tokenizer and SigLIP encoder
+                     self-contained), the UniFluid one (``unifluid``, weights in float16)
+                     and, standalone, the VQ tokenizer and SigLIP encoder
 
-Every model trains on the same batches for the same number of optimizer steps of the same
-network (equal training compute); ``fudoki_from_ar`` splits its N steps into N/2 AR + N/2 DFM.
+Every discrete model trains on the same batches for the same number of optimizer steps of the
+same network (equal training compute); ``fudoki_from_ar`` splits its N steps into N/2 AR + N/2
+DFM. The UniFluid runs share that backbone size and batch size on continuous tokens.
 Training and evaluation jobs run as subprocesses (``kineflow train ...``, ``python -m
 kineflow.reproduce eval RUN``), ``jobs`` at a time in dependency order, each with
 ``cpu_count // jobs`` threads (two one-thread jobs use a 2-core CPU better than one two-thread
@@ -53,6 +59,10 @@ RUNS: dict[str, tuple[str, str]] = {
     "fudoki_from_ar": ("metric", "FUDOKI, metric path, N/2 AR + N/2 DFM"),
     "masked": ("masked", "masked-path baseline"),
 }
+#: The UniFluid run that ``ship`` copies (the others are its ablations).
+UNIFLUID_FLAGSHIP = "unifluid"
+#: What a UniFluid run may change from the base config (the paper's ablations).
+UNIFLUID_KNOBS = ("text_loss_weight", "order")
 
 
 @dataclass
@@ -65,6 +75,7 @@ class EvalSettings:
     images_per_prompt: int = 2
     vqa_items: int = 300
     caption_items: int = 100
+    edit_items: int = 200
     trajectories: int = 48
     grid_prompts_per_category: int = 2
     grid_samples: int = 4
@@ -78,6 +89,10 @@ class ReproduceConfig:
     ``vq``, ``siglip``, ``model``: the stage configs (their ``out`` is replaced by a folder of
     ``out``); ``vq_steps`` / ``siglip_steps`` override their step counts when set. ``steps``: N,
     the optimizer steps of every compared model. ``runs``: which of :data:`RUNS` to train.
+
+    ``unifluid`` (None: no UniFluid stages) and ``kl``: the UniFluid and KL-VAE configs;
+    ``unifluid_runs`` maps run names to what each changes (:data:`UNIFLUID_KNOBS`) in the
+    UniFluid model config; ``unifluid_steps`` (default N) their optimizer steps.
     """
 
     out: str = "outputs/reproduce"
@@ -93,8 +108,16 @@ class ReproduceConfig:
     jobs: int = 2
     eval: EvalSettings = field(default_factory=EvalSettings)
     ship: str | None = None
+    kl: str = "configs/kl_shapes.yaml"
+    unifluid: str | None = None
+    unifluid_runs: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {UNIFLUID_FLAGSHIP: {}}
+    )
+    unifluid_steps: int | None = None
 
     def __post_init__(self) -> None:
+        if self.unifluid is not None:
+            self._check_unifluid_runs()
         unknown = [r for r in self.runs if r not in RUNS]
         if unknown or not self.runs:
             raise ValueError(f"runs must be a non-empty subset of {list(RUNS)}, got {self.runs}")
@@ -106,6 +129,29 @@ class ReproduceConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.steps < 2:
             raise ValueError(f"steps must be >= 2 (the AR -> DFM run splits it), got {self.steps}")
+
+    def _check_unifluid_runs(self) -> None:
+        runs = self.unifluid_runs
+        if not isinstance(runs, dict) or not runs:
+            raise ValueError(f"unifluid_runs must be a non-empty mapping, got {runs!r}")
+        for name, knobs in runs.items():
+            if not str(name).isidentifier() or name in RUNS or name in ("kl", "vq", "siglip"):
+                raise ValueError(f"unifluid_runs: {name!r} is not a free run name")
+            bad = [k for k in (knobs or {}) if k not in UNIFLUID_KNOBS]
+            if bad:
+                raise ValueError(
+                    f"unifluid_runs.{name}: {bad} cannot be changed per run; allowed: "
+                    f"{list(UNIFLUID_KNOBS)}"
+                )
+        steps = self.unifluid_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or steps < 1):  # fmt: skip
+            raise ValueError(f"unifluid_steps must be a positive integer, got {steps!r}")
+
+    @property
+    def all_runs(self) -> list[str]:
+        """The discrete runs, then the UniFluid ones."""
+        return [*self.runs, *(self.unifluid_runs if self.unifluid else {})]
 
     @classmethod
     def from_dict(cls, raw: dict) -> ReproduceConfig:
@@ -167,6 +213,10 @@ def _jobs(config: ReproduceConfig, out: Path, threads: int) -> list[_Job]:
         _Job("siglip", "siglip", siglip, out / "siglip" / "eval.json",
              extra_args=("--tokenizer", str(out / "text_tokenizer")), exclusive=True),
     ]  # fmt: skip
+    unifluid_runs = []
+    if config.unifluid is not None:  # the KL-VAE is the third encoder stage, alone too
+        kl, *unifluid_runs = _unifluid_jobs(config, out, threads, every)
+        jobs.append(kl)
     base = _yaml_dict(config.model)
     base |= {
         "vq": str(out / "vq" / "model"),
@@ -188,10 +238,31 @@ def _jobs(config: ReproduceConfig, out: Path, threads: int) -> list[_Job]:
             run["optim"]["steps"] = N - N // 2
             needs = ("ar",)
         jobs.append(_Job(name, "fudoki", run, out / name / "summary.json", needs))
+    jobs += unifluid_runs
     # Evaluations are jobs too: a finished model is scored while others still train.
-    for name in config.runs:
+    for name in config.all_runs:
         jobs.append(_Job(f"eval_{name}", "eval", {"run": name, **config.to_dict()},
                          out / name / "eval.json", (name,)))  # fmt: skip
+    return jobs
+
+
+def _unifluid_jobs(config: ReproduceConfig, out: Path, threads: int, every: int) -> list[_Job]:
+    """The KL-VAE (alone, every thread), then the UniFluid runs on it."""
+    kl = _yaml_dict(config.kl) | {"out": str(out / "kl"), "threads": every}
+    jobs = [_Job("kl", "tokenizer", kl, out / "kl" / "eval.json", exclusive=True)]
+    base = _yaml_dict(config.unifluid)
+    base |= {
+        "vae": str(out / "kl" / "model"),
+        "vision": str(out / "siglip" / "vision"),
+        "text_tokenizer": str(out / "text_tokenizer"),
+        "threads": threads,
+    }
+    for name, knobs in config.unifluid_runs.items():
+        run = json.loads(json.dumps(base))
+        run["out"] = str(out / name)
+        run["model"] = {**run.get("model", {}), **(knobs or {})}
+        run["optim"] = {**run.get("optim", {}), "steps": config.unifluid_steps or config.steps}
+        jobs.append(_Job(name, "unifluid", run, out / name / "summary.json", ("kl", "siglip")))
     return jobs
 
 
@@ -267,6 +338,8 @@ def _evaluate(name: str, out: Path, settings: EvalSettings, log: Callable) -> di
     pipe = kineflow.load(out / name / "model")
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    unifluid = not hasattr(pipe.config, "path")
+    steps = None if unifluid else s.steps  # UniFluid: one backbone step per token
     start = time.perf_counter()
     report = evaluate_model(
         pipe,
@@ -274,7 +347,8 @@ def _evaluate(name: str, out: Path, settings: EvalSettings, log: Callable) -> di
         max_prompts_per_category=s.max_prompts_per_category,
         vqa_items=s.vqa_items,
         caption_items=s.caption_items,
-        steps=s.steps,
+        edit_items=s.edit_items if unifluid else 0,
+        steps=steps,
         cfg_scale=s.cfg_scale,
         seed=s.seed,
         progress=False,
@@ -288,7 +362,7 @@ def _evaluate(name: str, out: Path, settings: EvalSettings, log: Callable) -> di
         : s.grid_prompts_per_category]]  # fmt: skip
     chosen += prompt_set("heldout")[: s.grid_prompts_per_category]
     texts = [p.text for p in chosen for _ in range(s.grid_samples)]
-    images = pipe.text_to_image(texts, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed).images
+    images = pipe.text_to_image(texts, steps=steps, cfg_scale=s.cfg_scale, seed=s.seed).images
     pictures = [np.asarray(im) for im in images]
     verdicts = [passes(p, sc) for p, sc in zip(
         [p for p in chosen for _ in range(s.grid_samples)], detect(np.stack(pictures)),
@@ -296,6 +370,11 @@ def _evaluate(name: str, out: Path, settings: EvalSettings, log: Callable) -> di
     labels = [t if k % s.grid_samples == 0 else "" for k, t in enumerate(texts)]
     sheet = contact_sheet(pictures, verdicts, labels, columns=s.grid_samples * 2, scale=3)
     sheet.save(figures / f"{name}_samples.png")
+    result["parameters"] = sum(p.numel() for p in pipe.model.parameters())
+    if unifluid:
+        result |= _unifluid_figures(pipe, name, figures, report, s)
+        log(f"eval  {name}: {json.dumps(result)}")
+        return result
 
     # Refinement GIFs and self-correction on test prompts (trajectories of every sample).
     rng = np.random.default_rng(s.seed)
@@ -321,9 +400,47 @@ def _evaluate(name: str, out: Path, settings: EvalSettings, log: Callable) -> di
             save_strip(frames, figures / f"{name}_corrected.png", scale=3)
     result["self_correction"] = correction
     result["path"] = pipe.config.path
-    result["parameters"] = sum(p.numel() for p in pipe.model.parameters())
     log(f"eval  {name}: {json.dumps({k: v for k, v in result.items() if k != 'self_correction'})}")
     return result
+
+
+def _unifluid_figures(
+    pipe: Any, name: str, figures: Path, report: dict[str, Any], s: EvalSettings
+) -> dict[str, Any]:
+    """Token-by-token GIFs of two test prompts and an editing sheet (source, edit, target;
+    frames green when the edit reads back as the target); returns the run's ablation knobs."""
+    import numpy as np
+
+    from kineflow.data.shapes.dataset import draw_item
+    from kineflow.data.shapes.prompts import prompt_set
+    from kineflow.data.shapes.render import render
+    from kineflow.data.shapes.scene import Scene, ShapesWorld
+    from kineflow.eval.shapes import contact_sheet
+    from kineflow.pipelines.images import save_gif, save_strip
+
+    test = prompt_set("test")
+    run = pipe.text_to_image([test[0].text, test[len(test) // 2].text], cfg_scale=s.cfg_scale,
+                             seed=s.seed + 1, return_trajectory=True)  # fmt: skip
+    for b, frames in enumerate(run.trajectory):
+        save_gif(frames, figures / f"{name}_refine_{b}.gif", scale=4)
+        keep = sorted({round(k * (len(frames) - 1) / 8) for k in range(9)})
+        save_strip([frames[k] for k in keep], figures / f"{name}_refine_{b}.png", scale=3)
+    if "edit" in report:  # the first test edits: source, the model's edit, the target
+        world, edit = ShapesWorld(), report["edit"]
+        pictures, verdicts, labels = [], [], []
+        for k, row in enumerate(edit["items"][:8]):
+            item = draw_item(world, "edit", "test", k)
+            edited = np.asarray(edit["pictures"][k])
+            size = edited.shape[0]
+            pictures += [render(Scene.from_key(item.scene_key), size), edited,
+                         render(Scene.from_key(item.target_key), size)]  # fmt: skip
+            verdicts += [None, bool(row["passed"]), None]
+            labels += [item.texts["instruction"], "edited", "target"]
+        sheet = contact_sheet(pictures, verdicts, labels, columns=6, scale=4)
+        sheet.save(figures / f"{name}_edits.png")
+    config = pipe.model.config
+    return {"family": "unifluid", "text_loss_weight": config.text_loss_weight,
+            "order": config.order}  # fmt: skip
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -336,19 +453,31 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
     atomic_write_json(out / "results.json", results)
     runs = results["runs"]
     steps = results["config"]["steps"]
+    discrete = {n: r for n, r in runs.items() if r.get("family") != "unifluid"}
+    unifluid = {n: r for n, r in runs.items() if r.get("family") == "unifluid"}
     lines = [
         "# ShapesWorld reproduction",
         "",
-        f"Every model: the same network ({_params(runs)} parameters with the frozen VQ and "
-        f"SigLIP), {steps} optimizer steps of the same batches (equal training compute; "
-        "`fudoki_from_ar` = the AR run's weights at N/2, then N/2 DFM steps). Generation is "
-        "scored by the ShapesWorld detector (GenEval-style rules); sampling: "
+        f"Every discrete model: the same network ({_params(discrete)} parameters with the "
+        f"frozen VQ and SigLIP), {steps} optimizer steps of the same batches (equal training "
+        "compute; `fudoki_from_ar` = the AR run's weights at N/2, then N/2 DFM steps). "
+        "Generation is scored by the ShapesWorld detector (GenEval-style rules); sampling: "
         f"{results['config']['eval']['steps']} Euler steps for the flow models, one step per "
         f"token for AR, CFG w = {results['config']['eval']['cfg_scale']}.",
+    ]
+    if unifluid:
+        uf_steps = results["config"].get("unifluid_steps") or steps
+        lines += ["", f"UniFluid runs: the same backbone size on continuous KL-VAE tokens with a "
+                  f"per-token diffusion head ({_params(unifluid)} parameters with the frozen "
+                  f"KL-VAE and SigLIP), {uf_steps} optimizer steps of batch-mixed generation, "
+                  "editing and understanding; one backbone step per token, random order unless "
+                  "stated, CFG rising to the same w. Editing: the edited test picture must read "
+                  "back as the target scene."]  # fmt: skip
+    lines += [
         "",
         "| model | gen overall | " + " | ".join(CATEGORIES) + " | held-out | VQA | caption "
-        "exact | caption parse | train min |",
-        "|---" * (len(CATEGORIES) + 7) + "|",
+        "exact | caption parse | edit | train min |",
+        "|---" * (len(CATEGORIES) + 8) + "|",
     ]
     for name, r in runs.items():
         cats = r["t2i_test"]["by_category"]
@@ -356,8 +485,23 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
         row += [_fmt(cats.get(c)) for c in CATEGORIES]
         row += [_fmt(r["t2i_heldout"]["overall"]), _fmt(r["vqa"]["accuracy"]),
                 _fmt(r["caption"]["accuracy"]), _fmt(r["caption"]["parse_rate"]),
+                _fmt(r["edit"]["accuracy"]) if "edit" in r else "–",
                 f"{results['train_seconds'].get(name, 0) / 60:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
+    if unifluid:
+        lines += ["", "## UniFluid ablations", "",
+                  "L = L_image + λ·L_text; the paper: larger λ trades generation for "
+                  "understanding, and random order beats raster order for generation.", "",
+                  "| run | λ | order | gen overall | held-out | VQA | caption exact | edit |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in sorted(
+            unifluid.items(), key=lambda kv: (kv[1]["order"], kv[1]["text_loss_weight"])
+        ):
+            cells = [f"`{name}`", f"{r['text_loss_weight']:g}", r["order"],
+                     _fmt(r["t2i_test"]["overall"]), _fmt(r["t2i_heldout"]["overall"]),
+                     _fmt(r["vqa"]["accuracy"]), _fmt(r["caption"]["accuracy"]),
+                     _fmt(r["edit"]["accuracy"]) if "edit" in r else "–"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     minutes = results["wall_seconds"] / 60
     lines += ["", f"Wall time of the whole reproduction: {minutes:.1f} min."]
     for name, targets in results["targets"].items():
@@ -373,7 +517,7 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
               "", "| model | tokens revised after being set | set to a non-final value | "
               "changes per token | pictures corrected | pictures broken |",
               "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, r in runs.items():
+    for name, r in discrete.items():
         tok = r["self_correction"]["tokens"]
         pics = r["self_correction"].get("pictures")
         cells = [f"`{name}`", _fmt(tok["revised_fraction"]),
@@ -382,7 +526,7 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
                  f"{pics['broken']}/{pics['samples']}" if pics else "–"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     example = next((
-        (n, r["self_correction"]["pictures"]["examples"][0]) for n, r in runs.items()
+        (n, r["self_correction"]["pictures"]["examples"][0]) for n, r in discrete.items()
         if r["self_correction"].get("pictures", {}).get("examples")), None)  # fmt: skip
     if example:
         n, ex = example
@@ -395,7 +539,13 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
         lines += [f"### `{name}`", "", f"![samples](figures/{name}_samples.png)", "",
                   f"![refine](figures/{name}_refine_0.gif) ![refine](figures/{name}_refine_1.gif)"
                   f" ![strip](figures/{name}_refine_0.png)", ""]  # fmt: skip
+        if name in unifluid:
+            lines += ["Token by token above (cells not generated yet are the zero latent); "
+                      "editing (instruction, the model's edit, the target):", "",
+                      f"![edits](figures/{name}_edits.png)", ""]  # fmt: skip
     lines += ["## Training curves", "", "![loss](figures/loss.png)", ""]
+    if unifluid:
+        lines += ["![UniFluid loss](figures/loss_unifluid.png)", ""]
     path = out / "results.md"
     atomic_write(path, lambda t: t.write_text("\n".join(lines) + "\n"))
     return path
@@ -461,9 +611,13 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
     timings["calls"].append({"wall_seconds": round(time.perf_counter() - t0, 1), "jobs_run": ran})
     atomic_write_json(timings_file, timings)
     train_seconds = {k: v for k, v in timings["jobs"].items() if not k.startswith("eval_")}
-    evals = {name: json.loads((out / name / "eval.json").read_text()) for name in config.runs}
+    evals = {n: json.loads((out / n / "eval.json").read_text()) for n in config.all_runs}
     curves = {name: read_metrics(out / name / "metrics.jsonl") for name in config.runs}
     plot_metrics(curves, ["loss", "loss_gen", "loss_und"], out / "figures" / "loss.png")
+    if config.unifluid is not None:
+        curves = {n: read_metrics(out / n / "metrics.jsonl") for n in config.unifluid_runs}
+        plot_metrics(curves, ["loss", "loss_image", "loss_text"],
+                     out / "figures" / "loss_unifluid.png")  # fmt: skip
     flagship = FLAGSHIP if FLAGSHIP in evals else "fudoki"
     results = {
         "config": config.to_dict(),
@@ -478,6 +632,8 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
             "siglip": json.loads((out / "siglip" / "eval.json").read_text()),
         },
     }
+    if config.unifluid is not None:
+        results["stages"]["kl"] = json.loads((out / "kl" / "eval.json").read_text())
     if config.ship:
         results["shipped"] = {
             name: ship(src, Path(config.ship) / name) for name, src in (
@@ -486,6 +642,10 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
                 ("siglip-shapes", out / "siglip" / "vision"),
             )
         }  # fmt: skip
+        if UNIFLUID_FLAGSHIP in evals:
+            results["shipped"]["unifluid-shapes"] = ship_unifluid(
+                out / UNIFLUID_FLAGSHIP / "model", Path(config.ship) / "unifluid-shapes"
+            )
     write_results(results, out)
     log(f"results: {out / 'results.md'}")
     return results
@@ -517,6 +677,25 @@ def ship(model: Path, dest: Path) -> dict[str, Any]:
     tmp.rename(dest)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     return {"path": str(dest), "bytes": size}
+
+
+def ship_unifluid(model: Path, dest: Path) -> dict[str, Any]:
+    """Re-save a UniFluid model folder to ``dest`` (replacing it whole) with float16 weights:
+    half the bytes; the pipeline loads them into its float32 model."""
+    import torch
+
+    from kineflow.pipelines.unifluid import UnifluidPipeline
+
+    pipe = UnifluidPipeline.from_pretrained(model)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, dtype=torch.float16)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    return {"path": str(dest), "bytes": size, "dtype": "float16"}
 
 
 if __name__ == "__main__":

@@ -51,8 +51,31 @@ def write_stage_configs(root: Path) -> dict[str, str]:
         "optim": {"batch_size": 4, "lr": 1e-3, "warmup": 1},
         "log_every": 1, "ckpt_every": 1,
     }  # fmt: skip
+    kl = {
+        "model": {"type": "kl", "image_size": 32, "channels": 8, "channel_mult": [1, 2, 2],
+                  "num_res_blocks": 1, "z_channels": 4, "norm_groups": 4, "patch_size": 2},
+        "data": {"source": "shapes", "split": "train", "image_size": 32},
+        "optim": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup": 1},
+        "out": "unused", "eval_images": 8,
+    }  # fmt: skip
+    unifluid = {
+        "model": {
+            "language": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                         "max_position_embeddings": 256, "hidden_act": "gelu_tanh",
+                         "norm_offset": True, "embed_scale": True, "sandwich_norms": True},
+            "vision": {**VISION, "select_layer": -1},
+            "head": {"width": 16, "depth": 1, "steps": 20, "sample_steps": 2, "draws": 1},
+        },
+        "vae": "set by reproduce", "text_tokenizer": "set by reproduce", "out": "unused",
+        "data": {"vqa_answer_tokens": 2, "caption_tokens": 40, "text_budget": 64},
+        "optim": {"batch_size": 4, "lr": 1e-3, "warmup": 1},
+        "log_every": 1, "ckpt_every": 1,
+    }  # fmt: skip
     paths = {}
-    for name, data in (("vq", vq), ("siglip", siglip), ("model", model)):
+    stages = (("vq", vq), ("siglip", siglip), ("model", model), ("kl", kl),
+              ("unifluid", unifluid))  # fmt: skip
+    for name, data in stages:
         paths[name] = str(root / f"{name}.yaml")
         Path(paths[name]).write_text(yaml.safe_dump(data))
     return paths
@@ -67,8 +90,11 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
         "steps": 2,
         "jobs": 2,
         "eval": {"steps": 2, "max_prompts_per_category": 1, "images_per_prompt": 1,
-                 "vqa_items": 4, "caption_items": 2, "trajectories": 2,
+                 "vqa_items": 4, "caption_items": 2, "edit_items": 3, "trajectories": 2,
                  "grid_prompts_per_category": 1, "grid_samples": 1},
+        "unifluid_runs": {"unifluid": {}, "unifluid_raster": {"order": "raster",
+                                                              "text_loss_weight": 0.5}},
+        "unifluid_steps": 3,
     }  # fmt: skip
     (tmp_path / "reproduce.yaml").write_text(yaml.safe_dump(config))
     ship = tmp_path / "shipped"
@@ -76,8 +102,22 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     assert main(args) == 0
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
-    assert set(results["runs"]) == {"ar", "fudoki", "fudoki_from_ar", "masked"}
-    for name, r in results["runs"].items():
+    assert set(results["runs"]) == {"ar", "fudoki", "fudoki_from_ar", "masked", "unifluid",
+                                    "unifluid_raster"}  # fmt: skip
+    discrete = {n: r for n, r in results["runs"].items() if not n.startswith("unifluid")}
+    # UniFluid: the shared evaluation plus editing, its knobs, GIFs and an editing sheet.
+    for name in ("unifluid", "unifluid_raster"):
+        r = results["runs"][name]
+        assert r["family"] == "unifluid" and r["edit"]["n"] == 3 and r["vqa"]["n"] == 4
+        assert (run / "figures" / f"{name}_refine_0.gif").is_file()
+        assert (run / "figures" / f"{name}_edits.png").is_file()
+        assert yaml.safe_load((run / "configs" / f"{name}.yaml").read_text())["optim"][
+            "steps"] == 3  # fmt: skip
+    assert results["runs"]["unifluid_raster"]["order"] == "raster"
+    assert results["runs"]["unifluid_raster"]["text_loss_weight"] == 0.5
+    assert results["runs"]["unifluid"]["order"] == "random"
+    assert "kl" in results["stages"] and (run / "figures" / "loss_unifluid.png").is_file()
+    for name, r in discrete.items():
         assert r["t2i_test"]["n"] > 0 and r["vqa"]["n"] == 4 and r["caption"]["n"] == 2
         assert (run / "figures" / f"{name}_samples.png").is_file()
         assert (run / "figures" / f"{name}_refine_0.gif").is_file()
@@ -94,13 +134,26 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     assert set(results["targets"]) == {"fudoki", "fudoki_from_ar"}
     md = (run / "results.md").read_text()
     assert "| `fudoki` |" in md and "Targets" in md and "Self-correction" in md
+    assert "UniFluid ablations" in md and "| `unifluid_raster` | 0.5 | raster |" in md
     assert (run / "figures" / "loss.png").is_file()
     assert sum(v["bytes"] for v in results["shipped"].values()) > 0
-    for name in ("fudoki-shapes", "vq-shapes", "siglip-shapes"):
+    for name in ("fudoki-shapes", "vq-shapes", "siglip-shapes", "unifluid-shapes"):
         assert (ship / name / "model.safetensors").is_file()
+    from safetensors import safe_open
+
     import kineflow
 
     assert kineflow.load(ship / "fudoki-shapes").config.path == "metric"
+    # The shipped UniFluid is float16 on disk, float32 in memory, and samples as the original.
+    with safe_open(ship / "unifluid-shapes" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("pos_in").dtype == torch.float16
+    shipped, original = (
+        kineflow.load(ship / "unifluid-shapes"),
+        kineflow.load(run / "unifluid" / "model"),
+    )
+    assert shipped.model.pos_in.dtype == torch.float32
+    a, b = (p.text_to_image(["a red circle"], seed=0).codes for p in (shipped, original))
+    torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
     # A second call finds every stage done and only rewrites the results.
     capsys.readouterr()
     assert main(args) == 0
@@ -117,6 +170,12 @@ def test_reproduce_config_errors(tmp_path) -> None:
         ReproduceConfig(runs=["gpt"])
     with pytest.raises(ValueError, match="add 'ar'"):
         ReproduceConfig(runs=["fudoki_from_ar"])
+    with pytest.raises(ValueError, match="cannot be changed per run"):
+        ReproduceConfig(unifluid="u.yaml", unifluid_runs={"unifluid": {"head": {}}})
+    with pytest.raises(ValueError, match="not a free run name"):
+        ReproduceConfig(unifluid="u.yaml", unifluid_runs={"masked": {}})
+    with pytest.raises(ValueError, match="unifluid_steps"):
+        ReproduceConfig(unifluid="u.yaml", unifluid_steps=0)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['eval.stepz'\]"):
         ReproduceConfig.from_dict({"eval": {"stepz": 3}})
     assert main(["reproduce", "--config", str(tmp_path / "nope.yaml")]) == 2

@@ -62,7 +62,12 @@ def test_batches_mix_generation_editing_and_understanding(assets, tmp_path) -> N
     L, C = model.config.num_image_tokens, model.config.vae.token_dim
     assert gen["tokens"].shape[1:] == (L, C) and (gen["ids"][:, -1] == tok.boi_id).all()
     P = model.config.vision.num_patches
-    assert (edit["image_mask"].sum(1) == P).all() and edit["pixels"].shape[0] == len(edit["ids"])
+    assert (edit["image_mask"].sum(1) == L).all() and edit["source"].shape == (
+        len(edit["ids"]),
+        L,
+        C,
+    )
+    assert not torch.equal(edit["source"], edit["tokens"])  # the source is not the target
     assert (und["targets"][und["target_mask"]] >= 0).all() and und["prefix"].min() > P
     # Teacher forcing: the model reads the answer itself in the answer slots.
     assert torch.equal(und["ids"], und["targets"])
@@ -149,6 +154,70 @@ def test_pipeline_generates_edits_and_answers(trained) -> None:
         pipe.text_to_image(["a <begin_of_image> circle"])
     with pytest.raises(ValueError, match="1 image"):
         pipe.edit([source], ["a", "b"])
+
+
+def test_edit_takes_pictures_or_latents_and_names_bad_input(trained, tmp_path) -> None:
+    from PIL import Image
+
+    from kineflow.data.image_file import ImageFileError
+
+    pipe = trained
+    source = Image.new("RGB", (32, 32), "white")
+    source.paste((255, 0, 0), (4, 4, 14, 14))
+    tokens = pipe.encode([source])
+    assert tokens.shape == (1, 16, 16)
+    by_picture = pipe.edit([source], ["make the square cyan."], seed=3)
+    by_tokens = pipe.edit(tokens, ["make the square cyan."], seed=3)
+    assert torch.equal(by_picture.codes, by_tokens.codes)
+    larger = pipe.encode(source.resize((96, 96), Image.Resampling.NEAREST))
+    assert larger.shape == tokens.shape  # any square size is resized to the VAE's
+    with pytest.raises(ValueError, match="empty prompt / instruction"):
+        pipe.edit([source], [" "])
+    with pytest.raises(ValueError, match=r"source image tokens must be \[B, 16, 16\]"):
+        pipe.edit(tokens[:, :4], ["make the square cyan."])
+    with pytest.raises(ValueError, match="got 1 image"):
+        pipe.edit(tokens, ["a", "b"])
+    with pytest.raises(ValueError, match="48x32: UniFluid edits square pictures"):
+        pipe.edit([Image.new("RGB", (48, 32))], ["remove the square."])
+    not_a_picture = tmp_path / "notes.png"
+    not_a_picture.write_text("not an image")
+    with pytest.raises(ImageFileError, match=r"notes\.png"):
+        pipe.edit([str(not_a_picture)], ["remove the square."])
+
+
+def test_trajectory_shows_the_tokens_arriving_in_order(trained) -> None:
+    import numpy as np
+
+    pipe = trained
+    order = torch.arange(16)[None]  # raster: the top rows of the canvas come first
+    out = pipe.text_to_image(["a red circle"], seed=0, order=order, return_trajectory=True,
+                             frames=4)  # fmt: skip
+    frames = out.trajectory[0]
+    assert len(frames) == 5  # 0, 4, 8, 12, 16 tokens
+    assert np.array_equal(np.asarray(frames[-1]), np.asarray(out.images[0]))
+    blank = np.asarray(pipe.decode(torch.zeros(1, 16, 16))[0])
+    assert np.array_equal(np.asarray(frames[0]), blank)
+    # After 4 raster tokens: the final tokens of the top row of cells, the zero latent
+    # elsewhere (the same canvas decoded by itself).
+    canvas = out.codes.clone()
+    canvas[:, 4:] = 0
+    assert np.array_equal(np.asarray(frames[1]), np.asarray(pipe.decode(canvas)[0]))
+    assert not np.array_equal(np.asarray(frames[1]), np.asarray(frames[2]))
+
+
+def test_load_image_takes_arrays_and_names_unsupported_input() -> None:
+    import numpy as np
+
+    from kineflow.pipelines.images import load_image
+
+    array = np.zeros((8, 6, 3), dtype=np.uint8)
+    assert load_image(array).size == (6, 8)
+    with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\].*float64 \[8, 6, 3\]"):
+        load_image(array.astype(float))
+    with pytest.raises(ValueError, match=r"\[8, 6, 4\]"):
+        load_image(np.zeros((8, 6, 4), dtype=np.uint8))
+    with pytest.raises(TypeError, match="unsupported image list"):
+        load_image([1, 2, 3])
 
 
 def test_cli_selects_the_family_and_edits(trained_folder, tmp_path, capsys) -> None:

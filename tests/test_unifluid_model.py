@@ -192,16 +192,21 @@ def test_text_generation_greedy_and_beam() -> None:
     assert model.generate_text(embeds, mask, prefix, max_tokens=6, eos_id=eos, beams=1) == greedy
 
 
-def test_editing_prompt_with_image_features(monkeypatch) -> None:
-    """A prompt given as embeddings (source picture features + instruction) generates like
-    teacher forcing sees it."""
+def test_editing_prompt_carries_the_source_tokens(monkeypatch) -> None:
+    """An editing prompt (the source picture's own tokens + instruction) generates like
+    teacher forcing sees it; the source slots hold ``W_in x_i + P_in[i]`` in grid order, and a
+    source of the wrong latent size is refused by name."""
     model = tiny()
-    P = model.config.vision.num_patches
-    ids = torch.randint(1, V, (1, P + 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():  # W_src starts at zero: make the announced source cells count
+        model.source_in.weight.normal_(0, 0.3)
+    ids = torch.randint(1, V, (1, L + 5), generator=torch.Generator().manual_seed(6))
     image_mask = torch.zeros_like(ids, dtype=torch.bool)
-    image_mask[0, 1 : 1 + P] = True
-    features = model.encode_images(torch.randn(1, 3, 16, 16, dtype=torch.float64))
-    prompt = model.understanding_embeds(ids, image_mask, features)
+    image_mask[0, 1 : 1 + L] = True
+    source = torch.randn(1, L, C, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    prompt = model.edit_embeds(ids, image_mask, source)
+    expected = model.image_in(source[0]) + model.pos_in
+    torch.testing.assert_close(prompt[0, 1 : 1 + L], expected)
+    torch.testing.assert_close(prompt[0, L + 1 :], model.backbone.embed(ids[:, L + 1 :])[0])
     mask = torch.ones_like(ids, dtype=torch.bool)
     seen = []
 
@@ -211,11 +216,20 @@ def test_editing_prompt_with_image_features(monkeypatch) -> None:
 
     monkeypatch.setattr(model.diffusion_head, "sample", fake_sample)
     order = generation_order(1, L, "random", torch.Generator().manual_seed(7))
-    tokens = model.generate_tokens(prompt, mask, order=order)
-    z_tf = model.generation_hidden(prompt, mask, tokens, order)
+    tokens = model.generate_tokens(prompt, mask, order=order, source=source)
+    z_tf = model.generation_hidden(prompt, mask, tokens, order, source)
     torch.testing.assert_close(torch.stack(seen, 1), z_tf, rtol=1e-5, atol=1e-5)
-    other = features + 1.0  # another source picture changes the result
-    seen.clear()
-    again = model.generate_tokens(model.understanding_embeds(ids, image_mask, other), mask,
-                                  order=order)  # fmt: skip
+    # Each input announces the next cell's source token: e_j − (text-to-image input) is
+    # W_src x^src_π(j+1) (and at <boi>, of π(0)).
+    plain = model.generation_hidden(prompt, mask, tokens, order)
+    assert not torch.allclose(plain, z_tf)
+    announced = model.next_cell(order, source) - model.next_cell(order)
+    torch.testing.assert_close(announced[0], model.source_in(source[0, order[0]]))
+    seen.clear()  # another source picture changes the result
+    again = model.generate_tokens(model.edit_embeds(ids, image_mask, source + 1.0), mask,
+                                  order=order, source=source + 1.0)  # fmt: skip
     assert not torch.allclose(again, tokens)
+    with pytest.raises(ValueError, match=r"source image tokens must be \[B, 16, 16\].*16 px"):
+        model.edit_embeds(ids, image_mask, source[:, :8])
+    with pytest.raises(ValueError, match="image_mask marks 16 positions"):
+        model.edit_embeds(ids, image_mask, torch.cat([source, source]))

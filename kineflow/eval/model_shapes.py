@@ -106,6 +106,7 @@ def evaluate_model(
             {it.id: sc for it, sc in zip(items, scenes, strict=True)},
             {it.id: it.kind for it in items},
         )
+        report["edit"]["pictures"] = edited
     return report
 
 

@@ -171,17 +171,19 @@ def format_report(report: dict) -> str:
 # -- contact sheet ------------------------------------------------------------------------------
 PASS_COLOUR = (30, 160, 60)
 FAIL_COLOUR = (210, 30, 30)
+NEUTRAL_COLOUR = (170, 170, 170)
 
 
 def contact_sheet(
     pictures: Sequence[np.ndarray],
-    passed: Sequence[bool],
+    passed: Sequence[bool | None],
     labels: Sequence[str] | None = None,
     columns: int = 12,
     scale: int = 3,
 ) -> Image.Image:
     """A grid of pictures (uint8 ``[S, S, 3]``), each upscaled ``scale`` times (nearest) in a
-    3-pixel frame, green when it passed and red when it failed, with an optional label below."""
+    3-pixel frame, green when it passed, red when it failed and grey when it is not judged
+    (None: e.g. the source and target beside an edit), with an optional label below."""
     if len(pictures) != len(passed):
         raise ValueError(f"{len(pictures)} pictures but {len(passed)} verdicts")
     if not len(pictures):
@@ -197,7 +199,7 @@ def contact_sheet(
         x, y = (i % columns) * cell_w + 2, (i // columns) * cell_h + 2
         draw.rectangle(
             (x, y, x + side + 2 * frame - 1, y + side + 2 * frame - 1),
-            fill=PASS_COLOUR if ok else FAIL_COLOUR,
+            fill=NEUTRAL_COLOUR if ok is None else PASS_COLOUR if ok else FAIL_COLOUR,
         )
         tile = Image.fromarray(pic).resize((side, side), Image.Resampling.NEAREST)
         sheet.paste(tile, (x + frame, y + frame))

@@ -3,6 +3,7 @@
 Sequences (``·`` = padding on the left, ``[…]`` = what the model predicts)::
 
     generation     · · BOS prompt <boi> x_π(0) … x_π(L−2)        → [x_π(0) … x_π(L−1)]
+    editing        · · BOS s_0 … s_(L−1) instruction <boi> x_π(0) … → [x_π(0) … x_π(L−1)]
     understanding  · · BOS <img>×P question               answer → [answer, EOS]
 
 **Image tokens.** A picture is encoded by the frozen KL-VAE and patchified (2 × 2) into
@@ -17,6 +18,17 @@ the learnable 2-D position embedding (one vector per grid cell) of the token to 
 a causal model knows *where* it is asked to generate. The hidden state ``z`` at ``<boi>`` and at
 slot ``j`` conditions the per-token diffusion head
 (:class:`~kineflow.models.diffusion_head.DiffusionHead`) for ``x_π(0)`` and ``x_π(j+1)``.
+
+**Editing.** The source picture enters the prompt as its own ``L`` continuous tokens in grid
+order, ``s_i = W_in x^src_i + P_in[i]`` (:meth:`UnifluidModel.source_embeds`), attended
+bidirectionally with the instruction. And as each input already announces the cell ``π(j+1)``
+to generate next, in editing it also says what the source holds there:
+
+    e_j = W_in x_π(j) + P_in[π(j)] + P_next[π(j+1)] + W_src x^src_π(j+1)
+
+(``W_src`` starts at zero). The untouched objects must survive pixel for pixel, which SigLIP's
+pooled understanding features do not describe; with the source cell in the input, keeping it
+is the easy default and the instruction decides where to depart from it.
 
 **Attention** (PaliGemma prefix-LM, :func:`~kineflow.models.llama.build_attention_mask`):
 generation is bidirectional over the prompt through ``<boi>`` and causal over image tokens;
@@ -120,6 +132,9 @@ class UnifluidModel(nn.Module):
         self.image_in = nn.Linear(config.vae.token_dim, D)
         self.pos_in = nn.Parameter(torch.randn(L, D) * 0.02)
         self.pos_next = nn.Parameter(torch.randn(L, D) * 0.02)
+        self.source_in = nn.Linear(config.vae.token_dim, D)
+        nn.init.zeros_(self.source_in.weight)  # generation and editing start out alike
+        nn.init.zeros_(self.source_in.bias)
         self.vision_model: SiglipVisionModel | None = None
         self.aligner: nn.Linear | None = None
         if config.vision is not None:
@@ -137,12 +152,42 @@ class UnifluidModel(nn.Module):
         logits = hidden @ self.backbone.embed_tokens.weight.t()
         return softcap(logits.float(), self.config.language.final_logit_softcapping)
 
-    def image_inputs(self, tokens: Tensor, order: Tensor) -> Tensor:
+    def next_cell(self, cells: Tensor, source: Tensor | None = None) -> Tensor:
+        """What an input announces about the cells ``[B, K]`` generated next: ``P_next[cell]``,
+        plus ``W_src x^src_cell`` when editing ``source [B, L, C]`` (grid order)."""
+        out = self.pos_next[cells]
+        if source is not None:
+            picked = source.gather(1, cells[..., None].expand(-1, -1, source.shape[-1]))
+            out = out + self.source_in(picked.to(out.dtype))
+        return out
+
+    def image_inputs(self, tokens: Tensor, order: Tensor, source: Tensor | None = None) -> Tensor:
         """Inputs of the ``L − 1`` image slots ``[B, L−1, D]`` for tokens ``[B, L, C]`` (grid
-        order) generated in ``order [B, L]`` (see the module docstring)."""
+        order) generated in ``order [B, L]``, editing ``source`` if given (see the module
+        docstring)."""
         ordered = tokens.gather(1, order[..., None].expand_as(tokens))
-        own, nxt = order[:, :-1], order[:, 1:]
-        return self.image_in(ordered[:, :-1]) + self.pos_in[own] + self.pos_next[nxt]
+        own = self.image_in(ordered[:, :-1]) + self.pos_in[order[:, :-1]]
+        return own + self.next_cell(order[:, 1:], source)
+
+    def check_tokens(self, tokens: Tensor, what: str) -> None:
+        L, C = self.config.num_image_tokens, self.config.vae.token_dim
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (L, C):
+            size = self.config.vae.image_size
+            raise ValueError(
+                f"{what} must be [B, {L}, {C}] (the {size} px VAE's latent tokens), got shape "
+                f"{tuple(tokens.shape)}"
+            )
+
+    def source_embeds(self, tokens: Tensor) -> Tensor:
+        """An editing source picture's tokens ``[B, L, C]`` (grid order) as prompt inputs
+        ``W_in x_i + P_in[i]``: ``[B, L, D]``."""
+        self.check_tokens(tokens, "source image tokens")
+        return self.image_in(tokens.to(self.pos_in.dtype)) + self.pos_in
+
+    def edit_embeds(self, input_ids: Tensor, source_mask: Tensor, tokens: Tensor) -> Tensor:
+        """An editing prompt ``[B, N, D]``: the text embeddings with the ``source_mask``
+        positions (``L`` per row) filled by :meth:`source_embeds` of ``tokens [B, L, C]``."""
+        return self.understanding_embeds(input_ids, source_mask, self.source_embeds(tokens))
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """Understanding features ``aligner(SigLIP(x))``: [I, 3, S, S] -> [I, P, D]."""
@@ -153,13 +198,13 @@ class UnifluidModel(nn.Module):
     # -- generation ------------------------------------------------------------------------------
     def prompt_embeds(self, prompt: Tensor) -> Tensor:
         """``prompt`` as input embeddings: ids ``[B, N]`` are embedded (text only), embeddings
-        ``[B, N, D]`` (e.g. :meth:`understanding_embeds` for an editing prompt) pass through."""
+        ``[B, N, D]`` (e.g. :meth:`edit_embeds` for an editing prompt) pass through."""
         return self.backbone.embed(prompt) if prompt.ndim == 2 else prompt
 
-    def _announce_first(self, prompt: Tensor, order: Tensor) -> Tensor:
-        """The ``<boi>`` input (the prompt's last) also carries ``P_next[π(0)]``."""
-        first = self.pos_next[order[:, 0]].to(prompt.dtype)
-        return torch.cat([prompt[:, :-1], prompt[:, -1:] + first[:, None]], dim=1)
+    def _announce_first(self, prompt: Tensor, order: Tensor, source: Tensor | None) -> Tensor:
+        """The ``<boi>`` input (the prompt's last) also announces the first cell ``π(0)``."""
+        first = self.next_cell(order[:, :1], source).to(prompt.dtype)
+        return torch.cat([prompt[:, :-1], prompt[:, -1:] + first], dim=1)
 
     def generation_hidden(
         self,
@@ -167,23 +212,24 @@ class UnifluidModel(nn.Module):
         prompt_mask: Tensor,
         tokens: Tensor,
         order: Tensor,
+        source: Tensor | None = None,
     ) -> Tensor:
         """Teacher-forced hidden states ``z [B, L, D]`` that condition the diffusion head for
         ``x_π(0) … x_π(L−1)``.
 
         ``prompt`` (ids ``[B, N]`` or embeddings ``[B, N, D]``, see :meth:`prompt_embeds`) ends
         with ``<boi>`` (left-padded; ``prompt_mask`` marks real tokens); ``tokens [B, L, C]``
-        are the target image tokens in grid order.
+        are the target image tokens in grid order; ``source [B, L, C]``: the picture being
+        edited (its prompt is :meth:`edit_embeds`), None for text-to-image.
         """
         B, N = prompt_mask.shape
         L = self.config.num_image_tokens
-        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (L, self.config.vae.token_dim):
-            raise ValueError(
-                f"image tokens must be [B, {L}, {self.config.vae.token_dim}], got shape "
-                f"{tuple(tokens.shape)}"
-            )
-        text = self._announce_first(self.prompt_embeds(prompt), order)
-        embeds = torch.cat([text, self.image_inputs(tokens, order).to(text.dtype)], dim=1)
+        self.check_tokens(tokens, "image tokens")
+        if source is not None:
+            self.check_tokens(source, "source image tokens")
+        text = self._announce_first(self.prompt_embeds(prompt), order, source)
+        inputs = self.image_inputs(tokens, order, source).to(text.dtype)
+        embeds = torch.cat([text, inputs], dim=1)
         mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, L - 1).bool()], dim=1)
         hidden = self.backbone(
             inputs_embeds=embeds,
@@ -200,9 +246,10 @@ class UnifluidModel(nn.Module):
         tokens: Tensor,
         order: Tensor,
         generator: torch.Generator | None = None,
+        source: Tensor | None = None,
     ) -> Tensor:
         """Per-sample diffusion loss ``[B]`` (mean over the sample's image tokens)."""
-        z = self.generation_hidden(prompt, prompt_mask, tokens, order)
+        z = self.generation_hidden(prompt, prompt_mask, tokens, order, source)
         B, L, C = tokens.shape
         targets = tokens.gather(1, order[..., None].expand_as(tokens))
         dtype = self._head_dtype  # the small head may run in float32 under a bf16 backbone
@@ -223,10 +270,11 @@ class UnifluidModel(nn.Module):
         order: Tensor | None = None,
         generator: torch.Generator | None = None,
         clip_x0: float | None = None,
+        source: Tensor | None = None,
     ) -> Tensor:
         """Image tokens ``[B, L, C]`` (grid order) for prompts (ids or embeddings, see
         :meth:`prompt_embeds`) ending in ``<boi>``, one incremental backbone step per token
-        (KV cache).
+        (KV cache); ``source [B, L, C]`` when editing (see :meth:`generation_hidden`).
 
         With ``uncond`` (the prompts blanked, same mask) the ε of the diffusion head is guided
         with a weight rising linearly from 1 to ``cfg_scale`` over the generated tokens.
@@ -243,7 +291,11 @@ class UnifluidModel(nn.Module):
             text = torch.cat([text, self.prompt_embeds(uncond)])
         mask = torch.cat([prompt_mask, prompt_mask]) if guided else prompt_mask
         rows = 2 if guided else 1
-        text = self._announce_first(text, order.repeat(rows, 1))
+        if source is not None:
+            self.check_tokens(source, "source image tokens")
+            source = source.to(device).repeat(rows, 1, 1)
+        order2 = order.repeat(rows, 1)
+        text = self._announce_first(text, order2, source)
         cache = KVCache()
         z = self.backbone(
             inputs_embeds=text, attention_mask=mask, mask="prefix",
@@ -261,8 +313,8 @@ class UnifluidModel(nn.Module):
             out[torch.arange(B), order[:, j]] = x
             if j == L - 1:
                 break
-            step = self.image_in(x.to(z.dtype)) + self.pos_in[order[:, j]]
-            step = (step + self.pos_next[order[:, j + 1]]).repeat(rows, 1)[:, None]
+            step = (self.image_in(x.to(z.dtype)) + self.pos_in[order[:, j]]).repeat(rows, 1)
+            step = (step + self.next_cell(order2[:, j + 1 : j + 2], source)[:, 0])[:, None]
             z = self.backbone(
                 inputs_embeds=step, attention_mask=mask.new_ones(rows * B, 1), mask="prefix",
                 prefix_lengths=mask.sum(1), kv_cache=cache,
@@ -274,19 +326,18 @@ class UnifluidModel(nn.Module):
         """Per-sample losses of a training batch in one call (one forward per step, as DDP
         wants): ``{"image": [G + E], "text": [U]}`` for its ``gen`` / ``edit`` / ``und`` parts
         (each a dict or None; see :class:`kineflow.train.unifluid.UnifluidTask`). Editing
-        prompts carry the source picture's SigLIP features at their ``image_mask`` positions."""
+        prompts carry the source picture's tokens at their ``image_mask`` positions."""
         device = self.pos_in.device
         image, text = [], torch.zeros(0, device=device)
         for part in ("gen", "edit"):
             b = batch.get(part)
             if b is None:
                 continue
-            prompt = b["ids"]
+            prompt, source = b["ids"], b.get("source")
             if part == "edit":
-                prompt = self.understanding_embeds(
-                    b["ids"], b["image_mask"], self.encode_images(b["pixels"])
-                )
-            image.append(self.image_loss(prompt, b["mask"], b["tokens"], b["order"], generator))
+                prompt = self.edit_embeds(b["ids"], b["image_mask"], source)
+            image.append(self.image_loss(prompt, b["mask"], b["tokens"], b["order"], generator,
+                                         source))  # fmt: skip
         b = batch.get("und")
         if b is not None:
             hidden = self.understanding_hidden(

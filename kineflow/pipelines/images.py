@@ -41,16 +41,33 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 def load_image(
-    source: str | os.PathLike[str] | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: str | os.PathLike[str] | Image.Image | np.ndarray,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """An upright RGB PIL picture from a path or a PIL image (alpha composited on white).
+    """An upright RGB PIL picture from a path, a PIL image (alpha composited on white) or a
+    uint8 array ``[H, W, 3]`` / ``[H, W]``.
 
     Raises:
         ImageFileError (a ValueError): a missing or unreadable file, or one of more than
-            ``max_pixels`` pixels (checked before decoding); ValueError for such a PIL image.
+            ``max_pixels`` pixels (checked before decoding); ValueError for such a PIL image
+            or an array of another dtype or shape; TypeError for anything else.
     """
-    if not isinstance(source, Image.Image):
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or not (
+            source.ndim == 2 or (source.ndim == 3 and source.shape[2] == 3)
+        ):
+            raise ValueError(
+                f"an image array must be uint8 [H, W, 3] or [H, W], got {source.dtype} "
+                f"{list(source.shape)}"
+            )
+        source = Image.fromarray(source)
+    if isinstance(source, (str, os.PathLike)):
         return read_rgb(source, max_pixels)
+    if not isinstance(source, Image.Image):
+        raise TypeError(
+            f"unsupported image {type(source).__name__}: give a file path, a PIL image or a "
+            "uint8 array [H, W, 3]"
+        )
     w, h = source.size
     if w < 1 or h < 1 or w * h > max_pixels:
         raise ValueError(f"image of {w}x{h} pixels: expected 1 to {max_pixels} pixels")

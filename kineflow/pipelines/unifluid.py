@@ -5,7 +5,7 @@ Prompts use the same chat template and special tokens as the trainer
 same column:
 
     text-to-image  BOS "User: {prompt}\\n\\nAssistant:" <boi>          → L image tokens
-    editing        BOS "User: " <boi> <img>×P <eoi> "{instruction}\\n\\nAssistant:" <boi>
+    editing        BOS "User: " <boi> <img>×L <eoi> "{instruction}\\n\\nAssistant:" <boi>
     understanding  BOS "User: " <boi> <img>×P <eoi> "{question}\\n\\nAssistant:"  → text
 
 Images are generated token by token in a random (or raster) order with a KV cache and the
@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from kineflow.config import check_config_keys
 from kineflow.data.example import tensor_to_image
 from kineflow.io import load_pretrained_folder, save_pretrained_folder
-from kineflow.models.unifluid import UnifluidConfig, UnifluidModel
+from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.pipelines.fudoki import ImageResult, TextResult
 from kineflow.pipelines.images import (
     as_image_list,
@@ -111,7 +113,7 @@ class UnifluidPipeline:
                                                  system=""), bos=True)  # fmt: skip
         if image:
             at = ids.index(tok.image_id)
-            ids[at : at + 1] = [tok.image_id] * self.model.config.vision.num_patches
+            ids[at : at + 1] = [tok.image_id] * self.model.config.num_image_tokens
         return [*ids, tok.boi_id]
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -150,8 +152,14 @@ class UnifluidPipeline:
         seed: int | None = None,
         order: Tensor | None = None,
         steps: int | None = None,
+        return_trajectory: bool = False,
+        frames: int = 16,
     ) -> ImageResult:
         """One picture per prompt, sampled in one batch (``cfg_scale`` 1: no guidance).
+
+        ``return_trajectory``: also the canvas as the tokens arrive (``frames + 1`` pictures
+        per prompt, at evenly spaced token counts; cells not generated yet hold the zero
+        latent), for GIFs of the generation order.
 
         ``steps`` is accepted for a common interface with the FUDOKI pipeline and must be
         None: UniFluid takes one backbone step per token (and the diffusion head's own
@@ -165,7 +173,30 @@ class UnifluidPipeline:
         uncond = ids.clone()
         uncond[:, :-1] = torch.where(mask[:, :-1], self.tokenizer.pad_id, uncond[:, :-1])
         uncond[torch.arange(len(prompts)), mask.float().argmax(1)] = self.tokenizer.bos_id
-        return self._images(ids, mask, uncond, cfg_scale, temperature, seed, order)
+        return self._images(ids, mask, uncond, cfg_scale, temperature, seed, order,
+                            frames if return_trajectory else 0)  # fmt: skip
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Any] | Any) -> Tensor:
+        """Pictures (paths or PIL images) as the model's latent tokens ``[B, L, C]``: the
+        VAE's posterior mode, scaled and patchified. A square picture of any size is resized
+        (bicubic) to the VAE's ``S x S``; a picture that is not square is refused rather than
+        distorted or padded."""
+        S = self.model.config.vae.image_size
+        arrays = []
+        for i, image in enumerate(as_image_list(images)):
+            picture = load_image(image)
+            if picture.width != picture.height:
+                raise ValueError(
+                    f"image {i} is {picture.width}x{picture.height}: UniFluid edits square "
+                    f"pictures ({S}x{S}, or larger ones it resizes); crop it first"
+                )
+            if picture.size != (S, S):
+                picture = picture.resize((S, S), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(picture, dtype=np.float32))
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+        vae = self.model.vae
+        return vae.images_to_tokens(x.to(self.device, self.model.pos_in.dtype))
 
     @torch.no_grad()
     def edit(
@@ -175,32 +206,74 @@ class UnifluidPipeline:
         *,
         temperature: float | None = None,
         seed: int | None = None,
+        return_trajectory: bool = False,
+        frames: int = 16,
     ) -> ImageResult:
-        """The picture ``images[i]`` changed as ``instructions[i]`` says (no guidance: the
-        trainer never blanks editing prompts)."""
-        images, instructions = pair_images(images, instructions, "instruction")
+        """The picture ``images[i]`` changed as ``instructions[i]`` says. ``images`` are
+        pictures (see :meth:`encode`) or their latent tokens ``[B, L, C]``. No guidance: the
+        trainer never blanks editing prompts. ``return_trajectory``: as in
+        :meth:`text_to_image`."""
+        if isinstance(images, Tensor):
+            tokens = images.to(self.device)
+            self.model.check_tokens(tokens, "source image tokens")
+            instructions = [instructions] if isinstance(instructions, str) else list(instructions)
+            if len(instructions) != tokens.shape[0]:
+                raise ValueError(
+                    f"got {tokens.shape[0]} image(s) for {len(instructions)} instruction(s)"
+                )
+        else:
+            images, instructions = pair_images(images, instructions, "instruction")
+        # The instructions are checked before any picture is read or encoded.
         ids, mask = self._left_pad([self._prompt_ids(t, True) for t in instructions])
-        prompt = self.model.understanding_embeds(
-            ids, ids == self.tokenizer.image_id, self._features(images)
-        )
-        return self._images(prompt, mask, None, 1.0, temperature, seed, None)
+        if not isinstance(images, Tensor):
+            tokens = self.encode(images)
+        prompt = self.model.edit_embeds(ids, ids == self.tokenizer.image_id, tokens)
+        return self._images(prompt, mask, None, 1.0, temperature, seed, None,
+                            frames if return_trajectory else 0, source=tokens)  # fmt: skip
 
-    def _images(self, prompt, mask, uncond, cfg_scale, temperature, seed, order) -> ImageResult:
-        c = self.config
+    def _images(
+        self, prompt, mask, uncond, cfg_scale, temperature, seed, order, frames, source=None
+    ) -> ImageResult:  # fmt: skip
+        c, model = self.config, self.model
         w = c.cfg_scale if cfg_scale is None else float(cfg_scale)
+        generator = self._generator(seed)
+        B, L = mask.shape[0], model.config.num_image_tokens
+        if order is None:  # drawn here (as generate_tokens would) to draw the trajectory
+            order = generation_order(B, L, model.config.order, generator)
         start = time.perf_counter()
-        tokens = self.model.generate_tokens(
+        tokens = model.generate_tokens(
             prompt, mask, uncond=uncond if w != 1.0 else None, cfg_scale=w,
             temperature=c.temperature if temperature is None else temperature,
-            order=order, generator=self._generator(seed), clip_x0=c.clip_x0,
+            order=order, generator=generator, clip_x0=c.clip_x0, source=source,
         )  # fmt: skip
         model_s = time.perf_counter() - start
         start = time.perf_counter()
-        pixels = self.model.vae.tokens_to_images(tokens.to(self.model.pos_in.dtype))
-        images = [tensor_to_image(p.float().clamp(-1, 1).cpu()) for p in pixels]
+        images = self.decode(tokens)
+        trajectory = None
+        if frames:
+            trajectory = self._trajectory(tokens, order.to(tokens.device), frames)
         timings = {"model_s": model_s, "decode_s": time.perf_counter() - start,
-                   "nfe": float(tokens.shape[1])}  # fmt: skip
-        return ImageResult(images, tokens.cpu(), timings=timings)
+                   "nfe": float(L)}  # fmt: skip
+        return ImageResult(images, tokens.cpu(), trajectory, timings=timings)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> list[Image.Image]:
+        """Latent tokens ``[B, L, C]`` (grid order) as pictures."""
+        self.model.check_tokens(tokens, "image tokens")
+        pixels = self.model.vae.tokens_to_images(tokens.to(self.device, self.model.pos_in.dtype))
+        return [tensor_to_image(p.float().clamp(-1, 1).cpu()) for p in pixels]
+
+    def _trajectory(self, tokens: Tensor, order: Tensor, frames: int) -> list[list[Image.Image]]:
+        """Per sample, the canvas after ``0, L/frames, …, L`` generated tokens."""
+        B, L, _ = tokens.shape
+        counts = sorted({round(k * L / frames) for k in range(frames + 1)})
+        canvases = []
+        for n in counts:
+            shown = torch.zeros(B, L, dtype=torch.bool, device=tokens.device)
+            shown.scatter_(1, order[:, :n], True)
+            canvases.append(tokens * shown[..., None])
+        pictures = self.decode(torch.cat(canvases))
+        return [[pictures[f * B + b] for f in range(len(counts))] for b in range(B)]
 
     @torch.no_grad()
     def answer(
@@ -246,14 +319,21 @@ class UnifluidPipeline:
                            max_tokens=c.caption_tokens, beams=beams)  # fmt: skip
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+    def save_pretrained(
+        self, folder: str | os.PathLike[str], dtype: torch.dtype | None = None
+    ) -> Path:
         """``config.json`` (``kineflow_type: unifluid``, model + pipeline configs),
-        ``model.safetensors`` and the tokenizer files."""
+        ``model.safetensors`` (floating tensors cast to ``dtype`` when given, e.g. float16 to
+        ship half the bytes; loading casts them back to the model's dtype) and the tokenizer
+        files."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(folder)
         config = {"model": self.model.config.to_dict(), "pipeline": self.config.to_dict()}
-        return save_pretrained_folder(folder, self.model.state_dict(), config, KIND)
+        weights = self.model.state_dict()
+        if dtype is not None:
+            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        return save_pretrained_folder(folder, weights, config, KIND)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> UnifluidPipeline:

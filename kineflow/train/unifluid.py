@@ -4,8 +4,8 @@ A batch mixes three kinds of samples, each drawn (with its scene, its generation
 CFG dropout) from its own seeded generator:
 
     gen    BOS "User: {caption}\\n\\nAssistant:" <boi>  →  the picture's L KL-VAE tokens
-    edit   BOS "User: " <boi> <img>×P <eoi> "{instruction}\\n\\nAssistant:" <boi>
-           →  the edited picture's tokens (the source picture enters as SigLIP features)
+    edit   BOS "User: " <boi> <img>×L <eoi> "{instruction}\\n\\nAssistant:" <boi>
+           →  the edited picture's tokens (the source picture enters as its own L tokens)
     und    the understanding layout of :mod:`kineflow.pipelines.layout` (VQA or captioning)
            →  the answer slots (answer, then EOS)
 
@@ -148,15 +148,15 @@ class UnifluidTask:
     def _kind(self, g: torch.Generator) -> str:
         u = float(torch.rand((), generator=g))
         d = self.data
-        if self.num_patches and u < d.understanding_ratio:
-            return "und"
-        if self.num_patches and u < d.understanding_ratio + d.edit_ratio:
+        if u < d.understanding_ratio:
+            return "und" if self.num_patches else "gen"  # no SigLIP tower: no understanding
+        if u < d.understanding_ratio + d.edit_ratio:
             return "edit"
         return "gen"
 
     def _prompt(self, text: str, image: bool, g: torch.Generator) -> list[int]:
         """Chat-template ids ending in ``<boi>``; an editing prompt starts its user turn with
-        the source picture's ``P`` placeholders. A text-to-image prompt is blanked (pad after
+        the source picture's ``L`` token placeholders. A text-to-image prompt is blanked (pad after
         BOS) with probability ``cfg_dropout``, for classifier-free guidance."""
         tok = self.tokenizer
         message = (tok.image_span(1) if image else "") + text
@@ -164,7 +164,7 @@ class UnifluidTask:
         ids = tok.encode(chat, bos=True)
         if image:
             at = ids.index(tok.image_id)
-            ids[at : at + 1] = [tok.image_id] * self.num_patches
+            ids[at : at + 1] = [tok.image_id] * self.model.config.num_image_tokens
         elif float(torch.rand((), generator=g)) < self.data.cfg_dropout:
             ids = ids[:1] + [tok.pad_id] * (len(ids) - 1)
         return [*ids, tok.boi_id]
@@ -210,8 +210,8 @@ class UnifluidTask:
         if not rows:
             return None
         tok, d = self.tokenizer, self.data
-        size = self.model.config.vision.image_size if self.num_patches else d.image_size
         if name == "und":
+            size = self.model.config.vision.image_size
             lay = stack_layouts([r["layout"] for r in rows], tok.pad_id)
             targets = lay.input_ids.clone()
             for b, r in enumerate(rows):
@@ -235,8 +235,7 @@ class UnifluidTask:
                "order": torch.stack([r["order"] for r in rows])}  # fmt: skip
         if name == "edit":
             out["image_mask"] = ids == tok.image_id
-            sources = [Image.fromarray(r["source"]) for r in rows]
-            out["pixels"] = preprocess_understanding(sources, size)
+            out["source"] = self._tokens([r["source"] for r in rows])
         return out
 
     @torch.no_grad()
