@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The main job: the tiny FUDOKI model shipped in checkpoints/ generates and answers (< 1 min).
+# The main job: the tiny FUDOKI and UniFluid models shipped in checkpoints/ generate, answer
+# and (UniFluid) edit ShapesWorld pictures (< 1 min).
 demo: $(STAMP)
-	$(PY) -m kineflow showcase --model checkpoints/fudoki-shapes --out outputs/showcase
+	$(PY) -m kineflow showcase --model checkpoints/fudoki-shapes --out outputs/showcase/fudoki
+	$(PY) -m kineflow showcase --model checkpoints/unifluid-shapes --out outputs/showcase/unifluid
 
 # The flow core alone: metric / uniform / masked paths with an exact denoiser.
 demo-flow: $(STAMP)

@@ -509,10 +509,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         written, records = [], []
         for start in range(0, len(args.prompts), args.batch_size):
             prompts = args.prompts[start : start + args.batch_size]
-            if _family(pipe) == "unifluid":  # continuous tokens: no steps, top-k or trajectory
+            if _family(pipe) == "unifluid":  # continuous tokens: no steps or top-k
                 result = pipe.text_to_image(
                     prompts, cfg_scale=args.cfg, temperature=args.temperature,
-                    seed=args.seed + start,
+                    seed=args.seed + start, return_trajectory=not args.no_gif,
                 )  # fmt: skip
             else:
                 result = pipe.text_to_image(
@@ -634,6 +634,10 @@ def _showcase_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vqa", type=int_in_range(0, 10000), default=24, help="test questions to answer"
     )
+    parser.add_argument(
+        "--edits", type=int_in_range(0, 10000), default=8,
+        help="test pictures to edit (models that edit)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int_in_range(1, 10000), default=None, help="solver steps")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
 
@@ -647,6 +651,7 @@ def _run_showcase(args: argparse.Namespace) -> int:
             args.out,
             seeds=args.seeds,
             vqa_items=args.vqa,
+            edit_items=args.edits,
             steps=args.steps,
             device=args.device,
         )
@@ -670,6 +675,8 @@ def _edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=output_dir, default=Path("outputs/edit"),
                         help="folder for the edited pictures")  # fmt: skip
     parser.add_argument("--scale", type=int_in_range(1, 32), default=4, help="enlarge the PNGs")
+    parser.add_argument("--no-gif", action="store_true",
+                        help="skip the token-by-token GIF of each edit")  # fmt: skip
 
 
 def _run_edit(args: argparse.Namespace) -> int:
@@ -683,7 +690,7 @@ def _run_edit(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} is not a UniFluid checkpoint; only UniFluid edits")
         pictures = images * len(args.instructions) if len(images) == 1 else images
         result = pipe.edit(pictures, args.instructions, temperature=args.temperature,
-                           seed=args.seed)  # fmt: skip
+                           seed=args.seed, return_trajectory=not args.no_gif)  # fmt: skip
         written = result.save(args.out, prefix="edit", scale=args.scale)
     except CLI_ERRORS as err:
         print(f"error: {err}")

@@ -643,9 +643,10 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
             )
         }  # fmt: skip
         if UNIFLUID_FLAGSHIP in evals:
-            results["shipped"]["unifluid-shapes"] = ship_unifluid(
-                out / UNIFLUID_FLAGSHIP / "model", Path(config.ship) / "unifluid-shapes"
-            )
+            results["shipped"]["unifluid-shapes"] = ship(
+                out / UNIFLUID_FLAGSHIP / "model", Path(config.ship) / "unifluid-shapes",
+                _save_half,
+            )  # fmt: skip
     write_results(results, out)
     log(f"results: {out / 'results.md'}")
     return results
@@ -666,12 +667,15 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def ship(model: Path, dest: Path) -> dict[str, Any]:
-    """Copy a trained model folder to ``dest`` (replacing it whole); returns its size."""
+def ship(
+    model: Path, dest: Path, write: Callable[[Path, Path], Any] = shutil.copytree
+) -> dict[str, Any]:
+    """Copy a trained model folder to ``dest`` (replacing it whole; ``write(model, folder)``
+    makes the copy); returns its size."""
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(model, tmp)
+    write(model, tmp)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -679,23 +683,14 @@ def ship(model: Path, dest: Path) -> dict[str, Any]:
     return {"path": str(dest), "bytes": size}
 
 
-def ship_unifluid(model: Path, dest: Path) -> dict[str, Any]:
-    """Re-save a UniFluid model folder to ``dest`` (replacing it whole) with float16 weights:
-    half the bytes; the pipeline loads them into its float32 model."""
+def _save_half(model: Path, folder: Path) -> None:
+    """A UniFluid folder re-saved with float16 weights: half the bytes; the pipeline loads
+    them into its float32 model."""
     import torch
 
     from kineflow.pipelines.unifluid import UnifluidPipeline
 
-    pipe = UnifluidPipeline.from_pretrained(model)
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, dtype=torch.float16)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    return {"path": str(dest), "bytes": size, "dtype": "float16"}
+    UnifluidPipeline.from_pretrained(model).save_pretrained(folder, dtype=torch.float16)
 
 
 if __name__ == "__main__":

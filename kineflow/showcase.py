@@ -1,13 +1,19 @@
-"""The main job: a trained FUDOKI checkpoint generating and understanding ShapesWorld pictures.
+"""The main job: a trained checkpoint (FUDOKI or UniFluid) generating, understanding and
+editing ShapesWorld pictures.
 
-``kineflow showcase --model checkpoints/fudoki-shapes`` (``make demo``) needs no training:
+``kineflow showcase --model checkpoints/fudoki-shapes`` (and ``unifluid-shapes``; ``make
+demo`` runs both) needs no training:
 
 - **text-to-image**: one prompt per GenEval-style category plus a held-out composition, a few
   seeds each; every picture is read back by the ShapesWorld detector and marked pass / fail
   with the reasons (``samples.png``, ``sample_{i}.png``, ``t2i.json``); the refinement of the
-  first seed of each prompt, one frame per solver step (``refine_{i}.gif`` / ``.png``);
+  first seed of each prompt, one frame per solver step for FUDOKI, the canvas filling in token
+  by token for UniFluid (``refine_{i}.gif`` / ``.png``);
 - **VQA**: test-split questions about rendered test scenes, with the ground truth beside the
   model's answer, and questions about the model's own pictures (``answers.json``);
+- **editing** (models that edit): test-split source pictures and instructions, the model's
+  edit beside the target, graded by the detector (``edits.png``, ``edit_{i}.png``,
+  ``edits.json``);
 - ``summary.json``: accuracies and timings.
 """
 
@@ -47,6 +53,7 @@ def run_showcase(
     prompts: tuple[str, ...] | list[str] = SHOWCASE_PROMPTS,
     seeds: int = 4,
     vqa_items: int = 24,
+    edit_items: int = 8,
     steps: int | None = None,
     cfg_scale: float | None = None,
     seed: int = 0,
@@ -124,6 +131,11 @@ def run_showcase(
                    "detector_count": NUMBER_WORDS[count] if count < len(NUMBER_WORDS)
                    else str(count)})  # fmt: skip
     atomic_write_json(out / "answers.json", qa)
+    edits, edit_s = [], 0.0
+    if edit_items and hasattr(pipe, "edit"):
+        start = time.perf_counter()
+        edits = _edits(pipe, out, edit_items, seed)
+        edit_s = time.perf_counter() - start
 
     graded = [r["passes"] for r in records if r["passes"] is not None]
     summary = {
@@ -132,11 +144,41 @@ def run_showcase(
         "threads": torch.get_num_threads(),
         "t2i": {"pictures": len(texts), "passed": sum(graded), "graded": len(graded)},
         "vqa": {"questions": len(items), "correct": sum(r["correct"] for r in qa[: len(items)])},
-        "seconds": {"load": load_s, "text_to_image": t2i_s, "vqa": vqa_s},
+        "edit": {"edits": len(edits), "correct": sum(r["passes"] for r in edits)},
+        "seconds": {"load": load_s, "text_to_image": t2i_s, "vqa": vqa_s, "edit": edit_s},
         "files": sorted(p.name for p in out.iterdir()),
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _edits(pipe: Any, out: Path, n: int, seed: int) -> list[dict[str, Any]]:
+    """Edit ``n`` test-split pictures; write the pictures, a sheet and ``edits.json``."""
+    from kineflow.data.shapes.dataset import draw_item
+    from kineflow.data.shapes.render import render
+    from kineflow.data.shapes.scene import Scene, ShapesWorld
+    from kineflow.eval.detector import detect
+    from kineflow.eval.shapes import contact_sheet
+
+    world = ShapesWorld()
+    items = [draw_item(world, "edit", "test", i) for i in range(n)]
+    size = pipe.model.config.vae.image_size
+    sources = [render(Scene.from_key(it.scene_key), size) for it in items]
+    result = pipe.edit(sources, [it.texts["instruction"] for it in items], seed=seed)
+    scenes = detect(np.stack([np.asarray(im) for im in result.images]))
+    records, pictures, verdicts, labels = [], [], [], []
+    for i, (it, image, scene) in enumerate(zip(items, result.images, scenes, strict=True)):
+        target = Scene.from_key(it.target_key)
+        image.resize((image.width * 4, image.height * 4), 0).save(out / f"edit_{i}.png")
+        records.append({"instruction": it.texts["instruction"], "kind": it.kind,
+                        "source": it.scene_key, "target": it.target_key, "file": f"edit_{i}.png",
+                        "detected": scene.key(), "passes": scene == target})  # fmt: skip
+        pictures += [sources[i], np.asarray(image), render(target, size)]
+        verdicts += [None, scene == target, None]
+        labels += [it.texts["instruction"], "edited", "target"]
+    contact_sheet(pictures, verdicts, labels, columns=6, scale=4).save(out / "edits.png")
+    atomic_write_json(out / "edits.json", records)
+    return records
 
 
 def format_showcase(out: str | os.PathLike[str]) -> str:
@@ -153,10 +195,19 @@ def format_showcase(out: str | os.PathLike[str]) -> str:
     for r in answers:
         truth = r.get("truth", r.get("detector_count"))
         lines.append(f"  {r['image']:>14}  {r['question']!r}: {r['answer']!r} / {truth!r}")
+    edit_file = out / "edits.json"
+    edits = json.loads(edit_file.read_text()) if edit_file.is_file() else []
+    if edits:
+        lines.append("editing (detector verdict):")
+        for r in edits:
+            verdict = "pass" if r["passes"] else f"FAIL (read {r['detected'] or 'nothing'})"
+            lines.append(f"  {r['file']:>14}  {r['instruction']!r}: {verdict}")
     t, v, s = summary["t2i"], summary["vqa"], summary["seconds"]
+    e = summary.get("edit", {"edits": 0})
+    edited = f", {e['correct']}/{e['edits']} edits right" if e["edits"] else ""
     lines.append(
         f"{t['passed']}/{t['graded']} pictures pass their prompt, {v['correct']}/{v['questions']} "
-        f"answers correct; {s['text_to_image']:.1f} s text-to-image, {s['vqa']:.1f} s VQA "
-        f"({summary['device']}, {summary['threads']} threads). Files in {out}/"
+        f"answers correct{edited}; {s['text_to_image']:.1f} s text-to-image, {s['vqa']:.1f} s "
+        f"VQA ({summary['device']}, {summary['threads']} threads). Files in {out}/"
     )
     return "\n".join(lines)

@@ -19,10 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_shipped_checkpoints_are_small_and_complete() -> None:
     files = [f for f in SHIPPED.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
-    for name in ("fudoki-shapes", "vq-shapes", "siglip-shapes"):
+    for name in ("fudoki-shapes", "vq-shapes", "siglip-shapes", "unifluid-shapes"):
         assert (SHIPPED / name / "config.json").is_file()
         assert (SHIPPED / name / "model.safetensors").is_file()
-    assert (SHIPPED / "fudoki-shapes" / "tokenizer.json").is_file()
+    for name in ("fudoki-shapes", "unifluid-shapes"):
+        assert (SHIPPED / name / "tokenizer.json").is_file()
 
 
 def test_showcase_generates_and_answers(tmp_path, capsys) -> None:
@@ -44,6 +45,25 @@ def test_showcase_generates_and_answers(tmp_path, capsys) -> None:
     # A trained model, not a random one: far above chance on both tasks (fixed seeds).
     assert summary["t2i"]["passed"] >= 5  # 8 of 14 measured
     assert summary["vqa"]["correct"] >= 6  # 8 of 16 measured
+
+
+def test_showcase_unifluid_generates_answers_and_edits(tmp_path, capsys) -> None:
+    out = tmp_path / "uf"
+    argv = ["showcase", "--model", str(SHIPPED / "unifluid-shapes"), "--out", str(out),
+            "--seeds", "2", "--vqa", "16", "--edits", "8"]  # fmt: skip
+    assert main(argv) == 0
+    report = capsys.readouterr().out
+    assert "pictures pass their prompt" in report and "editing (detector verdict)" in report
+    summary = json.loads((out / "summary.json").read_text())
+    edits = json.loads((out / "edits.json").read_text())
+    assert summary["t2i"]["pictures"] == 2 * 7 and summary["edit"]["edits"] == len(edits) == 8
+    assert all(set(e) >= {"instruction", "target", "detected", "passes"} for e in edits)
+    gif = Image.open(out / "refine_0.gif")
+    assert gif.n_frames == 17  # the blank canvas, then one frame per generated token
+    assert Image.open(out / "edits.png").size[0] > 0
+    # A trained model, not a random one (fixed seeds).
+    assert summary["t2i"]["passed"] >= FLOOR_T2I
+    assert summary["vqa"]["correct"] >= FLOOR_VQA
 
 
 def test_showcase_missing_checkpoint(tmp_path, capsys) -> None:

@@ -236,6 +236,8 @@ def test_cli_selects_the_family_and_edits(trained_folder, tmp_path, capsys) -> N
     assert main(["edit", *model, "--image", str(picture), "make the circle cyan.",
                  "--out", str(tmp_path / "edit")]) == 0  # fmt: skip
     assert (tmp_path / "edit" / "edit_0.png").is_file()
+    assert (tmp_path / "edit" / "edit_0_refine.gif").is_file()  # token by token
+    assert (tmp_path / "gen" / "sample_0_refine.gif").is_file()
     assert main(["answer", *model, "how many?"]) == 2  # UniFluid needs a picture
     assert "give --image" in capsys.readouterr().out
 

@@ -50,14 +50,16 @@ KIND = "unifluid"
 class UnifluidPipelineConfig:
     """Defaults of the sampling calls and the text budget of understanding prompts.
 
-    ``clip_x0``: the diffusion head's ``x̂_0`` is clamped to ``[−c, c]`` (the tokens have unit
-    variance, so 3 is ±3σ). Without it the first, near-pure-noise steps amplify the head's
-    ε error (see :meth:`DiffusionHead.sample`); on the ShapesWorld model after 1000 steps the
-    pictures are noise without it and clean shapes with it. None turns it off (MAR's choice)."""
+    ``clip_x0``: the diffusion head's ``x̂_0`` is clamped to ``[−c, c]``. Without it the first,
+    near-pure-noise steps amplify the head's ε error (see :meth:`DiffusionHead.sample`): on the
+    ShapesWorld model after 1000 steps the pictures are noise without it. The trainer saves
+    the range its tokens occupy (:func:`kineflow.train.unifluid.token_range`, ~8.5 for the
+    ShapesWorld KL-VAE); ±3σ, tried first, shifted the colours of saturated objects, 15 % of
+    whose tokens lie beyond it. None turns it off (MAR's choice)."""
 
     cfg_scale: float = 3.0
     temperature: float = 1.0
-    clip_x0: float | None = 3.0
+    clip_x0: float | None = None
     text_budget: int = 64
     answer_tokens: int = 16
     caption_tokens: int = 40

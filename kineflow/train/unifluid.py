@@ -19,6 +19,7 @@ unit variance (``token_scale``, by default 1 / their std over 256 training pictu
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,16 +122,30 @@ def build_unifluid(config: UnifluidTrainConfig, tokenizer: TextTokenizer) -> Uni
 
 
 @torch.no_grad()
-def _unit_variance_scale(vae: AutoencoderKL, data: UnifluidData, pictures: int = 256) -> float:
-    """``1 / std`` of the VAE's posterior means over the first ``pictures`` training
-    pictures (the text-to-image items of ``data.split``): deterministic, so a resumed run
-    computes the same scale."""
+def _calibration_latents(vae: AutoencoderKL, data: UnifluidData, pictures: int = 256) -> Tensor:
+    """The VAE's posterior means (unscaled) of the first ``pictures`` training pictures (the
+    text-to-image items of ``data.split``): deterministic, so a resumed run sees the same."""
     world = ShapesWorld()
     batch = np.stack([render(Scene.from_key(draw_item(world, "t2i", data.split, i).scene_key),
                              data.image_size) for i in range(pictures)])  # fmt: skip
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    latents = vae.encode(x).mode()
-    return float(1.0 / latents.float().std())
+    x = x.to(next(vae.parameters()).device)
+    return vae.encode(x).mode().float()
+
+
+def _unit_variance_scale(vae: AutoencoderKL, data: UnifluidData) -> float:
+    """``1 / std`` of the calibration latents."""
+    return float(1.0 / _calibration_latents(vae, data).std())
+
+
+def token_range(model: UnifluidModel, data: UnifluidData) -> float:
+    """The largest ``|x|`` of the model's (scaled) tokens over the calibration pictures,
+    rounded up to a multiple of 0.5: the pipeline clamps the diffusion head's ``x̂_0`` there,
+    the way pixel-space diffusion clamps to ``[−1, 1]``. Clamping tighter (e.g. ±3σ) shifts the
+    colours of the rare, saturated object tokens; not at all lets the first noisy steps run
+    away."""
+    z = model.vae.scale(_calibration_latents(model.vae, data))
+    return math.ceil(float(z.abs().max()) * 2) / 2
 
 
 class UnifluidTask:
@@ -271,6 +286,7 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
     from kineflow.pipelines.unifluid import UnifluidPipeline, UnifluidPipelineConfig
 
     pipeline_config = UnifluidPipelineConfig(
+        clip_x0=token_range(model, config.data),
         text_budget=config.data.text_budget,
         caption_tokens=config.data.caption_tokens,
         caption_instruction=config.data.caption_instruction,
