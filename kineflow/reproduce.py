@@ -217,13 +217,7 @@ def _jobs(config: ReproduceConfig, out: Path, threads: int) -> list[_Job]:
     if config.unifluid is not None:  # the KL-VAE is the third encoder stage, alone too
         kl, *unifluid_runs = _unifluid_jobs(config, out, threads, every)
         jobs.append(kl)
-    base = _yaml_dict(config.model)
-    base |= {
-        "vq": str(out / "vq" / "model"),
-        "vision": str(out / "siglip" / "vision"),
-        "text_tokenizer": str(out / "text_tokenizer"),
-        "threads": threads,
-    }
+    base = _model_base(config.model, out, threads, vq=str(out / "vq" / "model"))
     N = config.steps
     for name in config.runs:
         run = json.loads(json.dumps(base))
@@ -246,17 +240,25 @@ def _jobs(config: ReproduceConfig, out: Path, threads: int) -> list[_Job]:
     return jobs
 
 
+def _model_base(path: str, out: Path, threads: int, **image_tokenizer: str) -> dict[str, Any]:
+    """A model's run config with the stages it shares filled in: the image tokenizer (``vq``
+    or ``vae``), the SigLIP tower, the text tokenizer; ``threads`` per job."""
+    return (
+        _yaml_dict(path)
+        | image_tokenizer
+        | {
+            "vision": str(out / "siglip" / "vision"),
+            "text_tokenizer": str(out / "text_tokenizer"),
+            "threads": threads,
+        }
+    )
+
+
 def _unifluid_jobs(config: ReproduceConfig, out: Path, threads: int, every: int) -> list[_Job]:
     """The KL-VAE (alone, every thread), then the UniFluid runs on it."""
     kl = _yaml_dict(config.kl) | {"out": str(out / "kl"), "threads": every}
     jobs = [_Job("kl", "tokenizer", kl, out / "kl" / "eval.json", exclusive=True)]
-    base = _yaml_dict(config.unifluid)
-    base |= {
-        "vae": str(out / "kl" / "model"),
-        "vision": str(out / "siglip" / "vision"),
-        "text_tokenizer": str(out / "text_tokenizer"),
-        "threads": threads,
-    }
+    base = _model_base(config.unifluid, out, threads, vae=str(out / "kl" / "model"))
     for name, knobs in config.unifluid_runs.items():
         run = json.loads(json.dumps(base))
         run["out"] = str(out / name)

@@ -25,14 +25,15 @@ VISION = {"image_size": 32, "patch_size": 16, "hidden_size": 16, "intermediate_s
 
 
 def write_stage_configs(root: Path) -> dict[str, str]:
-    vq = {
-        "model": {"type": "vq", "image_size": 32, "channels": 8, "channel_mult": [1, 2, 2, 2],
-                  "num_res_blocks": 1, "z_channels": 8, "norm_groups": 4, "codebook_size": 32,
-                  "codebook_dim": 4},
-        "data": {"source": "shapes", "split": "train", "image_size": 32},
-        "optim": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup": 1},
-        "out": "unused", "eval_images": 8,
-    }  # fmt: skip
+    def tokenizer(model: dict) -> dict:
+        return {"model": {"image_size": 32, "channels": 8, "num_res_blocks": 1,
+                          "norm_groups": 4, **model},
+                "data": {"source": "shapes", "split": "train", "image_size": 32},
+                "optim": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup": 1},
+                "out": "unused", "eval_images": 8}  # fmt: skip
+
+    vq = tokenizer({"type": "vq", "channel_mult": [1, 2, 2, 2], "z_channels": 8,
+                    "codebook_size": 32, "codebook_dim": 4})  # fmt: skip
     siglip = {
         "model": {**VISION, "embed_dim": 16, "text_width": 16, "text_layers": 1,
                   "text_heads": 2, "text_max_len": 48},
@@ -51,13 +52,7 @@ def write_stage_configs(root: Path) -> dict[str, str]:
         "optim": {"batch_size": 4, "lr": 1e-3, "warmup": 1},
         "log_every": 1, "ckpt_every": 1,
     }  # fmt: skip
-    kl = {
-        "model": {"type": "kl", "image_size": 32, "channels": 8, "channel_mult": [1, 2, 2],
-                  "num_res_blocks": 1, "z_channels": 4, "norm_groups": 4, "patch_size": 2},
-        "data": {"source": "shapes", "split": "train", "image_size": 32},
-        "optim": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup": 1},
-        "out": "unused", "eval_images": 8,
-    }  # fmt: skip
+    kl = tokenizer({"type": "kl", "channel_mult": [1, 2, 2], "z_channels": 4, "patch_size": 2})
     unifluid = {
         "model": {
             "language": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,

@@ -14,6 +14,7 @@ from kineflow.train.unifluid import (
     UnifluidTask,
     UnifluidTrainConfig,
     build_unifluid,
+    token_range,
     train_unifluid,
 )
 
@@ -133,6 +134,7 @@ def test_pipeline_generates_edits_and_answers(trained) -> None:
 
     pipe = trained
     assert isinstance(pipe, UnifluidPipeline)
+    assert pipe.config.clip_x0 is not None and pipe.config.clip_x0 > 0  # saved by the trainer
     out = pipe.text_to_image(["a red circle", "two blue squares left of a cyan circle"], seed=0)
     assert len(out.images) == 2 and out.images[0].size == (32, 32)
     again = pipe.text_to_image(["a red circle", "two blue squares left of a cyan circle"], seed=0)
@@ -188,21 +190,21 @@ def test_edit_takes_pictures_or_latents_and_names_bad_input(trained, tmp_path) -
 def test_trajectory_shows_the_tokens_arriving_in_order(trained) -> None:
     import numpy as np
 
+    from kineflow.pipelines.unifluid import NOT_YET
+
     pipe = trained
-    order = torch.arange(16)[None]  # raster: the top rows of the canvas come first
+    order = torch.arange(16).flip(0)[None]  # reversed raster: the bottom row of cells first
     out = pipe.text_to_image(["a red circle"], seed=0, order=order, return_trajectory=True,
                              frames=4)  # fmt: skip
-    frames = out.trajectory[0]
-    assert len(frames) == 5  # 0, 4, 8, 12, 16 tokens
-    assert np.array_equal(np.asarray(frames[-1]), np.asarray(out.images[0]))
-    blank = np.asarray(pipe.decode(torch.zeros(1, 16, 16))[0])
-    assert np.array_equal(np.asarray(frames[0]), blank)
-    # After 4 raster tokens: the final tokens of the top row of cells, the zero latent
-    # elsewhere (the same canvas decoded by itself).
-    canvas = out.codes.clone()
-    canvas[:, 4:] = 0
-    assert np.array_equal(np.asarray(frames[1]), np.asarray(pipe.decode(canvas)[0]))
-    assert not np.array_equal(np.asarray(frames[1]), np.asarray(frames[2]))
+    frames = [np.asarray(f) for f in out.trajectory[0]]
+    final = np.asarray(out.images[0])
+    assert len(frames) == 5  # after 0, 4, 8, 12, 16 tokens (a 4 x 4 grid of 8 px cells)
+    assert (frames[0] == NOT_YET).all() and np.array_equal(frames[-1], final)
+    # After 4 tokens the bottom row of cells is drawn, the rest is still waiting.
+    assert np.array_equal(frames[1][24:], final[24:]) and (frames[1][:24] == NOT_YET).all()
+    assert np.array_equal(frames[3][8:], final[8:]) and (frames[3][:8] == NOT_YET).all()
+    random = pipe.text_to_image(["a red circle"], seed=0, return_trajectory=True)
+    assert len(random.trajectory[0]) == 17  # one frame per token by default
 
 
 def test_load_image_takes_arrays_and_names_unsupported_input() -> None:
@@ -264,6 +266,9 @@ def test_tokens_are_scaled_to_unit_variance(assets, tmp_path) -> None:
     batch = task.batch(list(range(256)))
     std = float(batch["gen"]["tokens"].std())
     assert 0.7 < std < 1.3, std  # the generation samples of the first 256 indices
+    # The pipeline clamps x0 to the range of the calibration tokens, which these are among.
+    r = token_range(model, config.data)
+    assert r % 0.5 == 0 and float(batch["gen"]["tokens"].abs().max()) <= r
     config.token_scale = 2.5
     assert build_unifluid(config, tok).config.vae.scaling_factor == 2.5
 

@@ -44,6 +44,8 @@ from kineflow.tokenizers.text import TextTokenizer
 __all__ = ["KIND", "UnifluidPipeline", "UnifluidPipelineConfig"]
 
 KIND = "unifluid"
+#: The colour of cells not generated yet in trajectory frames.
+NOT_YET = np.array([96, 96, 96], dtype=np.uint8)
 
 
 @dataclass
@@ -159,9 +161,9 @@ class UnifluidPipeline:
     ) -> ImageResult:
         """One picture per prompt, sampled in one batch (``cfg_scale`` 1: no guidance).
 
-        ``return_trajectory``: also the canvas as the tokens arrive (``frames + 1`` pictures
-        per prompt, at evenly spaced token counts; cells not generated yet hold the zero
-        latent), for GIFs of the generation order.
+        ``return_trajectory``: also the picture as the tokens arrive (``frames + 1`` pictures
+        per prompt, at evenly spaced token counts; cells not generated yet are grey), for GIFs
+        of the generation order.
 
         ``steps`` is accepted for a common interface with the FUDOKI pipeline and must be
         None: UniFluid takes one backbone step per token (and the diffusion head's own
@@ -180,7 +182,7 @@ class UnifluidPipeline:
 
     @torch.no_grad()
     def encode(self, images: Sequence[Any] | Any) -> Tensor:
-        """Pictures (paths or PIL images) as the model's latent tokens ``[B, L, C]``: the
+        """Pictures (paths, PIL images or uint8 arrays) as the latent tokens ``[B, L, C]``: the
         VAE's posterior mode, scaled and patchified. A square picture of any size is resized
         (bicubic) to the VAE's ``S x S``; a picture that is not square is refused rather than
         distorted or padded."""
@@ -251,9 +253,7 @@ class UnifluidPipeline:
         model_s = time.perf_counter() - start
         start = time.perf_counter()
         images = self.decode(tokens)
-        trajectory = None
-        if frames:
-            trajectory = self._trajectory(tokens, order.to(tokens.device), frames)
+        trajectory = self._trajectory(images, order, frames) if frames else None
         timings = {"model_s": model_s, "decode_s": time.perf_counter() - start,
                    "nfe": float(L)}  # fmt: skip
         return ImageResult(images, tokens.cpu(), trajectory, timings=timings)
@@ -265,17 +265,28 @@ class UnifluidPipeline:
         pixels = self.model.vae.tokens_to_images(tokens.to(self.device, self.model.pos_in.dtype))
         return [tensor_to_image(p.float().clamp(-1, 1).cpu()) for p in pixels]
 
-    def _trajectory(self, tokens: Tensor, order: Tensor, frames: int) -> list[list[Image.Image]]:
-        """Per sample, the canvas after ``0, L/frames, …, L`` generated tokens."""
-        B, L, _ = tokens.shape
+    def _trajectory(
+        self, images: list[Image.Image], order: Tensor, frames: int
+    ) -> list[list[Image.Image]]:
+        """Per sample, the picture revealed cell by cell in generation order: after ``0,
+        L/frames, …, L`` tokens, the cells generated so far show the final pixels, the others
+        :data:`NOT_YET` grey. (An AR token never changes once drawn, so the final pixels are
+        those of the moment; decoding the partial token grid instead would fill the rest with
+        whatever the VAE makes of a made-up latent.)"""
+        L = order.shape[1]
+        grid = self.model.config.vae.grid_size
         counts = sorted({round(k * L / frames) for k in range(frames + 1)})
-        canvases = []
-        for n in counts:
-            shown = torch.zeros(B, L, dtype=torch.bool, device=tokens.device)
-            shown.scatter_(1, order[:, :n], True)
-            canvases.append(tokens * shown[..., None])
-        pictures = self.decode(torch.cat(canvases))
-        return [[pictures[f * B + b] for f in range(len(counts))] for b in range(B)]
+        out = []
+        for b, image in enumerate(images):
+            final = np.asarray(image)
+            cell = final.shape[0] // grid
+            rank = torch.empty(L, dtype=torch.long)
+            rank[order[b].cpu()] = torch.arange(L)  # when each grid cell is generated
+            # [S, S]: the generation step of the cell under each pixel
+            when = rank.view(grid, grid).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+            when = when.numpy()[..., None]
+            out.append([Image.fromarray(np.where(when < n, final, NOT_YET)) for n in counts])
+        return out
 
     @torch.no_grad()
     def answer(
