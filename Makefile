@@ -24,7 +24,7 @@ demo: $(STAMP)
 demo-flow: $(STAMP)
 	$(PY) -m kineflow demo --out outputs/demo
 
-# Everything behind the shipped checkpoints, from scratch (88 min on 2 CPU cores).
+# Everything behind the shipped checkpoints, from scratch (~105 min on 2 CPU cores).
 reproduce: $(STAMP)
 	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
 

@@ -61,8 +61,9 @@ RUNS: dict[str, tuple[str, str]] = {
 }
 #: The UniFluid run that ``ship`` copies (the others are its ablations).
 UNIFLUID_FLAGSHIP = "unifluid"
-#: What a UniFluid run may change from the base config (the paper's ablations).
-UNIFLUID_KNOBS = ("text_loss_weight", "order")
+#: What a UniFluid run may change from the base config: the paper's ablations, and its own
+#: optimizer steps.
+UNIFLUID_KNOBS = ("text_loss_weight", "order", "steps")
 
 
 @dataclass
@@ -92,7 +93,8 @@ class ReproduceConfig:
 
     ``unifluid`` (None: no UniFluid stages) and ``kl``: the UniFluid and KL-VAE configs;
     ``unifluid_runs`` maps run names to what each changes (:data:`UNIFLUID_KNOBS`) in the
-    UniFluid model config; ``unifluid_steps`` (default N) their optimizer steps.
+    UniFluid model config, or its own ``steps``; ``unifluid_steps`` (default N) the optimizer
+    steps of the others.
     """
 
     out: str = "outputs/reproduce"
@@ -143,10 +145,18 @@ class ReproduceConfig:
                     f"unifluid_runs.{name}: {bad} cannot be changed per run; allowed: "
                     f"{list(UNIFLUID_KNOBS)}"
                 )
+            own = (knobs or {}).get("steps")
+            if own is not None and (isinstance(own, bool) or not isinstance(own, int) or own < 1):
+                raise ValueError(f"unifluid_runs.{name}.steps must be a positive integer")
         steps = self.unifluid_steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
                                   or steps < 1):  # fmt: skip
             raise ValueError(f"unifluid_steps must be a positive integer, got {steps!r}")
+
+    def unifluid_run_steps(self, name: str) -> int:
+        """The optimizer steps of UniFluid run ``name``."""
+        own = (self.unifluid_runs[name] or {}).get("steps")
+        return own or self.unifluid_steps or self.steps
 
     @property
     def all_runs(self) -> list[str]:
@@ -259,11 +269,12 @@ def _unifluid_jobs(config: ReproduceConfig, out: Path, threads: int, every: int)
     kl = _yaml_dict(config.kl) | {"out": str(out / "kl"), "threads": every}
     jobs = [_Job("kl", "tokenizer", kl, out / "kl" / "eval.json", exclusive=True)]
     base = _model_base(config.unifluid, out, threads, vae=str(out / "kl" / "model"))
-    for name, knobs in config.unifluid_runs.items():
+    for name in config.unifluid_runs:
         run = json.loads(json.dumps(base))
         run["out"] = str(out / name)
-        run["model"] = {**run.get("model", {}), **(knobs or {})}
-        run["optim"] = {**run.get("optim", {}), "steps": config.unifluid_steps or config.steps}
+        knobs = {k: v for k, v in (config.unifluid_runs[name] or {}).items() if k != "steps"}
+        run["model"] = {**run.get("model", {}), **knobs}
+        run["optim"] = {**run.get("optim", {}), "steps": config.unifluid_run_steps(name)}
         jobs.append(_Job(name, "unifluid", run, out / name / "summary.json", ("kl", "siglip")))
     return jobs
 
@@ -471,7 +482,8 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
         uf_steps = results["config"].get("unifluid_steps") or steps
         lines += ["", f"UniFluid runs: the same backbone size on continuous KL-VAE tokens with a "
                   f"per-token diffusion head ({_params(unifluid)} parameters with the frozen "
-                  f"KL-VAE and SigLIP), {uf_steps} optimizer steps of batch-mixed generation, "
+                  f"KL-VAE and SigLIP), {uf_steps} optimizer steps (unless the ablation table "
+                  "says otherwise) of batch-mixed generation, "
                   "editing and understanding; one backbone step per token, random order unless "
                   "stated, CFG rising to the same w. Editing: the edited test picture must read "
                   "back as the target scene."]  # fmt: skip
@@ -494,12 +506,16 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
         lines += ["", "## UniFluid ablations", "",
                   "L = L_image + λ·L_text; the paper: larger λ trades generation for "
                   "understanding, and random order beats raster order for generation.", "",
-                  "| run | λ | order | gen overall | held-out | VQA | caption exact | edit |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| run | λ | order | steps | gen overall | held-out | VQA | caption exact "
+                  "| edit |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        config = ReproduceConfig.from_dict(results["config"])
         for name, r in sorted(
-            unifluid.items(), key=lambda kv: (kv[1]["order"], kv[1]["text_loss_weight"])
-        ):
+            unifluid.items(),
+            key=lambda kv: (kv[1]["order"], config.unifluid_run_steps(kv[0]),
+                            kv[1]["text_loss_weight"]),
+        ):  # fmt: skip
             cells = [f"`{name}`", f"{r['text_loss_weight']:g}", r["order"],
+                     str(config.unifluid_run_steps(name)),
                      _fmt(r["t2i_test"]["overall"]), _fmt(r["t2i_heldout"]["overall"]),
                      _fmt(r["vqa"]["accuracy"]), _fmt(r["caption"]["accuracy"]),
                      _fmt(r["edit"]["accuracy"]) if "edit" in r else "–"]  # fmt: skip

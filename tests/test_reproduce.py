@@ -87,8 +87,8 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
         "eval": {"steps": 2, "max_prompts_per_category": 1, "images_per_prompt": 1,
                  "vqa_items": 4, "caption_items": 2, "edit_items": 3, "trajectories": 2,
                  "grid_prompts_per_category": 1, "grid_samples": 1},
-        "unifluid_runs": {"unifluid": {}, "unifluid_raster": {"order": "raster",
-                                                              "text_loss_weight": 0.5}},
+        "unifluid_runs": {"unifluid": {"steps": 4}, "unifluid_raster": {
+            "order": "raster", "text_loss_weight": 0.5}},
         "unifluid_steps": 3,
     }  # fmt: skip
     (tmp_path / "reproduce.yaml").write_text(yaml.safe_dump(config))
@@ -106,8 +106,9 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
         assert r["family"] == "unifluid" and r["edit"]["n"] == 3 and r["vqa"]["n"] == 4
         assert (run / "figures" / f"{name}_refine_0.gif").is_file()
         assert (run / "figures" / f"{name}_edits.png").is_file()
-        assert yaml.safe_load((run / "configs" / f"{name}.yaml").read_text())["optim"][
-            "steps"] == 3  # fmt: skip
+    steps = {n: yaml.safe_load((run / "configs" / f"{n}.yaml").read_text())["optim"]["steps"]
+             for n in ("unifluid", "unifluid_raster")}  # fmt: skip
+    assert steps == {"unifluid": 4, "unifluid_raster": 3}  # its own steps, or unifluid_steps
     assert results["runs"]["unifluid_raster"]["order"] == "raster"
     assert results["runs"]["unifluid_raster"]["text_loss_weight"] == 0.5
     assert results["runs"]["unifluid"]["order"] == "random"
@@ -129,7 +130,7 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     assert set(results["targets"]) == {"fudoki", "fudoki_from_ar"}
     md = (run / "results.md").read_text()
     assert "| `fudoki` |" in md and "Targets" in md and "Self-correction" in md
-    assert "UniFluid ablations" in md and "| `unifluid_raster` | 0.5 | raster |" in md
+    assert "UniFluid ablations" in md and "| `unifluid_raster` | 0.5 | raster | 3 |" in md
     assert (run / "figures" / "loss.png").is_file()
     assert sum(v["bytes"] for v in results["shipped"].values()) > 0
     for name in ("fudoki-shapes", "vq-shapes", "siglip-shapes", "unifluid-shapes"):
@@ -169,6 +170,8 @@ def test_reproduce_config_errors(tmp_path) -> None:
         ReproduceConfig(unifluid="u.yaml", unifluid_runs={"unifluid": {"head": {}}})
     with pytest.raises(ValueError, match="not a free run name"):
         ReproduceConfig(unifluid="u.yaml", unifluid_runs={"masked": {}})
+    with pytest.raises(ValueError, match=r"unifluid_runs.u.steps must be a positive"):
+        ReproduceConfig(unifluid="u.yaml", unifluid_runs={"u": {"steps": 0}})
     with pytest.raises(ValueError, match="unifluid_steps"):
         ReproduceConfig(unifluid="u.yaml", unifluid_steps=0)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['eval.stepz'\]"):
