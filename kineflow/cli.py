@@ -709,8 +709,9 @@ def _reproduce_options(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int_in_range(2, 10**9), default=None, help="override N (steps per model)"
     )
     parser.add_argument(
-        "--ship", type=Path, default=None, help="copy the FUDOKI checkpoint to this folder"
-    )
+        "--ship", type=Path, default=None,
+        help="copy the shipped checkpoints (FUDOKI, UniFluid, VQ, SigLIP) to this folder",
+    )  # fmt: skip
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
