@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -67,3 +67,31 @@ def load_yaml_config(cls: type[T], path: str | os.PathLike[str]) -> T:
         return cls.from_dict(raw)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+class RunConfig:
+    """Base of the run-config dataclasses (training runs, the reproduction): ``from_dict`` /
+    ``from_yaml`` with every unknown or missing key named, ``to_dict`` for YAML / JSON.
+
+    Subclasses set ``SECTIONS`` (nested keys and their dataclasses, e.g. ``{"optim": Optim}``)
+    and ``REQUIRED`` (keys without a default), and may override :meth:`check` for checks that
+    need the whole config."""
+
+    SECTIONS: ClassVar[Mapping[str, type]] = {}
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_dict(cls: type[T], raw: Mapping[str, Any]) -> T:
+        config = build_run_config(cls, raw, cls.SECTIONS, cls.REQUIRED)
+        config.check()
+        return config
+
+    @classmethod
+    def from_yaml(cls: type[T], path: str | os.PathLike[str]) -> T:
+        return load_yaml_config(cls, path)
+
+    def check(self) -> None:
+        """Raise ValueError for a config that cannot run (nothing beyond the keys here)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -31,7 +31,6 @@ job), so a finished model is evaluated while the others train; logs are in out/l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -41,9 +40,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from kineflow.config import build_run_config, load_yaml_config
+from kineflow.config import RunConfig
 from kineflow.data.shapes.prompts import CATEGORIES
 from kineflow.io import atomic_write, atomic_write_json
 
@@ -84,7 +83,7 @@ class EvalSettings:
 
 
 @dataclass
-class ReproduceConfig:
+class ReproduceConfig(RunConfig):
     """The reproduction run (``configs/reproduce.yaml``).
 
     ``vq``, ``siglip``, ``model``: the stage configs (their ``out`` is replaced by a folder of
@@ -96,6 +95,9 @@ class ReproduceConfig:
     UniFluid model config, or its own ``steps``; ``unifluid_steps`` (default N) the optimizer
     steps of the others.
     """
+
+    SECTIONS: ClassVar[dict[str, type]] = {"eval": EvalSettings}
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
 
     out: str = "outputs/reproduce"
     vq: str = "configs/vq_shapes.yaml"
@@ -162,17 +164,6 @@ class ReproduceConfig:
     def all_runs(self) -> list[str]:
         """The discrete runs, then the UniFluid ones."""
         return [*self.runs, *(self.unifluid_runs if self.unifluid else {})]
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> ReproduceConfig:
-        return build_run_config(cls, raw, {"eval": EvalSettings}, ())
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> ReproduceConfig:
-        return load_yaml_config(cls, path)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # -- training jobs ------------------------------------------------------------------------------

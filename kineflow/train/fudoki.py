@@ -27,11 +27,9 @@ start of the run (from ``init_from`` when given: AR → DFM initialisation), wri
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,7 +38,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kineflow.config import build_run_config, load_yaml_config
+from kineflow.config import RunConfig
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
@@ -119,10 +117,15 @@ class Objective:
 
 
 @dataclass
-class FudokiTrainConfig:
+class FudokiTrainConfig(RunConfig):
     """A run (the YAML file's sections). ``model``: :class:`FudokiConfig` fields except
     ``gen_vision`` (taken from the ``vq`` folder); ``language.vocab_size`` defaults to the
     text tokenizer's size."""
+
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "objective": Objective, "data": FudokiData, "optim": Optim,
+    }  # fmt: skip
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "vq", "text_tokenizer", "out")
 
     model: dict[str, Any]
     vq: str
@@ -147,18 +150,6 @@ class FudokiTrainConfig:
             raise ValueError(
                 f"export_steps must be steps in [1, optim.steps={self.optim.steps}], got {bad}"
             )
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> FudokiTrainConfig:
-        sections = {"objective": Objective, "data": FudokiData, "optim": Optim}
-        return build_run_config(cls, raw, sections, ("model", "vq", "text_tokenizer", "out"))
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> FudokiTrainConfig:
-        return load_yaml_config(cls, path)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # -- building the model --------------------------------------------------------------------------

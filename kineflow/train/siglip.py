@@ -35,13 +35,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kineflow.config import build_run_config, load_yaml_config
+from kineflow.config import RunConfig
 from kineflow.io import atomic_write_json, load_pretrained, save_pretrained_folder
 from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
 from kineflow.tokenizers.text import TextTokenizer
@@ -314,7 +314,7 @@ class _SiglipTask:
 
 # -- config ---------------------------------------------------------------------------------------
 @dataclass
-class SiglipTrainConfig:
+class SiglipTrainConfig(RunConfig):
     """A SigLIP pre-training run (the YAML file's sections).
 
     ``model``: :class:`SiglipConfig` fields plus ``embed_dim`` and ``text_*``
@@ -322,6 +322,9 @@ class SiglipTrainConfig:
     :class:`~kineflow.train.loop.Optim`; ``eval_pairs``: held-out test pairs (distinct
     scenes) that retrieval is measured among; ``threads``: torch CPU threads (None: default).
     """
+
+    SECTIONS: ClassVar[dict[str, type]] = {"data": PairData, "optim": Optim}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "out")
 
     model: dict[str, Any]
     out: str
@@ -347,18 +350,6 @@ class SiglipTrainConfig:
 
     def pretrain_config(self) -> SiglipPretrainConfig:
         return SiglipPretrainConfig.from_dict(self.model)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> SiglipTrainConfig:
-        sections = {"data": PairData, "optim": Optim}
-        return build_run_config(cls, raw, sections, ("model", "out"))
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> SiglipTrainConfig:
-        return load_yaml_config(cls, path)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # -- eval -----------------------------------------------------------------------------------------

@@ -22,16 +22,15 @@ produces the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from kineflow.config import build_run_config, load_yaml_config
+from kineflow.config import RunConfig
 from kineflow.io import atomic_write_json
 from kineflow.train.loop import Optim, run_training
 
@@ -55,8 +54,11 @@ class ImageData:
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(RunConfig):
     """A tokenizer training run (the YAML file's sections)."""
+
+    SECTIONS: ClassVar[dict[str, type]] = {"data": ImageData, "optim": Optim}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "out")
 
     model: dict[str, Any]
     out: str
@@ -67,19 +69,9 @@ class TokenizerTrainConfig:
     eval_images: int = 1000
     threads: int | None = None
 
-    @classmethod
-    def from_dict(cls, raw: dict) -> TokenizerTrainConfig:
-        config = build_run_config(cls, raw, {"data": ImageData, "optim": Optim}, ("model", "out"))
-        if not isinstance(config.model, dict) or config.model.get("type") not in ("vq", "kl"):
+    def check(self) -> None:
+        if not isinstance(self.model, dict) or self.model.get("type") not in ("vq", "kl"):
             raise ValueError("model.type must be 'vq' or 'kl'")
-        return config
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> TokenizerTrainConfig:
-        return load_yaml_config(cls, path)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def build_tokenizer(model: dict[str, Any]) -> nn.Module:

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from kineflow.config import build_run_config, load_yaml_config
+from kineflow.config import RunConfig
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
@@ -73,9 +72,12 @@ class UnifluidData(FudokiData):
 
 
 @dataclass
-class UnifluidTrainConfig:
+class UnifluidTrainConfig(RunConfig):
     """A run: ``model`` holds :class:`UnifluidConfig` fields except ``vae`` (read from the
     ``vae`` folder); ``language.vocab_size`` defaults to the text tokenizer's size."""
+
+    SECTIONS: ClassVar[dict[str, type]] = {"data": UnifluidData, "optim": Optim}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "vae", "text_tokenizer", "out")
 
     model: dict[str, Any]
     vae: str
@@ -89,18 +91,6 @@ class UnifluidTrainConfig:
     parallel: str = "none"
     threads: int | None = None
     token_scale: float | None = None
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> UnifluidTrainConfig:
-        sections = {"data": UnifluidData, "optim": Optim}
-        return build_run_config(cls, raw, sections, ("model", "vae", "text_tokenizer", "out"))
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> UnifluidTrainConfig:
-        return load_yaml_config(cls, path)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def build_unifluid(config: UnifluidTrainConfig, tokenizer: TextTokenizer) -> UnifluidModel:
