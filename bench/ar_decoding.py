@@ -18,7 +18,6 @@ Each number is the median of ``--repeats`` calls after a warm-up; one JSON objec
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -38,7 +37,7 @@ from kineflow.tokenizers.vq import VQConfig
 
 # bench/ holds scripts, not a package: make the shared helpers importable however we are run.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_time
+from timing import median_time, timing_parser
 
 SETTINGS = (
     {"hidden": 128, "layers": 4, "image_size": 32, "batch": 16},
@@ -62,12 +61,7 @@ def build(tokenizer, hidden: int, layers: int, image_size: int) -> FudokiModel:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    default_out = Path(__file__).parent / "results" / "ar_decoding.json"
-    parser.add_argument("--out", type=Path, default=default_out)
-    args = parser.parse_args()
+    args = timing_parser(__doc__, "ar_decoding", repeats=3).parse_args()
     torch.set_num_threads(args.threads)
     from kineflow.data.shapes.dataset import corpus
 

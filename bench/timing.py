@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["median_time"]
+__all__ = ["median_time", "timing_parser"]
+
+
+def timing_parser(doc: str, name: str, repeats: int) -> argparse.ArgumentParser:
+    """The options every timing benchmark takes: ``--threads``, ``--repeats`` (default
+    ``repeats``) and ``--out`` (default ``bench/results/{name}.json``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    default_out = Path(__file__).parent / "results" / f"{name}.json"
+    parser.add_argument("--out", type=Path, default=default_out)
+    return parser
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

@@ -52,11 +52,15 @@ def make_config(assets, out, steps=4, **data) -> UnifluidTrainConfig:
     })  # fmt: skip
 
 
-def test_batches_mix_generation_editing_and_understanding(assets, tmp_path) -> None:
-    config = make_config(assets, tmp_path)
+def make_task(assets, out) -> UnifluidTask:
+    config = make_config(assets, out)
     tok = TextTokenizer.load(assets["text"])
-    model = build_unifluid(config, tok)
-    task = UnifluidTask(model, tok, config)
+    return UnifluidTask(build_unifluid(config, tok), tok, config)
+
+
+def test_batches_mix_generation_editing_and_understanding(assets, tmp_path) -> None:
+    task = make_task(assets, tmp_path)
+    tok, model = task.tokenizer, task.model
     batch = task.batch(list(range(24)))
     gen, edit, und = batch["gen"], batch["edit"], batch["und"]
     assert gen is not None and edit is not None and und is not None
@@ -259,10 +263,8 @@ def test_edit_refuses_a_fudoki_checkpoint(tmp_path, capsys) -> None:
 
 
 def test_tokens_are_scaled_to_unit_variance(assets, tmp_path) -> None:
-    config = make_config(assets, tmp_path)
-    tok = TextTokenizer.load(assets["text"])
-    model = build_unifluid(config, tok)
-    task = UnifluidTask(model, tok, config)
+    task = make_task(assets, tmp_path)
+    config, tok, model = task.config, task.tokenizer, task.model
     batch = task.batch(list(range(256)))
     std = float(batch["gen"]["tokens"].std())
     assert 0.7 < std < 1.3, std  # the generation samples of the first 256 indices
