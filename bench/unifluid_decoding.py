@@ -1,8 +1,8 @@
 """UniFluid image generation: KV cache vs re-running the sequence for every token.
 
 For a randomly initialised UniFluid (the ShapesWorld model's shapes: Gemma-2-style backbone,
-hidden 128, 4 layers; diffusion head width 128, depth 2, 50 sampling steps) and a batch of
-ShapesWorld prompts with CFG, one text-to-image call:
+hidden 128, 4 layers; diffusion head width 128, depth 2, 100 sampling steps as shipped) and a
+batch of ShapesWorld prompts with CFG, one text-to-image call:
 
 * ``cache``: :meth:`UnifluidModel.generate_tokens`: one prompt pass, then one single-token
   backbone step per image token;
@@ -16,7 +16,6 @@ one JSON object on stdout and in ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ from kineflow.tokenizers.text import train_text_tokenizer
 
 # bench/ holds scripts, not a package: make the shared helpers importable however we are run.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_time
+from timing import median_time, timing_parser
 
 
 def build(vocab: int, image_size: int) -> UnifluidModel:
@@ -44,7 +43,7 @@ def build(vocab: int, image_size: int) -> UnifluidModel:
     })  # fmt: skip
     vae = KLConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4,
                    image_size=image_size)  # fmt: skip
-    head = {"width": 128, "depth": 2, "sample_steps": 50}
+    head = {"width": 128, "depth": 2, "sample_steps": 100}
     torch.manual_seed(0)
     return UnifluidModel(UnifluidConfig(language, vae, None, head)).eval()
 
@@ -63,12 +62,8 @@ def no_cache(model, ids, mask, uncond, w, order, generator) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = timing_parser(__doc__, "unifluid_decoding", repeats=2)
     parser.add_argument("--batch", type=int, default=8)
-    default_out = Path(__file__).parent / "results" / "unifluid_decoding.json"
-    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from kineflow.data.shapes.dataset import corpus
