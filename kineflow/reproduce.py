@@ -337,12 +337,13 @@ def _evaluate(name: str, out: Path, settings: EvalSettings, log: Callable) -> di
     from kineflow.eval.self_correction import picture_corrections, token_revisions
     from kineflow.eval.shapes import contact_sheet
     from kineflow.pipelines.images import save_gif, save_strip
+    from kineflow.pipelines.unifluid import UnifluidPipeline
 
     s = settings
     pipe = kineflow.load(out / name / "model")
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    unifluid = not hasattr(pipe.config, "path")
+    unifluid = isinstance(pipe, UnifluidPipeline)
     steps = None if unifluid else s.steps  # UniFluid: one backbone step per token
     start = time.perf_counter()
     report = evaluate_model(
