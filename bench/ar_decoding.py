@@ -19,7 +19,6 @@ Each number is the median of ``--repeats`` calls after a warm-up; one JSON objec
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from kineflow.tokenizers.vq import VQConfig
 
 # bench/ holds scripts, not a package: make the shared helpers importable however we are run.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_time, timing_parser
+from timing import median_time, timing_parser, write_result
 
 SETTINGS = (
     {"hidden": 128, "layers": 4, "image_size": 32, "batch": 16},
@@ -96,11 +95,7 @@ def main() -> None:
             )[0]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    result = {"threads": args.threads, "load_avg": os.getloadavg(), "rows": rows,
-              "torch": torch.__version__}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    write_result(args, rows)
 
 
 if __name__ == "__main__":

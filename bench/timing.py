@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["median_time", "timing_parser"]
+__all__ = ["median_time", "timing_parser", "write_result"]
 
 
 def timing_parser(doc: str, name: str, repeats: int) -> argparse.ArgumentParser:
@@ -32,3 +34,14 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         out = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def write_result(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Write ``{"threads", "load_avg", "rows", "torch"}`` to ``args.out`` and print it."""
+    import torch
+
+    result = {"threads": args.threads, "load_avg": os.getloadavg(), "rows": rows,
+              "torch": torch.__version__}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))

@@ -17,7 +17,6 @@ one JSON object on stdout and in ``--out``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from kineflow.tokenizers.text import train_text_tokenizer
 
 # bench/ holds scripts, not a package: make the shared helpers importable however we are run.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_time, timing_parser
+from timing import median_time, timing_parser, write_result
 
 
 def build(vocab: int, image_size: int) -> UnifluidModel:
@@ -99,11 +98,7 @@ def main() -> None:
                "max_abs_difference": float((a - b).abs().max())}  # fmt: skip
         rows.append(row)
         print(json.dumps(row))
-    result = {"threads": args.threads, "load_avg": os.getloadavg(), "rows": rows,
-              "torch": torch.__version__}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    write_result(args, rows)
 
 
 if __name__ == "__main__":
