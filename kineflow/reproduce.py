@@ -652,6 +652,12 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
                 ("siglip-shapes", out / "siglip" / "vision"),
             )
         }  # fmt: skip
+        if config.unifluid is not None:
+            # The configs in configs/ read the KL-VAE from here, so a fresh clone can train
+            # UniFluid without running the tokenizer stage first.
+            results["shipped"]["kl-shapes"] = ship(
+                out / "kl" / "model", Path(config.ship) / "kl-shapes", _save_half_vae
+            )
         if UNIFLUID_FLAGSHIP in evals:
             results["shipped"]["unifluid-shapes"] = ship(
                 out / UNIFLUID_FLAGSHIP / "model", Path(config.ship) / "unifluid-shapes",
@@ -701,6 +707,15 @@ def _save_half(model: Path, folder: Path) -> None:
     from kineflow.pipelines.unifluid import UnifluidPipeline
 
     UnifluidPipeline.from_pretrained(model).save_pretrained(folder, dtype=torch.float16)
+
+
+def _save_half_vae(model: Path, folder: Path) -> None:
+    """A KL-VAE folder re-saved with float16 weights (as the shipped UniFluid stores it)."""
+    import torch
+
+    from kineflow.tokenizers.kl_vae import AutoencoderKL
+
+    AutoencoderKL.from_pretrained(model).to(torch.float16).save_pretrained(folder)
 
 
 if __name__ == "__main__":
