@@ -1,38 +1,47 @@
-# Every target sets itself up: a virtualenv with the pinned CPU torch and kineflow[dev].
+# Every target sets itself up: a virtualenv with the pinned CPU torch and kineflow. The main
+# job installs only what kineflow needs; `make test` / `make lint` add the dev extras (pytest,
+# ruff, and transformers / diffusers as parity references: ~1 GB more).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.kineflow-installed
+BASE   := $(VENV)/.kineflow-base
+DEV    := $(VENV)/.kineflow-dev
+# Pinned: an unpinned torch, asked for by any package, pulls a multi-GB CUDA build.
+PIN    := $(VENV)/constraints.txt
 
 .PHONY: demo demo-flow reproduce test bench lint clean
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# Pinned: an unpinned torch pulls a multi-GB CUDA build on CPU-only machines.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	echo "torch==2.13.0" > $(PIN)
+	$(PY) -m pip install --quiet -c $(PIN) torch==2.13.0
+	$(PY) -m pip install --quiet -c $(PIN) -e .
+	touch $@
+
+$(DEV): $(BASE)
+	$(PY) -m pip install --quiet -c $(PIN) -e '.[dev]'
 	touch $@
 
 # The main job: the tiny FUDOKI and UniFluid models shipped in checkpoints/ generate, answer
 # and (UniFluid) edit ShapesWorld pictures (< 1 min).
-demo: $(STAMP)
+demo: $(BASE)
 	$(PY) -m kineflow showcase --model checkpoints/fudoki-shapes --out outputs/showcase/fudoki
 	$(PY) -m kineflow showcase --model checkpoints/unifluid-shapes --out outputs/showcase/unifluid
 
 # The flow core alone: metric / uniform / masked paths with an exact denoiser.
-demo-flow: $(STAMP)
+demo-flow: $(BASE)
 	$(PY) -m kineflow demo --out outputs/demo
 
 # Everything behind the shipped checkpoints, from scratch (~105 min on 2 CPU cores).
-reproduce: $(STAMP)
+reproduce: $(BASE)
 	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
 
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m pytest -q
 	$(PY) -m ruff check kineflow tests bench
 
-bench: $(STAMP)
+bench: $(BASE)
 	$(PY) bench/solver_speed.py
 	$(PY) bench/solver_quality.py
 	$(PY) bench/detector_robustness.py
@@ -40,7 +49,7 @@ bench: $(STAMP)
 	$(PY) bench/ar_decoding.py
 	$(PY) bench/unifluid_decoding.py
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(PY) -m ruff check kineflow tests bench
 	$(PY) -m ruff format --check kineflow tests bench
 

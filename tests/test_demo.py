@@ -170,3 +170,22 @@ def test_python_dash_m_entry_point() -> None:
     )
     assert proc.returncode == 2
     assert "usage: kineflow demo" in proc.stderr and "--steps" in proc.stderr
+
+
+def test_plain_euler_converges_or_stalls_by_problem_as_the_readme_says(
+    demo: tuple[Path, str, dict[str, Any]],
+) -> None:
+    """README ("What differs from the official FUDOKI solver"): plain Euler's error may stop
+    falling (uniform path on the demo's toy), or converge (metric path on the same toy), while
+    the integrated clock converges on both."""
+    _, _, summary = demo
+    tv = summary["toy_tv"]
+    at = tv["step_counts"].index
+    uniform, metric = tv["tv"]["uniform"], tv["tv"]["metric"]
+    # Uniform path: Euler barely moves from 32 to 64 steps and stays far from the target.
+    assert uniform["euler"][at(64)] > 0.1
+    assert uniform["euler"][at(64)] > 0.9 * uniform["euler"][at(32)]
+    assert uniform["integrated"][at(64)] < 0.25 * uniform["euler"][at(64)]
+    # Metric path: Euler converges (about halves per doubling) and is ahead at 64 steps.
+    assert metric["euler"][at(64)] < 0.25 * metric["euler"][at(16)]
+    assert metric["euler"][at(64)] < metric["integrated"][at(64)]
