@@ -5,17 +5,30 @@ One step from ``t`` to ``t + h``, independently for every position ``i`` being g
 1. draw a target ``x_1^i ~ p_θ(· | x_t)`` (after temperature / top-k / guidance);
 2. total unit-clock rate ``λ^i = Σ_{x ≠ x_t^i} r_t(x, x_t^i | x_1^i)`` (:mod:`kineflow.flow.path`);
 3. jump with probability ``1 − exp(−Δs · λ^i)`` to a state drawn from
-   ``r_t(·, x_t^i | x_1^i) / λ^i``,
-   where the clock increment is ``Δs = s_{t+h} − s_t`` (``rate="integrated"``, default) or
-   ``Δs = h · ṡ_t`` (``rate="euler"``, the plain Euler rate ``h · β̇_t``);
+   ``r_t(·, x_t^i | x_1^i) / λ^i``, where the clock increment ``Δs`` is set by ``rate``:
+
+   * ``"integrated"`` (default): ``Δs = s_{t+h} − s_t``, the exact clock increment;
+   * ``"euler"``: ``Δs = h · ṡ_t``, the plain Euler rate (``h · β̇_t`` for the metric path);
+   * ``"official"``: ``Δs = h · ṡ_t`` with ``ṡ_0 := 0``, the official FUDOKI solver's step.
+     For the metric path its jump probability is ``1 − exp(−h · Σ_x u_t(x, z | x_1))`` with
+     ``u_t(x, z | x_1) = β̇_t p_t(x | x_1) [d(z, x_1) − d(x, x_1)]_+``,
+     ``p_t = softmax(−β_t d(·, x_1))``, ``β̇_t = c a t^(a−1) / (1 − t)^(a+1)`` for t > 0 and
+     ``β̇_0 := 0``, so the first model call of a grid starting at 0 moves nothing;
+
 4. on the last step of a grid ending at t = 1, move to where the path ends, ``p_1 = δ_{x_1}``:
    ``x^i = x_1^i`` (for the masked path: only still-masked tokens; revealed ones never move).
 
 For the metric path ``β̇_0 = ∞`` (a < 1): the official FUDOKI solver patches this with
-``β̇_0 := 0``, which wastes the first model call. The integrated increment ``β_h − β_0`` is
-finite, so every model call moves tokens; ``bench/solver_quality.py`` measures the difference.
-The plain Euler rate is kept for comparison but is *inconsistent* when ``ṡ_0 = ∞``: its first
-step moves every token that can move, whatever h, so its error stops shrinking with more steps.
+``β̇_0 := 0`` (``rate="official"``), which wastes the first model call. The integrated increment
+``β_h − β_0`` is finite, so every model call moves tokens; ``bench/solver_quality.py`` measures
+the difference. The plain Euler rate is kept for comparison but is *inconsistent* when
+``ṡ_0 = ∞``: its first step moves every token that can move, whatever h, so its error stops
+shrinking with more steps.
+
+``"official"`` is refused for :class:`~kineflow.flow.MaskedPath`: its clock rate
+``κ̇_0 / (1 − κ_0)`` is finite for the usual schedules, so zeroing it would only waste a call,
+and the official code has no such patch for masked paths (its ``MixtureDiscreteEulerSolver``
+uses the plain ``h · κ̇_t / (1 − κ_t)``, which is ``rate="euler"`` here).
 
 Several modalities share one sequence through the same code path: the solver holds one path
 per modality name, ``region`` maps each name to the positions it generates, and ``model_fn``
@@ -35,10 +48,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kineflow.flow._checks import check_ids
+from kineflow.flow.masked_path import MaskedPath
 from kineflow.flow.path import DiscretePath
 from kineflow.flow.sampling import categorical, sample_logits
 
 ModelFn = Callable[[Tensor, Tensor], "Tensor | Mapping[str, Tensor]"]
+Rate = Literal["integrated", "euler", "official"]
+RATES: tuple[str, ...] = ("integrated", "euler", "official")
 _SINGLE = "tokens"  # the modality name used when the solver holds a single path
 
 
@@ -82,21 +98,42 @@ def power_grid(steps: int, power: float = 2.0, device: torch.device | str | None
     return 1 - (1 - uniform_grid(steps, device)) ** power
 
 
+def check_rate(path: DiscretePath, rate: str, label: str = "path") -> None:
+    """Raise ValueError unless ``rate`` is one of :data:`RATES` and applies to ``path``
+    (``"official"`` is refused for a :class:`MaskedPath`; see the module docstring)."""
+    if rate not in RATES:
+        raise ValueError(f"rate must be one of {', '.join(map(repr, RATES))}, got {rate!r}")
+    if rate == "official" and isinstance(path, MaskedPath):
+        raise ValueError(
+            f"rate='official' is the official FUDOKI metric-path step (h·β̇_t with β̇_0 := 0); "
+            f"{label} is a MaskedPath, whose official step is the plain Euler one: use "
+            f"rate='euler' (h·κ̇_t/(1−κ_t)) or rate='integrated' (exact reveal probabilities)"
+        )
+
+
+def clock_increment(path: DiscretePath, rate: str, t: Tensor, t_next: Tensor) -> Tensor:
+    """The clock increment ``Δs`` of one step from ``t`` to ``t_next`` under ``rate``:
+    ``s_{t_next} − s_t`` ("integrated"), ``(t_next − t) · ṡ_t`` ("euler"), or the latter with
+    ``ṡ_t := 0`` where ``t = 0`` ("official", the FUDOKI solver's patch of ``β̇_0 = ∞``)."""
+    check_rate(path, rate)
+    if rate == "integrated":
+        return path.clock(t_next) - path.clock(t)
+    speed = path.clock_dot(t)
+    if rate == "official":
+        speed = torch.where(torch.as_tensor(t) == 0, torch.zeros_like(speed), speed)
+    return (t_next - t) * speed
+
+
 def jump_probability(
     path: DiscretePath, rate: str, t: Tensor, t_next: Tensor, total: Tensor
 ) -> Tensor:
     """Probability of leaving the current state during ``[t, t_next]``: ``1 − exp(−Δs · λ)``.
 
-    ``total`` holds the unit-clock rates ``λ`` (Float[...]); the clock increment is
-    ``Δs = s_{t_next} − s_t`` for ``rate="integrated"`` and ``(t_next − t) · ṡ_t`` for
-    ``rate="euler"``. Rows with ``λ = 0`` stay put even where ``Δs = +inf`` (Euler at t = 0).
+    ``total`` holds the unit-clock rates ``λ`` (Float[...]); ``Δs`` is
+    :func:`clock_increment`. Rows with ``λ = 0`` stay put even where ``Δs = +inf`` (Euler at
+    t = 0).
     """
-    if rate == "integrated":
-        dclock = path.clock(t_next) - path.clock(t)
-    elif rate == "euler":
-        dclock = (t_next - t) * path.clock_dot(t)
-    else:
-        raise ValueError(f"rate must be 'integrated' or 'euler', got {rate!r}")
+    dclock = clock_increment(path, rate, t, t_next)
     p = -torch.expm1(-dclock.to(total.dtype) * total)
     return torch.where(total > 0, p, torch.zeros_like(p))
 
@@ -107,7 +144,9 @@ class EulerSolver:
     Args:
         path: a :class:`DiscretePath`, or a mapping from modality name to path (e.g.
             ``{"text": text_path, "image": image_path}``).
-        rate: ``"integrated"`` (clock increment ``s_{t+h} − s_t``) or ``"euler"`` (``h·ṡ_t``).
+        rate: the clock increment of a step (module docstring): ``"integrated"``
+            (``s_{t+h} − s_t``), ``"euler"`` (``h·ṡ_t``) or ``"official"`` (``h·ṡ_t`` with
+            ``ṡ_0 := 0``, the official FUDOKI step; refused for a :class:`MaskedPath`).
         max_chunk_elements: positions are processed ``max(min_chunk_rows,
             max_chunk_elements // V)`` at a time; each chunk holds a few Float[rows, V], which
             bounds the solver's own peak memory. The default keeps those buffers at 16 MiB:
@@ -121,7 +160,7 @@ class EulerSolver:
     def __init__(
         self,
         path: DiscretePath | Mapping[str, DiscretePath],
-        rate: Literal["integrated", "euler"] = "integrated",
+        rate: Rate = "integrated",
         max_chunk_elements: int = 1 << 22,
         min_chunk_rows: int = 128,
     ) -> None:
@@ -136,8 +175,8 @@ class EulerSolver:
             self.single = False
         else:
             raise TypeError("path must be a DiscretePath or a non-empty mapping of them")
-        if rate not in ("integrated", "euler"):
-            raise ValueError(f"rate must be 'integrated' or 'euler', got {rate!r}")
+        for name, p in self.paths.items():
+            check_rate(p, rate, "the path" if self.single else f"the path of {name!r}")
         if max_chunk_elements < 1 or min_chunk_rows < 1:
             raise ValueError(
                 f"max_chunk_elements and min_chunk_rows must be positive, got "

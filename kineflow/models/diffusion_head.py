@@ -32,14 +32,27 @@ Classifier-free guidance acts on ε: ``ε̂ = ε̂(x|∅) + w (ε̂(x|z) − ε�
 or one weight per token (UniFluid raises it over the generated tokens); the variance is the
 conditional one.
 
-The denoiser (:class:`DiffusionMLP`) is MAR's: residual MLP blocks with adaptive LayerNorm
-(shift, scale and gate from ``SiLU(emb(t) + proj(z))``), zero-initialised modulations and
-output layer.
+The denoiser (:class:`DiffusionMLP`) is MAR's ``SimpleMLPAdaLN``: residual MLP blocks with
+adaptive LayerNorm (shift, scale and gate from ``SiLU(emb(t) + proj(z))``), zero-initialised
+modulations and output layer. As in MAR, each block's LayerNorm has a learnable weight and bias
+(MAR's ``ResBlock.in_ln``) and the final one has none, so MAR ``DiffLoss`` weights load as they
+are (:mod:`kineflow.interop.mar`). Checkpoints written before the block norms had parameters
+lack them: :func:`add_identity_norms` (and a load hook of :class:`DiffusionMLP`) fill in the
+identity (weight 1, bias 0), which is exactly what those heads computed.
+
+One difference from MAR remains, in training only: at ``t = 0`` the bound term here is the
+*continuous* Gaussian negative log-likelihood of ``x_0``, where MAR (ADM's code) uses
+``discretized_gaussian_log_likelihood``, the probability of the 8-bit bin of width 2/255 around
+``x_0``, a rule for pixels in [−1, 1] that does not fit continuous latent tokens. It touches
+only the variance output ``v`` on draws with ``t = 0`` (1 in ``steps``); ``ε̂``, the MSE term,
+every ``t > 0`` term and sampling are the same, so loaded MAR weights sample as in MAR.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,7 +61,13 @@ from torch import Tensor, nn
 
 from kineflow.config import check_config_keys
 
-__all__ = ["CosineSchedule", "DiffusionHead", "DiffusionHeadConfig", "DiffusionMLP"]
+__all__ = [
+    "CosineSchedule",
+    "DiffusionHead",
+    "DiffusionHeadConfig",
+    "DiffusionMLP",
+    "add_identity_norms",
+]
 
 
 @dataclass
@@ -150,10 +169,43 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, dim % 2))
 
 
+def _missing_norms(weights: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The identity norm parameters that a :class:`DiffusionMLP` state dict under ``prefix``
+    lacks: for every block ``i`` with ``blocks.i.mlp.0.weight`` but *neither*
+    ``blocks.i.norm.weight`` nor ``.bias`` (a half-present pair is left for the strict check)."""
+    pattern = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.mlp\.0\.weight")
+    added = {}
+    for key, value in weights.items():
+        match = pattern.fullmatch(key)
+        if match is None:
+            continue
+        norm = f"{prefix}blocks.{match.group(1)}.norm."
+        if norm + "weight" in weights or norm + "bias" in weights:
+            continue
+        like = {"dtype": value.dtype, "device": value.device}
+        added[norm + "weight"] = torch.ones(value.shape[1], **like)
+        added[norm + "bias"] = torch.zeros(value.shape[1], **like)
+    return added
+
+
+def add_identity_norms(weights: Mapping[str, Tensor], prefix: str = "net.") -> dict[str, Tensor]:
+    """``weights`` plus identity block-norm parameters where a checkpoint predates them.
+
+    Heads saved before the block LayerNorms became affine have no ``blocks.i.norm.weight`` /
+    ``.bias``; they computed an un-scaled norm, which is the affine one at weight 1, bias 0.
+    ``prefix`` locates the :class:`DiffusionMLP` in ``weights``: ``"net."`` for a
+    :class:`DiffusionHead`'s state dict, ``"diffusion_head.net."`` for a UniFluid model's.
+    Call this before a key-by-key check such as :func:`kineflow.io.check_state_dict`; plain
+    ``load_state_dict`` does it by itself (a load hook of :class:`DiffusionMLP`).
+    """
+    return {**weights, **_missing_norms(weights, prefix)}
+
+
 class _AdaLNBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        # Affine like MAR's ResBlock.in_ln, so its trained weight and bias can be loaded.
+        self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
@@ -178,6 +230,13 @@ class DiffusionMLP(nn.Module):
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.output = nn.Linear(width, 2 * token_dim)
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(self._fill_legacy_norms)
+
+    @staticmethod
+    def _fill_legacy_norms(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+        # load_state_dict hands every module's hooks the same (copied) dict, and runs the
+        # parent's before its children read their keys: identity norms for old checkpoints.
+        state_dict.update(_missing_norms(state_dict, prefix))
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -189,6 +248,8 @@ class DiffusionMLP(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         # Zero modulations and output: every block starts as the identity, the head at ε̂ = 0.
         for block in self.blocks:
+            nn.init.ones_(block.norm.weight)
+            nn.init.zeros_(block.norm.bias)
             nn.init.zeros_(block.modulation[-1].weight)
             nn.init.zeros_(block.modulation[-1].bias)
         for layer in (self.final_modulation[-1], self.output):

@@ -30,6 +30,7 @@ from torch import Tensor
 from kineflow.config import check_config_keys
 from kineflow.data.example import tensor_to_image
 from kineflow.io import load_pretrained_folder, save_pretrained_folder
+from kineflow.models.diffusion_head import add_identity_norms
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.pipelines.fudoki import ImageResult, TextResult
 from kineflow.pipelines.images import (
@@ -361,6 +362,8 @@ class UnifluidPipeline:
         model = UnifluidModel(model_config)
         from kineflow.io import check_state_dict
 
+        # Folders saved before the head's block norms became affine lack their identity values.
+        weights = add_identity_norms(weights, "diffusion_head.net.")
         check_state_dict(model.state_dict(), weights, str(folder / "model.safetensors"))
         model.load_state_dict(weights)
         return cls(model, TextTokenizer.load(folder), pipeline_config)
