@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kineflow.checkpoint_files import (
@@ -40,9 +41,12 @@ from kineflow.checkpoint_files import (
     read_weights,
     safetensors_dtypes,
     tensor_file,
+    weight_files,
 )
 from kineflow.folders import recover_interrupted_save
-from kineflow.io import CONFIG_NAME, TYPE_FIELD, WEIGHTS_NAME, dtype_name, read_json_object
+from kineflow.io import CONFIG_NAME, TYPE_FIELD, WEIGHTS_NAME, read_json_object
+from kineflow.load_checks import check_finite as check_finite_tensors
+from kineflow.load_checks import check_floating, expected_state, wants_finite_check
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.models.size import check_model_size
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel
@@ -65,9 +69,6 @@ METRIC_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
 #: Chat formats that render like Janus's "deepseek" template (FUDOKI calls its copy "fudoki").
 _DEEPSEEK_FORMATS = ("deepseek", "deepseek_old", "fudoki")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-#: ``check_finite=None`` checks every weight for NaN / inf below this many bytes of weights (a
-#: pass over them costs far less than the load itself), and skips it above.
-FINITE_CHECK_BYTES = 2 * 2**30
 
 
 def _snapshot_download(repo_id: str) -> str:
@@ -126,10 +127,10 @@ def load(
     """Load a checkpoint folder or hub id (see the module docstring) as a ready pipeline.
 
     Before the model is built, its size is estimated from ``config.json``
-    (:func:`kineflow.models.size.check_model_size`) and a config too large for the limit is
-    refused; before the weights are copied in, every floating-point parameter must be stored
-    as a floating-point tensor (integers would be truncated silently). After loading, with
-    ``check_finite``, every weight and metric table must be free of NaN and inf.
+    (:func:`kineflow.models.size.check_model_size`) and a model above the limit is refused;
+    before weights are copied in, every floating-point parameter must be stored as a
+    floating-point tensor; with ``check_finite``, every weight and metric table must be free
+    of NaN and inf (:mod:`kineflow.load_checks`).
 
     Args:
         name: a folder, or a hub id fetched when no such folder exists.
@@ -137,8 +138,8 @@ def load(
             weights' dtype for kineflow folders, float32 for Janus releases).
         max_bytes: the size limit (default: the ``KINEFLOW_MAX_MODEL_BYTES`` environment
             variable, else the smaller of the machine's RAM and 64 GiB).
-        check_finite: check the weights for NaN / inf; None (default) does so when they take
-            less than :data:`FINITE_CHECK_BYTES`.
+        check_finite: check for NaN / inf; None (default): when the weight files take less
+            than :data:`~kineflow.load_checks.FINITE_CHECK_BYTES` (2 GiB).
 
     Raises:
         FileNotFoundError: no such folder / hub repository, or a required file is missing.
@@ -151,38 +152,32 @@ def load(
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; it is not a checkpoint folder")
     config = read_json_object(config_path)
-    pipeline: FudokiPipeline | UnifluidPipeline
-    locate = _the_file(folder / WEIGHTS_NAME)  # kineflow folders: one weights file
-    tables: dict[str, str] = {}
-    if config.get(TYPE_FIELD) == FUDOKI_KIND:
-        model_config = _parsed(lambda: FudokiConfig.from_dict(config["model"]))
-        _check_kineflow_weights(folder, model_config, FudokiModel, max_bytes)
-        pipeline = FudokiPipeline.from_kineflow_folder(folder)
-        tables = {name: f"{folder / METRIC_FILE}[{name}]" for name in ("text", "image")}
-    elif config.get(TYPE_FIELD) == UNIFLUID_KIND:
-        model_config = _parsed(lambda: UnifluidConfig(**config["model"]))
-        _check_kineflow_weights(folder, model_config, UnifluidModel, max_bytes)
-        pipeline = UnifluidPipeline.from_pretrained(folder)
-    elif config.get("model_type") == "multi_modality":
-        pipeline = load_janus_folder(folder, config, max_bytes=max_bytes)
-        locate = tensor_file(folder)
-        tables = {name: f"the {name} metric table ({where})"
-                  for name, where in pipeline.provenance.items()}  # fmt: skip
-        dtype = dtype or torch.float32
-    else:
-        found = config.get(TYPE_FIELD) or config.get("model_type")
+    kind = config.get(TYPE_FIELD)
+    if kind not in (FUDOKI_KIND, UNIFLUID_KIND) and config.get("model_type") == "multi_modality":
+        janus = load_janus_folder(folder, config, max_bytes=max_bytes, check_finite=check_finite)
+        return janus.to(device=device, dtype=dtype or torch.float32)
+    if kind not in (FUDOKI_KIND, UNIFLUID_KIND):
+        found = kind or config.get("model_type")
         raise ValueError(
             f"{config_path} describes {found!r}; kineflow.load reads kineflow FUDOKI and UniFluid "
             f"folders ({TYPE_FIELD} {FUDOKI_KIND!r} / {UNIFLUID_KIND!r}) and Janus / FUDOKI "
             "releases (model_type 'multi_modality')"
         )
-    _check_finite(pipeline, locate, tables, check_finite)
+    weights_path = folder / WEIGHTS_NAME
+    check = wants_finite_check(check_finite, [weights_path])
+    pipeline: FudokiPipeline | UnifluidPipeline
+    if kind == FUDOKI_KIND:
+        model_config = _parsed(lambda: FudokiConfig.from_dict(config["model"]))
+        _check_kineflow_folder(folder, model_config, FudokiModel, max_bytes, check)
+        pipeline = FudokiPipeline.from_kineflow_folder(folder)
+    else:
+        model_config = _parsed(lambda: UnifluidConfig(**config["model"]))
+        _check_kineflow_folder(folder, model_config, UnifluidModel, max_bytes, check)
+        pipeline = UnifluidPipeline.from_pretrained(folder)
+    if check:  # the weights are in the model now; their names are the file's
+        state = pipeline.model.state_dict()
+        check_finite_tensors((f"{weights_path}: {key}", t) for key, t in state.items())
     return pipeline.to(device=device, dtype=dtype)
-
-
-def _the_file(path: Path) -> Callable[[str], Path]:
-    """A locator (tensor name -> file) for a folder whose weights are all in ``path``."""
-    return lambda key: path
 
 
 def _parsed(parse: Callable[[], Any]) -> Any:
@@ -194,28 +189,34 @@ def _parsed(parse: Callable[[], Any]) -> Any:
         return None
 
 
-def _check_kineflow_weights(
+def _check_kineflow_folder(
     folder: Path,
     model_config: FudokiConfig | UnifluidConfig | None,
     model_class: Callable[[Any], nn.Module],
     max_bytes: int | None,
+    check: bool,
 ) -> None:
-    """The checks before a kineflow folder's model is built: its size, then the dtypes of
-    ``model.safetensors`` (from its header) against the model's parameters, and those of a
-    FUDOKI folder's metric tables (which the pipeline would cast to float silently)."""
+    """What is checked before a kineflow folder's model is built: its size, the dtypes in
+    ``model.safetensors``'s header against the model's parameters, and a FUDOKI folder's
+    metric tables (floating-point, and finite when ``check``: the pipeline casts and uses
+    them as they are)."""
     if model_config is None:
         return
     check_model_size(model_config, str(folder / CONFIG_NAME), max_bytes)
-    weights_path, tables_path = folder / WEIGHTS_NAME, folder / METRIC_FILE
+    weights_path = folder / WEIGHTS_NAME
     stored = _header_dtypes(weights_path)
     if stored is not None:
-        _check_floating(model_class, model_config, stored, _the_file(weights_path))
+        expected = expected_state(model_class, model_config)
+        check_floating(expected, stored, lambda key: weights_path)
+    tables_path = folder / METRIC_FILE
     tables = _header_dtypes(tables_path) if model_class is FudokiModel else None
-    for name, got in (tables or {}).items():
-        if not got.is_floating_point:
-            raise ValueError(
-                f"{tables_path}: {name} is {dtype_name(got)}, expected a floating-point tensor"
-            )
+    if tables is None:
+        return
+    floats = {name: torch.empty(0) for name in ("text", "image")}  # both tables are floats
+    check_floating(floats, tables, lambda key: tables_path)
+    if check:
+        loaded = load_file(str(tables_path), device="cpu")
+        check_finite_tensors((f"{tables_path}: {name}", t) for name, t in loaded.items())
 
 
 def _header_dtypes(path: Path) -> dict[str, torch.dtype] | None:
@@ -229,69 +230,21 @@ def _header_dtypes(path: Path) -> dict[str, torch.dtype] | None:
         return None
 
 
-def _check_floating(
-    model_class: Callable[[Any], nn.Module],
-    model_config: Any,
-    stored: Mapping[str, torch.dtype],
-    locate: Callable[[str], Path],
-) -> None:
-    """Refuse an integer or bool tensor stored for a floating-point parameter (by name): the
-    copy into the model would cast it silently, truncating the values (mostly to zeros).
-
-    The model is built on the meta device, which allocates nothing, to learn its dtypes.
-    """
-    with torch.device("meta"):
-        expected = model_class(model_config).state_dict()
-    for key, want in expected.items():
-        got = stored.get(key)
-        if got is not None and want.is_floating_point() and not got.is_floating_point:
-            raise ValueError(
-                f"{locate(key)}: {key} is {dtype_name(got)}, expected a floating-point tensor"
-            )
-
-
-def _check_finite(
-    pipeline: FudokiPipeline | UnifluidPipeline,
-    locate: Callable[[str], Path],
-    tables: Mapping[str, str],
-    check: bool | None,
-) -> None:
-    """Refuse NaN / inf in the model's weights (named by ``locate``) and a FUDOKI pipeline's
-    metric tables (named by ``tables``): they would only surface later as NaN logits."""
-    state = pipeline.model.state_dict()
-    if check is None:
-        check = sum(t.numel() * t.element_size() for t in state.values()) < FINITE_CHECK_BYTES
-    if not check:
-        return
-    named = [(str(locate(key)), key, t) for key, t in state.items()]
-    for name, where in tables.items():
-        named.append((where, "", getattr(pipeline, f"{name}_embeddings")))
-    for where, key, tensor in named:
-        if not tensor.is_floating_point():
-            continue
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            what = f"{where}: {key}" if key else where
-            raise ValueError(
-                f"{what} holds {bad:,} non-finite value(s) (NaN or inf) of {tensor.numel():,}: "
-                "the weights are damaged (kineflow.load(..., check_finite=False) loads them "
-                "anyway)"
-            )
-
-
 def load_janus_folder(
     folder: str | os.PathLike[str],
     config: Mapping[str, Any] | None = None,
     *,
     max_bytes: int | None = None,
+    check_finite: bool | None = None,
 ) -> FudokiPipeline:
     """A Janus / FUDOKI release folder (see the module docstring) as a pipeline, on the CPU.
 
     The config's model must fit the size limit (``max_bytes``, see :func:`load`). Every
-    weight must be consumed (Janus's unused buffers and vision blocks aside), fit the config
-    and be floating-point where the model's parameter is; the tokenizer must fit the model's
-    text vocabulary; processor settings must agree with the model (image size, image tokens,
-    chat format).
+    weight must be consumed (Janus's unused buffers and vision blocks aside), fit the config,
+    be floating-point where the model's parameter is, and (with ``check_finite``, as in
+    :func:`load`) be free of NaN / inf, as must the metric tables; the tokenizer must fit the
+    model's text vocabulary; processor settings must agree with the model (image size, image
+    tokens, chat format).
     """
     folder = Path(folder)
     if config is None:
@@ -306,15 +259,26 @@ def load_janus_folder(
         raise FileNotFoundError(f"{folder} has no tokenizer.json (the text tokenizer)")
     tokenizer = TextTokenizer.load(folder)
     pipeline_config = _janus_processor_config(folder, model_config)
+    check = wants_finite_check(check_finite, weight_files(folder))
     weights = read_weights(folder)
-    stored = {key: t.dtype for key, t in weights.items()}
-    _check_floating(FudokiModel, model_config, stored, tensor_file(folder))
+    locate = tensor_file(folder)
+    expected = expected_state(FudokiModel, model_config)
+    check_floating(expected, {key: t.dtype for key, t in weights.items()}, locate)
+    if check:  # the tensors the model uses (Janus's unused ones may hold anything)
+        used = (key for key in expected if key in weights)
+        check_finite_tensors((f"{locate(key)}: {key}", weights[key]) for key in used)
     try:
         model = FudokiModel.from_janus_state_dict(weights, model_config)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from e
     tables, provenance = _metric_tables(folder, weights)
     del weights
+    if check:  # a table taken from the weights was checked with them
+        files = {name: folder / file for name, (file, _) in METRIC_FILES.items()}
+        from_files = [name for name in tables if files[name].is_file()]
+        check_finite_tensors(
+            (f"{files[name]}: the {name} metric table", tables[name]) for name in from_files
+        )
     try:
         return FudokiPipeline(
             model, tokenizer, tables["text"], tables["image"], pipeline_config, provenance

@@ -235,8 +235,14 @@ def max_model_bytes(max_bytes: int | None = None) -> tuple[int, str]:
     return DEFAULT_MAX_MODEL_BYTES, "the default cap"
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB"
+def _human(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (up to EiB)."""
+    value, unit = float(n), "bytes"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    return f"{value:,.1f} {unit}"
 
 
 def check_model_size(
@@ -260,7 +266,7 @@ def check_model_size(
     if needed > limit:
         raise ValueError(
             f"{source} describes a model of {params:,} parameters, which needs about "
-            f"{_gib(needed)} to build, more than the limit of {_gib(limit)} ({origin}); if the "
+            f"{_human(needed)} to build, more than the limit of {_human(limit)} ({origin}); if the "
             f"config is right, raise the limit with kineflow.load(..., max_bytes=N) or the "
             f"{MAX_BYTES_ENV} environment variable (e.g. {MAX_BYTES_ENV}=256GiB)"
         )
