@@ -7,6 +7,8 @@ file behind.
 
 A *pretrained folder* holds ``model.safetensors`` (the state dict) and ``config.json`` (a JSON
 object: the model's config plus ``"kineflow_type"``, which says which model class reads it).
+It is written whole beside its place and swapped in (:mod:`kineflow.folders`), so a save is
+atomic as a folder, not only file by file.
 """
 
 from __future__ import annotations

@@ -21,6 +21,13 @@ they are used as they are, and :attr:`FudokiPipeline.provenance` records which m
 each one equals (or that it equals none); when it does not, the tables are taken from those
 two tensors and the provenance says so. Which tensors the official files hold is not
 documented upstream: the provenance check answers it for any release loaded.
+
+Every load is checked before it is trusted: the model's size is estimated from
+``config.json`` and refused above a limit before anything is built
+(:mod:`kineflow.models.size`); integer-typed weights for float parameters and (by default,
+for checkpoints under 2 GiB) NaN / inf weights are refused by file and tensor name
+(:mod:`kineflow.load_checks`); and a folder whose save was killed mid-swap is restored first
+(:mod:`kineflow.folders`).
 """
 
 from __future__ import annotations
