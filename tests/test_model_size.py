@@ -182,6 +182,15 @@ def test_check_model_size_names_the_count_the_limit_and_the_knobs() -> None:
     assert "max_bytes=" in message and size.MAX_BYTES_ENV in message
 
 
+@pytest.mark.parametrize("make_config", [vq, kl, siglip, gemma], ids=["vq", "kl", "siglip", "lm"])
+def test_towers_are_checked_alone_too(make_config) -> None:
+    config = make_config()
+    need = size.check_model_size(config, "tower.json", max_bytes=2**30)
+    assert need == size._COUNTERS[type(config)](config) * 4
+    with pytest.raises(ValueError, match=r"tower\.json describes a model of"):
+        size.check_model_size(config, "tower.json", max_bytes=need - 1)
+
+
 def test_diffusion_head_steps_count_towards_the_size() -> None:
     few, many = unifluid(), unifluid(head={"width": 20, "depth": 2, "steps": 10**9})
     limit = size.check_model_size(few, "c.json", max_bytes=2**40)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -178,14 +179,28 @@ def unifluid_params(config: UnifluidConfig) -> int:
     return n + diffusion_head_params(c.head_config())
 
 
-def _extra_bytes(config: FudokiConfig | UnifluidConfig) -> int:
-    """Memory a model takes beyond its parameters: the diffusion head's schedules."""
-    if isinstance(config, UnifluidConfig):
-        return 2 * (config.head_config().steps + 1) * _SCHEDULE_BYTES_PER_STEP
+#: A model's config -> the parameter count of the model it builds.
+ModelConfig = (
+    FudokiConfig | UnifluidConfig | LlamaConfig | SiglipConfig | VQConfig | KLConfig
+    | DiffusionHeadConfig
+)  # fmt: skip
+_COUNTERS: dict[type, Callable[[Any], int]] = {
+    FudokiConfig: fudoki_params,
+    UnifluidConfig: unifluid_params,
+    LlamaConfig: llama_params,
+    SiglipConfig: siglip_params,
+    VQConfig: vq_params,
+    KLConfig: kl_vae_params,
+    DiffusionHeadConfig: diffusion_head_params,
+}
+
+
+def _extra_bytes(config: ModelConfig) -> int:
+    """Memory a model takes beyond its parameters: a diffusion head's two schedules."""
+    head = config.head_config() if isinstance(config, UnifluidConfig) else config
+    if isinstance(head, DiffusionHeadConfig):
+        return 2 * (head.steps + 1) * _SCHEDULE_BYTES_PER_STEP
     return 0
-
-
-_COUNTERS: dict[type, Callable] = {FudokiConfig: fudoki_params, UnifluidConfig: unifluid_params}
 
 
 # -- the limit ------------------------------------------------------------------------------------
@@ -245,11 +260,9 @@ def _human(n: int) -> str:
     return f"{value:,.1f} {unit}"
 
 
-def check_model_size(
-    config: FudokiConfig | UnifluidConfig, source: str, max_bytes: int | None = None
-) -> int:
-    """Refuse ``config`` if building its model would take more memory than the limit
-    (:func:`max_model_bytes`); returns the estimate in bytes otherwise.
+def check_model_size(config: ModelConfig, source: str, max_bytes: int | None = None) -> int:
+    """Refuse ``config`` (a whole model's or a tower's) if building its model would take more
+    memory than the limit (:func:`max_model_bytes`); returns the estimate in bytes otherwise.
 
     The estimate is the parameter count times the size of torch's default dtype (models are
     built in it before the weights are copied in), plus the few non-parameter tensors some
