@@ -179,11 +179,12 @@ def unifluid_params(config: UnifluidConfig) -> int:
     return n + diffusion_head_params(c.head_config())
 
 
-#: A model's config -> the parameter count of the model it builds.
+#: The configs :func:`check_model_size` can size: whole models and their towers.
 ModelConfig = (
     FudokiConfig | UnifluidConfig | LlamaConfig | SiglipConfig | VQConfig | KLConfig
     | DiffusionHeadConfig
 )  # fmt: skip
+# A config's type -> the function counting the parameters of the model it builds.
 _COUNTERS: dict[type, Callable[[Any], int]] = {
     FudokiConfig: fudoki_params,
     UnifluidConfig: unifluid_params,
