@@ -25,12 +25,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePath
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -51,9 +51,26 @@ __all__ = [
     "WEIGHT_FILES",
     "load_embedding_table",
     "read_weights",
+    "safetensors_dtypes",
+    "tensor_file",
     "weight_files",
 ]
 
+#: safetensors' dtype names (the header's "dtype" field) as torch dtypes.
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 _INDEX_SUFFIX = ".index.json"
 _MAX_LISTED_FILES = 10
 _MAX_NAMED_KEYS = 5
@@ -134,6 +151,39 @@ def _shard_path(folder: Path, name: str, index: Path) -> Path:
     if not path.is_file():
         raise ValueError(f"{index} names shard {name!r}, which is missing from {folder}")
     return path
+
+
+def tensor_file(folder: str | os.PathLike[str]) -> Callable[[str], Path]:
+    """A function naming the file of ``folder`` (see :func:`weight_files`) that holds a
+    tensor: the shard its index lists, or the single weights file. For messages.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`weight_files`.
+    """
+    shard_of, _, source = _locate(Path(folder))
+    if shard_of is None:
+        return lambda key: source
+    return lambda key: shard_of.get(key, source)
+
+
+def safetensors_dtypes(path: str | os.PathLike[str]) -> dict[str, torch.dtype]:
+    """The dtype of every tensor of the safetensors file ``path``, read from its header alone
+    (no tensor data), so weights can be checked before they are loaded. Tensors of dtypes
+    not in this module's table (rare unsigned and float8 kinds) are left out.
+
+    Raises:
+        ValueError: the file is not a readable safetensors file.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            # safe_open objects are not iterable: keys() is the only way to list them.
+            stored = {key: f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file (corrupt or truncated?): {e}"
+        ) from e
+    return {key: _SAFETENSORS_DTYPES[d] for key, d in stored.items() if d in _SAFETENSORS_DTYPES}
 
 
 # -- reading the files ----------------------------------------------------------------------------

@@ -7,10 +7,13 @@ file behind.
 
 A *pretrained folder* holds ``model.safetensors`` (the state dict) and ``config.json`` (a JSON
 object: the model's config plus ``"kineflow_type"``, which says which model class reads it).
+It is written whole beside its place and swapped in (:mod:`kineflow.folders`), so a save is
+atomic as a folder, not only file by file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,16 +25,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from kineflow.folders import recover_interrupted_save, replace_folder
+
 #: File names in a pretrained folder.
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 #: The ``config.json`` field naming the kind of model a pretrained folder holds.
 TYPE_FIELD = "kineflow_type"
+#: What JSON readers say of a value nested past Python's recursion limit (a hostile file:
+#: ``json`` recurses once per ``[`` / ``{``, and ~1000 levels raise RecursionError).
+NESTING_PROBLEM = "arrays / objects nested too deeply"
 
 M = TypeVar("M", bound=nn.Module)
 
 __all__ = [
     "CONFIG_NAME",
+    "NESTING_PROBLEM",
     "TYPE_FIELD",
     "WEIGHTS_NAME",
     "atomic_save_safetensors",
@@ -39,6 +48,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_state_dict",
+    "dtype_name",
     "load_pretrained",
     "load_pretrained_folder",
     "read_json_object",
@@ -124,6 +134,8 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise ValueError(f"{path} is not valid JSON: {NESTING_PROBLEM}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -146,6 +158,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, Any]]:
                 rows.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: bad JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: bad JSON ({NESTING_PROBLEM})") from None
     return rows
 
 
@@ -153,14 +167,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, Any]]:
 def check_state_dict(
     own: Mapping[str, Tensor], loaded: Mapping[str, Tensor], source: str, *, prefix: str = ""
 ) -> None:
-    """Check that ``loaded`` has exactly the keys and shapes of ``own`` (a model's state dict).
+    """Check that ``loaded`` has exactly the keys and shapes of ``own`` (a model's state dict),
+    and a floating-point tensor wherever ``own`` has one.
 
     ``source`` says where ``loaded`` comes from (a file, "the checkpoint", …). Keys are named
     as ``prefix + key``, i.e. as they appear in the source when the caller stripped a prefix.
 
     Raises:
-        ValueError: one error naming every missing, unexpected and mis-shaped key, the last
-            with both shapes (``key: expected <model's>, got <loaded>``).
+        ValueError: one error naming every missing, unexpected, mis-shaped and
+            non-floating key, mis-shaped ones with both shapes (``key: expected <model's>,
+            got <loaded>``), non-floating ones with the stored dtype (``key is int64, expected
+            a floating-point tensor``).
     """
     missing = sorted(set(own) - set(loaded))
     unexpected = sorted(set(loaded) - set(own))
@@ -168,6 +185,13 @@ def check_state_dict(
         f"{prefix}{k}: expected {tuple(own[k].shape)}, got {tuple(loaded[k].shape)}"
         for k in sorted(set(own) & set(loaded))
         if tuple(loaded[k].shape) != tuple(own[k].shape)
+    ]
+    # A float parameter stored as integers or bools would be cast silently by copy_ (its
+    # values truncated, typically to zeros): refuse it by name.
+    not_float = [
+        f"{prefix}{k} is {dtype_name(loaded[k].dtype)}, expected a floating-point tensor"
+        for k in sorted(set(own) & set(loaded))
+        if own[k].is_floating_point() and not loaded[k].is_floating_point()
     ]
     problems = []
     if missing:
@@ -178,8 +202,15 @@ def check_state_dict(
         )
     if mis_shaped:
         problems.append(f"{len(mis_shaped)} mis-shaped: " + "; ".join(mis_shaped))
+    if not_float:
+        problems.append(f"{len(not_float)} not floating-point: " + "; ".join(not_float))
     if problems:
         raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.int64`` -> ``"int64"``, for messages."""
+    return str(dtype).removeprefix("torch.")
 
 
 # -- pretrained folders ---------------------------------------------------------------------------
@@ -188,22 +219,29 @@ def save_pretrained_folder(
     state_dict: Mapping[str, Tensor],
     config: Mapping[str, Any],
     kind: str,
+    *,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a pretrained folder (created if needed): ``model.safetensors`` with
-    ``state_dict`` (detached CPU copies, dtypes kept) and ``config.json`` with
-    ``{"kineflow_type": kind, **config}``, each atomically. Weights go first, since the config
-    is what makes the folder look complete. Returns the folder.
+    """Write a pretrained folder: ``model.safetensors`` with ``state_dict`` (detached CPU
+    copies, dtypes kept), ``config.json`` with ``{"kineflow_type": kind, **config}``, and
+    whatever ``extra(folder)`` writes first (a pipeline's tokenizer, say). Returns the folder.
+
+    The whole folder is written beside ``folder`` and swapped in only when complete
+    (:func:`kineflow.folders.replace_folder`): an interrupted save leaves the previous folder
+    as it was, never old files mixed with new ones.
 
     Raises:
-        ValueError: ``config`` has its own ``kineflow_type``.
+        ValueError: ``config`` has its own ``kineflow_type``; ``folder`` is a file, or holds
+            files a kineflow save does not write (which a save would delete).
     """
     if TYPE_FIELD in config:
         raise ValueError(f"config must not hold {TYPE_FIELD!r}: it is written from kind")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(folder / WEIGHTS_NAME, state_dict, {"format": "pt", TYPE_FIELD: kind})
-    atomic_write_json(folder / CONFIG_NAME, {TYPE_FIELD: kind, **config})
-    return folder
+    with replace_folder(folder) as temp:
+        if extra is not None:
+            extra(temp)
+        atomic_save_safetensors(temp / WEIGHTS_NAME, state_dict, {"format": "pt", TYPE_FIELD: kind})
+        atomic_write_json(temp / CONFIG_NAME, {TYPE_FIELD: kind, **config})
+    return Path(folder)
 
 
 def load_pretrained_folder(
@@ -229,6 +267,9 @@ def load_pretrained_folder(
         ValueError: ``config.json`` is not a JSON object, or is not of type ``kind``.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        with contextlib.suppress(OSError):  # a read-only place: report the folder as missing
+            recover_interrupted_save(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no {what} folder at {folder} (no such folder)")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME

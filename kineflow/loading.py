@@ -21,24 +21,46 @@ they are used as they are, and :attr:`FudokiPipeline.provenance` records which m
 each one equals (or that it equals none); when it does not, the tables are taken from those
 two tensors and the provenance says so. Which tensors the official files hold is not
 documented upstream: the provenance check answers it for any release loaded.
+
+Every load is checked before it is trusted: the model's size is estimated from
+``config.json`` and refused above a limit before anything is built
+(:mod:`kineflow.models.size`); integer-typed weights for float parameters and (by default,
+for checkpoints under 2 GiB) NaN / inf weights are refused by file and tensor name
+(:mod:`kineflow.load_checks`); and a folder whose save was killed mid-swap is restored first
+(:mod:`kineflow.folders`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from safetensors.torch import load_file
+from torch import Tensor, nn
 
-from kineflow.checkpoint_files import load_embedding_table, read_weights
-from kineflow.io import CONFIG_NAME, TYPE_FIELD, read_json_object
+from kineflow.checkpoint_files import (
+    load_embedding_table,
+    read_weights,
+    safetensors_dtypes,
+    tensor_file,
+    weight_files,
+)
+from kineflow.folders import recover_interrupted_save
+from kineflow.io import CONFIG_NAME, TYPE_FIELD, WEIGHTS_NAME, read_json_object
+from kineflow.load_checks import check_finite as check_finite_tensors
+from kineflow.load_checks import check_floating, expected_state, wants_finite_check
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
+from kineflow.models.size import check_model_size
+from kineflow.models.unifluid import UnifluidConfig, UnifluidModel
 from kineflow.pipelines.fudoki import KIND as FUDOKI_KIND
-from kineflow.pipelines.fudoki import FudokiPipeline, FudokiPipelineConfig
+from kineflow.pipelines.fudoki import METRIC_FILE, FudokiPipeline, FudokiPipelineConfig
+from kineflow.pipelines.unifluid import KIND as UNIFLUID_KIND
+from kineflow.pipelines.unifluid import UnifluidPipeline
 from kineflow.tokenizers.text import TextTokenizer
 
 __all__ = ["load", "load_janus_folder", "resolve_checkpoint"]
@@ -73,6 +95,9 @@ def resolve_checkpoint(name: str | os.PathLike[str]) -> Path:
         NotADirectoryError: the path is a file.
     """
     path = Path(name).expanduser()
+    if not path.exists():
+        with contextlib.suppress(OSError):  # read-only place: the folder stays missing
+            recover_interrupted_save(path)  # a save killed mid-swap left the old one aside
     if path.exists():
         if not path.is_dir():
             raise NotADirectoryError(f"{path} is a file; a checkpoint is a folder")
@@ -103,51 +128,130 @@ def load(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> FudokiPipeline:
+    max_bytes: int | None = None,
+    check_finite: bool | None = None,
+) -> FudokiPipeline | UnifluidPipeline:
     """Load a checkpoint folder or hub id (see the module docstring) as a ready pipeline.
+
+    Before the model is built, its size is estimated from ``config.json``
+    (:func:`kineflow.models.size.check_model_size`) and a model above the limit is refused;
+    before weights are copied in, every floating-point parameter must be stored as a
+    floating-point tensor; with ``check_finite``, every weight and metric table must be free
+    of NaN and inf (:mod:`kineflow.load_checks`).
 
     Args:
         name: a folder, or a hub id fetched when no such folder exists.
         device, dtype: where and in which precision to put the model (default: CPU, the
             weights' dtype for kineflow folders, float32 for Janus releases).
+        max_bytes: the size limit (default: the ``KINEFLOW_MAX_MODEL_BYTES`` environment
+            variable, else the smaller of the machine's RAM and 64 GiB).
+        check_finite: check for NaN / inf; None (default): when the weight files take less
+            than :data:`~kineflow.load_checks.FINITE_CHECK_BYTES` (2 GiB).
 
     Raises:
         FileNotFoundError: no such folder / hub repository, or a required file is missing.
-        ValueError: a config that is neither kind, or weights, tokenizer, processor settings or
-            metric tables that do not fit the model (each names the file and the problem).
+        ValueError: a config that is neither kind or describes a model above the size limit,
+            or weights (integer-typed, non-finite, mis-fitting), tokenizer, processor settings
+            or metric tables that do not fit the model (each names the file and the problem).
     """
     folder = resolve_checkpoint(name)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; it is not a checkpoint folder")
     config = read_json_object(config_path)
-    if config.get(TYPE_FIELD) == FUDOKI_KIND:
-        pipeline = FudokiPipeline.from_kineflow_folder(folder)
-    elif config.get(TYPE_FIELD) == "unifluid":
-        from kineflow.pipelines.unifluid import UnifluidPipeline
-
-        pipeline = UnifluidPipeline.from_pretrained(folder)
-    elif config.get("model_type") == "multi_modality":
-        pipeline = load_janus_folder(folder, config)
-        dtype = dtype or torch.float32
-    else:
-        found = config.get(TYPE_FIELD) or config.get("model_type")
+    kind = config.get(TYPE_FIELD)
+    if kind not in (FUDOKI_KIND, UNIFLUID_KIND) and config.get("model_type") == "multi_modality":
+        janus = load_janus_folder(folder, config, max_bytes=max_bytes, check_finite=check_finite)
+        return janus.to(device=device, dtype=dtype or torch.float32)
+    if kind not in (FUDOKI_KIND, UNIFLUID_KIND):
+        found = kind or config.get("model_type")
         raise ValueError(
             f"{config_path} describes {found!r}; kineflow.load reads kineflow FUDOKI and UniFluid "
-            f"folders ({TYPE_FIELD} {FUDOKI_KIND!r} / 'unifluid') and Janus / FUDOKI releases "
-            "(model_type 'multi_modality')"
+            f"folders ({TYPE_FIELD} {FUDOKI_KIND!r} / {UNIFLUID_KIND!r}) and Janus / FUDOKI "
+            "releases (model_type 'multi_modality')"
         )
+    weights_path = folder / WEIGHTS_NAME
+    check = wants_finite_check(check_finite, [weights_path])
+    pipeline: FudokiPipeline | UnifluidPipeline
+    if kind == FUDOKI_KIND:
+        model_config = _parsed(lambda: FudokiConfig.from_dict(config["model"]))
+        _check_kineflow_folder(folder, model_config, FudokiModel, max_bytes, check)
+        pipeline = FudokiPipeline.from_kineflow_folder(folder)
+    else:
+        model_config = _parsed(lambda: UnifluidConfig(**config["model"]))
+        _check_kineflow_folder(folder, model_config, UnifluidModel, max_bytes, check)
+        pipeline = UnifluidPipeline.from_pretrained(folder)
+    if check:  # the weights are in the model now; their names are the file's
+        state = pipeline.model.state_dict()
+        check_finite_tensors((f"{weights_path}: {key}", t) for key, t in state.items())
     return pipeline.to(device=device, dtype=dtype)
 
 
+def _parsed(parse: Callable[[], Any]) -> Any:
+    """``parse()``, or None where it fails: the loader that follows reports a bad config
+    with its own message, so the checks before it only skip."""
+    try:
+        return parse()
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def _check_kineflow_folder(
+    folder: Path,
+    model_config: FudokiConfig | UnifluidConfig | None,
+    model_class: Callable[[Any], nn.Module],
+    max_bytes: int | None,
+    check: bool,
+) -> None:
+    """What is checked before a kineflow folder's model is built: its size, the dtypes in
+    ``model.safetensors``'s header against the model's parameters, and a FUDOKI folder's
+    metric tables (floating-point, and finite when ``check``: the pipeline casts and uses
+    them as they are)."""
+    if model_config is None:
+        return
+    check_model_size(model_config, str(folder / CONFIG_NAME), max_bytes)
+    weights_path = folder / WEIGHTS_NAME
+    stored = _header_dtypes(weights_path)
+    if stored is not None:
+        expected = expected_state(model_class, model_config)
+        check_floating(expected, stored, lambda key: weights_path)
+    tables_path = folder / METRIC_FILE
+    tables = _header_dtypes(tables_path) if model_class is FudokiModel else None
+    if tables is None:
+        return
+    floats = {name: torch.empty(0) for name in ("text", "image")}  # both tables are floats
+    check_floating(floats, tables, lambda key: tables_path)
+    if check:
+        loaded = load_file(str(tables_path), device="cpu")
+        check_finite_tensors((f"{tables_path}: {name}", t) for name, t in loaded.items())
+
+
+def _header_dtypes(path: Path) -> dict[str, torch.dtype] | None:
+    """The dtypes in a safetensors file's header; None for a missing or damaged file, which
+    the loader then reports."""
+    if not path.is_file():
+        return None
+    try:
+        return safetensors_dtypes(path)
+    except ValueError:
+        return None
+
+
 def load_janus_folder(
-    folder: str | os.PathLike[str], config: Mapping[str, Any] | None = None
+    folder: str | os.PathLike[str],
+    config: Mapping[str, Any] | None = None,
+    *,
+    max_bytes: int | None = None,
+    check_finite: bool | None = None,
 ) -> FudokiPipeline:
     """A Janus / FUDOKI release folder (see the module docstring) as a pipeline, on the CPU.
 
-    Every weight must be consumed (Janus's unused buffers and vision blocks aside) and fit the
-    config; the tokenizer must fit the model's text vocabulary; processor settings must agree
-    with the model (image size, image tokens, chat format).
+    The config's model must fit the size limit (``max_bytes``, see :func:`load`). Every
+    weight must be consumed (Janus's unused buffers and vision blocks aside), fit the config,
+    be floating-point where the model's parameter is, and (with ``check_finite``, as in
+    :func:`load`) be free of NaN / inf, as must the metric tables; the tokenizer must fit the
+    model's text vocabulary; processor settings must agree with the model (image size, image
+    tokens, chat format).
     """
     folder = Path(folder)
     if config is None:
@@ -156,18 +260,32 @@ def load_janus_folder(
         model_config = FudokiConfig.from_janus_config(config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
+    check_model_size(model_config, str(folder / CONFIG_NAME), max_bytes)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{folder} has no tokenizer.json (the text tokenizer)")
     tokenizer = TextTokenizer.load(folder)
     pipeline_config = _janus_processor_config(folder, model_config)
+    check = wants_finite_check(check_finite, weight_files(folder))
     weights = read_weights(folder)
+    locate = tensor_file(folder)
+    expected = expected_state(FudokiModel, model_config)
+    check_floating(expected, {key: t.dtype for key, t in weights.items()}, locate)
+    if check:  # the tensors the model uses (Janus's unused ones may hold anything)
+        used = (key for key in expected if key in weights)
+        check_finite_tensors((f"{locate(key)}: {key}", weights[key]) for key in used)
     try:
         model = FudokiModel.from_janus_state_dict(weights, model_config)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from e
     tables, provenance = _metric_tables(folder, weights)
     del weights
+    if check:  # a table taken from the weights was checked with them
+        files = {name: folder / file for name, (file, _) in METRIC_FILES.items()}
+        from_files = [name for name in tables if files[name].is_file()]
+        check_finite_tensors(
+            (f"{files[name]}: the {name} metric table", tables[name]) for name in from_files
+        )
     try:
         return FudokiPipeline(
             model, tokenizer, tables["text"], tables["image"], pipeline_config, provenance

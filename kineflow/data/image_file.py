@@ -7,6 +7,7 @@ the pipelines), so each refuses the same bad inputs with the same messages.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -35,7 +36,11 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     if not path.is_file():
         raise ImageFileError(f"image path is not a file: {path}")
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            # PIL warns (and would decode) above its own limit; max_pixels, checked below,
+            # is the limit here, and the warning would only be noise before that error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except Image.DecompressionBombError as e:  # PIL's own, far larger, limit
         raise ImageFileError(f"image {path} is too large: {e}") from e
     except Exception as e:  # PIL raises many types for unreadable files; all mean "unreadable"

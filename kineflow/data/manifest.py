@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 
 from kineflow.data.example import TASK_FIELDS, TASKS, image_to_tensor
 from kineflow.data.image_file import ImageFileError, read_rgb
-from kineflow.io import atomic_write
+from kineflow.io import NESTING_PROBLEM, atomic_write
 
 #: Largest image (width * height) accepted unless told otherwise; checked from the file's header
 #: before any pixel is decoded, so a huge or hostile file costs nothing.
@@ -238,6 +238,9 @@ def _scan(path: Path) -> Iterator[tuple[int, ManifestRecord | str]]:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 yield line, f"invalid JSON ({e.msg} at column {e.colno})"
+                continue
+            except RecursionError:  # json recurses per nesting level; a hostile line is deep
+                yield line, f"invalid JSON ({NESTING_PROBLEM})"
                 continue
             try:
                 task = _check_record(obj)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +127,13 @@ def read_jsonl_outputs(path: str | Path, field: str) -> dict[str, str]:
 
 def _read_picture(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            picture = np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            # PIL only warns from 89M pixels up to twice that, then decodes: refuse it too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                picture = np.asarray(im.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{path}: the picture is too large ({err})") from None
     except OSError as err:
         raise ValueError(f"{path}: cannot read the picture ({err})") from None
     try:

@@ -663,18 +663,21 @@ class FudokiPipeline:
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write a kineflow FUDOKI folder: ``config.json`` (``kineflow_type: fudoki``, the model
         and pipeline configs), ``model.safetensors`` (Janus key names), ``metric.safetensors``
-        (``text``, ``image`` tables) and the tokenizer files. ``config.json`` goes last, so a
-        crash leaves no folder that looks complete."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(folder)
-        atomic_save_safetensors(
-            folder / METRIC_FILE,
-            {"text": self.text_embeddings, "image": self.image_embeddings},
-            {"format": "pt"},
-        )
+        (``text``, ``image`` tables) and the tokenizer files, swapped in whole: see
+        :func:`kineflow.io.save_pretrained_folder` (and its ValueErrors)."""
+
+        def tokenizer_and_tables(temp: Path) -> None:
+            self.tokenizer.save(temp)
+            atomic_save_safetensors(
+                temp / METRIC_FILE,
+                {"text": self.text_embeddings, "image": self.image_embeddings},
+                {"format": "pt"},
+            )
+
         config = {"model": self.model.config.to_dict(), "pipeline": self.config.to_dict()}
-        return save_pretrained_folder(folder, self.model.state_dict(), config, KIND)
+        return save_pretrained_folder(
+            folder, self.model.state_dict(), config, KIND, extra=tokenizer_and_tables
+        )
 
     @classmethod
     def from_pretrained(

@@ -339,15 +339,13 @@ class UnifluidPipeline:
         """``config.json`` (``kineflow_type: unifluid``, model + pipeline configs),
         ``model.safetensors`` (floating tensors cast to ``dtype`` when given, e.g. float16 to
         ship half the bytes; loading casts them back to the model's dtype) and the tokenizer
-        files."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(folder)
+        files, swapped in whole: see :func:`kineflow.io.save_pretrained_folder` (and its
+        ValueErrors)."""
         config = {"model": self.model.config.to_dict(), "pipeline": self.config.to_dict()}
         weights = self.model.state_dict()
         if dtype is not None:
             weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        return save_pretrained_folder(folder, weights, config, KIND)
+        return save_pretrained_folder(folder, weights, config, KIND, extra=self.tokenizer.save)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> UnifluidPipeline:

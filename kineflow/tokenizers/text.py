@@ -413,7 +413,9 @@ class TextTokenizer:
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:
         """Load from a folder holding ``tokenizer.json`` (``tokenizer_config.json`` optional) or
-        from a ``tokenizer.json`` file."""
+        from a ``tokenizer.json`` file. A file ``tokenizers`` cannot read (not JSON, nested too
+        deeply, an unknown model type, ...) or without kineflow's special tokens raises a
+        ValueError naming it."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -424,7 +426,15 @@ class TextTokenizer:
             config = read_json_object(config_file)
             if isinstance(config.get("model_max_length"), (int, float)):
                 model_max_length = int(config["model_max_length"])
-        return cls(Tokenizer.from_file(str(file)), model_max_length=model_max_length)
+        try:
+            backend = Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises plain Exception for every bad file
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+            raise ValueError(f"{file} is not a readable tokenizer file: {reason}") from None
+        try:
+            return cls(backend, model_max_length=model_max_length)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
 
     def __repr__(self) -> str:
         return (
