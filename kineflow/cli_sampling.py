@@ -168,7 +168,7 @@ def _answer_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--beams", type=int_in_range(1, 16), default=None,
-        help="UniFluid only: beam search width (default: 1, greedy)",
+        help="UniFluid only: beam search width; not given: 1 (greedy)",
     )  # fmt: skip
     parser.add_argument("--out", type=output_dir, default=None, help="also write answers.json here")
 
