@@ -280,8 +280,8 @@ class FudokiPipeline:
         result reproducible. ``progress``: a tqdm bar over the solver steps.
 
         Raises:
-            ValueError: an option out of range (:func:`~kineflow.pipelines.options.
-                check_options`), an empty prompt or one too long for the model.
+            ValueError: an option out of range (see :mod:`kineflow.pipelines.options`), an
+                empty prompt or one too long for the model, before any sampling.
         """
         o = check_options(steps=steps, cfg_scale=cfg_scale, temperature=temperature,
                           top_k=top_k, seed=seed)  # fmt: skip
