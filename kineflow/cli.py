@@ -3,7 +3,9 @@
 Every command is a :class:`Command`: a name, help texts, a function adding its options and a
 handler of the parsed arguments returning the exit status. A new command (``train``,
 ``generate``, ``eval``) is one more entry of :data:`COMMANDS`. Handlers import their heavy
-modules themselves, so ``kineflow --help`` and argument errors do not wait for torch.
+modules themselves, so ``kineflow --help`` and argument errors do not wait for torch. The
+argument types live in :mod:`kineflow.cli_args`, the sampling commands (``generate``,
+``answer``, ``edit``, ``showcase``) in :mod:`kineflow.cli_sampling`.
 """
 
 from __future__ import annotations
@@ -14,34 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kineflow import __version__
-
-
-# -- argument types: each names the rule it enforces, argparse adds the argument's name --------
-def int_in_range(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers in ``[lo, hi]``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {value}")
-        return value
-
-    return parse
-
-
-def output_dir(text: str) -> Path:
-    """An argparse ``type`` for a folder to write into: created later if missing, but an
-    existing non-folder is rejected now rather than after the work is done."""
-    if not text:
-        raise argparse.ArgumentTypeError("must be a folder path, got an empty string")
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
-    return path
-
+from kineflow.cli_args import int_in_range, output_dir
+from kineflow.cli_sampling import ANSWER, EDIT, GENERATE, SHOWCASE
 
 # -- commands -----------------------------------------------------------------------------------
 MAX_STEPS = 256  # the GIF holds one frame per step and the sweep runs 4x steps
@@ -436,268 +412,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# -- sampling with a trained model -------------------------------------------------------------
-DTYPES = ("float32", "bfloat16")
-CLI_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
-
-
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help="checkpoint folder (or a Hugging Face hub id)"
-    )
-    parser.add_argument(
-        "--steps",
-        type=int_in_range(1, 1024),
-        default=None,
-        help="solver steps (= model calls); default: the checkpoint's",
-    )
-    parser.add_argument("--seed", type=int_in_range(0, 2**63 - 1), default=0, help="seed")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _family(pipe) -> str:
-    """``"unifluid"`` or ``"fudoki"``: the model family a loaded checkpoint belongs to."""
-    from kineflow.pipelines.unifluid import UnifluidPipeline
-
-    return "unifluid" if isinstance(pipe, UnifluidPipeline) else "fudoki"
-
-
-def _load_for_cli(args: argparse.Namespace):
-    import torch
-
-    import kineflow
-
-    return kineflow.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-
-
-def _generate_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="+", help="one picture per prompt")
-    _model_options(parser)
-    parser.add_argument(
-        "--cfg",
-        type=float,
-        default=None,
-        help="classifier-free guidance w; default: the checkpoint's (5.0)",
-    )
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    parser.add_argument("--top-k", type=int_in_range(1, 10**6), default=None, help="top-k")
-    parser.add_argument(
-        "--batch-size", type=int_in_range(1, 4096), default=8, help="prompts sampled together"
-    )
-    parser.add_argument(
-        "--out",
-        type=output_dir,
-        default=Path("outputs/generate"),
-        help="folder for the PNGs and refinement GIFs",
-    )
-    parser.add_argument("--no-gif", action="store_true", help="skip the refinement GIF/strip")
-    parser.add_argument(
-        "--scale",
-        type=int_in_range(1, 32),
-        default=1,
-        help="enlarge the written pictures (nearest neighbour)",
-    )
-
-
-def _run_generate(args: argparse.Namespace) -> int:
-    import json
-
-    try:
-        pipe = _load_for_cli(args)
-        written, records = [], []
-        for start in range(0, len(args.prompts), args.batch_size):
-            prompts = args.prompts[start : start + args.batch_size]
-            if _family(pipe) == "unifluid":  # continuous tokens: no steps or top-k
-                result = pipe.text_to_image(
-                    prompts, cfg_scale=args.cfg, temperature=args.temperature,
-                    seed=args.seed + start, return_trajectory=not args.no_gif,
-                )  # fmt: skip
-            else:
-                result = pipe.text_to_image(
-                    prompts,
-                    steps=args.steps,
-                    cfg_scale=args.cfg,
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    seed=args.seed + start,
-                    return_trajectory=not args.no_gif,
-                    progress=not args.no_progress,
-                )
-            # File names number the prompts across batches: sample_{index}.
-            written += result.save(args.out, scale=args.scale, first_index=start)
-            for i in range(len(prompts)):
-                records.append({"index": start + i, "prompt": prompts[i]})
-    except CLI_ERRORS as err:
-        print(f"error: {err}")
-        return 2
-    (args.out / "prompts.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
-    for path in written:
-        print(path)
-    return 0
-
-
-def _answer_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("questions", nargs="+", help="one answer per question")
-    _model_options(parser)
-    parser.add_argument(
-        "--image",
-        action="append",
-        default=None,
-        help="picture the question is about: once for all questions, or once per question; "
-        "without --image the model replies to the text alone",
-    )
-    parser.add_argument(
-        "--answer-tokens",
-        type=int_in_range(1, 4096),
-        default=None,
-        help="answer slots; default: fill the text budget (the official layout) "
-        "with an image, 64 without",
-    )
-    parser.add_argument(
-        "--trajectory", action="store_true", help="also print the answer after every step"
-    )
-    parser.add_argument(
-        "--beams", type=int_in_range(1, 16), default=1, help="beam search width (UniFluid)"
-    )
-    parser.add_argument("--out", type=output_dir, default=None, help="also write answers.json here")
-
-
-def _run_answer(args: argparse.Namespace) -> int:
-
-    images = args.image or []
-    if len(images) not in (0, 1, len(args.questions)):
-        print(
-            f"error: {len(images)} --image for {len(args.questions)} questions; give one "
-            "picture for all questions or one per question"
-        )
-        return 2
-    try:
-        pipe = _load_for_cli(args)
-        if _family(pipe) == "unifluid":
-            if not images:
-                raise ValueError("a UniFluid checkpoint answers questions about a picture: "
-                                 "give --image")  # fmt: skip
-            pictures = images * len(args.questions) if len(images) == 1 else images
-            result = pipe.answer(pictures, args.questions, max_tokens=args.answer_tokens,
-                                 beams=args.beams)  # fmt: skip
-            return _print_answers(args, result)
-        common = {
-            "steps": args.steps,
-            "seed": args.seed,
-            "return_trajectory": args.trajectory,
-            "progress": not args.no_progress,
-        }
-        if images:
-            pictures = images * len(args.questions) if len(images) == 1 else images
-            result = pipe.answer(
-                pictures, args.questions, answer_tokens=args.answer_tokens, **common
-            )
-        else:
-            result = pipe.generate_text(
-                args.questions, max_tokens=args.answer_tokens or 64, **common
-            )
-    except CLI_ERRORS as err:
-        print(f"error: {err}")
-        return 2
-    return _print_answers(args, result)
-
-
-def _print_answers(args: argparse.Namespace, result) -> int:
-    import json
-
-    records = []
-    for i, (question, answer) in enumerate(zip(args.questions, result.texts, strict=True)):
-        records.append({"question": question, "answer": answer})
-        print(f"Q: {question}\nA: {answer}")
-        if result.trajectory is not None:
-            records[-1]["trajectory"] = result.trajectory[i]
-            for step, text in enumerate(result.trajectory[i]):
-                print(f"   step {step:3d}: {text!r}")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "answers.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
-    return 0
-
-
-def _showcase_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="checkpoints/fudoki-shapes",
-        help="checkpoint folder (default: the tiny FUDOKI model shipped in the repository)",
-    )
-    parser.add_argument(
-        "--out", type=output_dir, default=Path("outputs/showcase"), help="output folder"
-    )
-    parser.add_argument("--seeds", type=int_in_range(1, 64), default=4, help="pictures per prompt")
-    parser.add_argument(
-        "--vqa", type=int_in_range(0, 10000), default=24, help="test questions to answer"
-    )
-    parser.add_argument(
-        "--edits", type=int_in_range(0, 10000), default=8,
-        help="test pictures to edit (models that edit)",
-    )  # fmt: skip
-    parser.add_argument("--steps", type=int_in_range(1, 10000), default=None, help="solver steps")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
-
-
-def _run_showcase(args: argparse.Namespace) -> int:
-    from kineflow.showcase import format_showcase, run_showcase
-
-    try:
-        run_showcase(
-            args.model,
-            args.out,
-            seeds=args.seeds,
-            vqa_items=args.vqa,
-            edit_items=args.edits,
-            steps=args.steps,
-            device=args.device,
-        )
-    except CLI_ERRORS as err:
-        print(f"error: {err}")
-        return 2
-    print(format_showcase(args.out))
-    return 0
-
-
-def _edit_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("instructions", nargs="+", help="one edited picture per instruction")
-    _model_options(parser)
-    parser.add_argument(
-        "--image",
-        action="append",
-        required=True,
-        help="the picture to edit: once for all instructions, or once per one",
-    )
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    parser.add_argument("--out", type=output_dir, default=Path("outputs/edit"),
-                        help="folder for the edited pictures")  # fmt: skip
-    parser.add_argument("--scale", type=int_in_range(1, 32), default=4, help="enlarge the PNGs")
-    parser.add_argument("--no-gif", action="store_true",
-                        help="skip the token-by-token GIF of each edit")  # fmt: skip
-
-
-def _run_edit(args: argparse.Namespace) -> int:
-    images = args.image
-    if len(images) not in (1, len(args.instructions)):
-        print(f"error: {len(images)} --image for {len(args.instructions)} instructions")
-        return 2
-    try:
-        pipe = _load_for_cli(args)
-        if _family(pipe) != "unifluid":
-            raise ValueError(f"{args.model} is not a UniFluid checkpoint; only UniFluid edits")
-        pictures = images * len(args.instructions) if len(images) == 1 else images
-        result = pipe.edit(pictures, args.instructions, temperature=args.temperature,
-                           seed=args.seed, return_trajectory=not args.no_gif)  # fmt: skip
-        written = result.save(args.out, prefix="edit", scale=args.scale)
-    except CLI_ERRORS as err:
-        print(f"error: {err}")
-        return 2
-    for path in written:
-        print(path)
-    return 0
+# -- sampling with a trained model: kineflow/cli_sampling.py -----------------------------------
 
 
 def _reproduce_options(parser: argparse.ArgumentParser) -> None:
@@ -772,15 +487,7 @@ class Command:
 
 #: The subcommands, in the order ``--help`` lists them.
 COMMANDS: tuple[Command, ...] = (
-    Command(
-        name="showcase",
-        help="the main job: text-to-image and VQA with the shipped tiny FUDOKI model",
-        description="Generate pictures for one prompt per ShapesWorld category (plus a "
-        "held-out composition), check them with the detector, write refinement GIFs, and "
-        "answer test questions, with a trained checkpoint (default: the one in the repository).",
-        options=_showcase_options,
-        handler=_run_showcase,
-    ),
+    Command(**SHOWCASE),
     Command(
         name="demo",
         help="sample a tiny image world with the metric, uniform and masked paths",
@@ -792,32 +499,9 @@ COMMANDS: tuple[Command, ...] = (
         options=_demo_options,
         handler=_run_demo,
     ),
-    Command(
-        name="generate",
-        help="text-to-image with a trained model (PNG per prompt + refinement GIF)",
-        description="Sample one picture per prompt with a FUDOKI checkpoint, e.g. "
-        "'kineflow generate --model ckpt \"a red circle above a blue square\"'. Writes "
-        "sample_{i}.png, sample_{i}_refine.gif (every solver step) and a strip of them.",
-        options=_generate_options,
-        handler=_run_generate,
-    ),
-    Command(
-        name="answer",
-        help="answer questions about a picture (or reply to text) with a trained model",
-        description="Image understanding with a FUDOKI checkpoint: "
-        "'kineflow answer --model ckpt --image pic.png \"how many shapes are there?\"'. "
-        "Without --image the model replies to the text alone.",
-        options=_answer_options,
-        handler=_run_answer,
-    ),
-    Command(
-        name="edit",
-        help="edit a picture by an instruction with a UniFluid checkpoint",
-        description="'kineflow edit --model ckpt --image pic.png \"make the circle cyan.\"' "
-        "writes edit_{i}.png per instruction.",
-        options=_edit_options,
-        handler=_run_edit,
-    ),
+    Command(**GENERATE),
+    Command(**ANSWER),
+    Command(**EDIT),
     Command(
         name="data",
         help="ShapesWorld datasets, manifest validation, text tokenizers",
@@ -866,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``kineflow`` argument parser with every command of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="kineflow",
-        description="kineflow: discrete flow matching (FUDOKI) and multimodal generation.",
+        description="kineflow: unified multimodal models, FUDOKI (discrete flow matching) and "
+        "UniFluid (continuous-token autoregression): text-to-image, image understanding, "
+        "editing (UniFluid), training and evaluation. generate, answer and showcase take a "
+        "checkpoint of either family.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)

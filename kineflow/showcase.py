@@ -69,12 +69,16 @@ def run_showcase(
     from kineflow.eval.detector import detect
     from kineflow.eval.shapes import contact_sheet
     from kineflow.pipelines.images import save_gif, save_strip
+    from kineflow.pipelines.unifluid import UnifluidPipeline
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pipe = kineflow.load(model, device=device)
     load_s = time.perf_counter() - start
+    if steps is not None and isinstance(pipe, UnifluidPipeline):
+        raise ValueError("steps (--steps) applies to FUDOKI models only: UniFluid takes one "
+                         "backbone step per token")  # fmt: skip
     known = {p.text: p for p in all_prompts()}
 
     # Text-to-image: `seeds` pictures per prompt in one batch, the first with its trajectory.

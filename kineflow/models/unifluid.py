@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from kineflow.models.diffusion_head import DiffusionHead, DiffusionHeadConfig
 from kineflow.models.llama import KVCache, LlamaConfig, LlamaModel, softcap
@@ -271,10 +272,12 @@ class UnifluidModel(nn.Module):
         generator: torch.Generator | None = None,
         clip_x0: float | None = None,
         source: Tensor | None = None,
+        progress: bool = False,
     ) -> Tensor:
         """Image tokens ``[B, L, C]`` (grid order) for prompts (ids or embeddings, see
         :meth:`prompt_embeds`) ending in ``<boi>``, one incremental backbone step per token
         (KV cache); ``source [B, L, C]`` when editing (see :meth:`generation_hidden`).
+        ``progress``: a tqdm bar over the ``L`` tokens.
 
         With ``uncond`` (the prompts blanked, same mask) the ε of the diffusion head is guided
         with a weight rising linearly from 1 to ``cfg_scale`` over the generated tokens.
@@ -302,7 +305,7 @@ class UnifluidModel(nn.Module):
             prefix_lengths=mask.sum(1), kv_cache=cache,
         )[:, -1]  # fmt: skip
         out = torch.zeros(B, L, C, device=device, dtype=self._head_dtype)
-        for j in range(L):
+        for j in tqdm(range(L), disable=not progress, desc="UniFluid tokens", leave=False):
             w = 1.0 + (cfg_scale - 1.0) * (j + 1) / L
             cond, uncond = (z[:B], z[B:]) if guided else (z, None)
             dtype = self._head_dtype

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +43,15 @@ from kineflow.flow.path import DiscretePath
 from kineflow.io import atomic_save_safetensors, load_pretrained_folder, save_pretrained_folder
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.pipelines.autoregressive import decode_autoregressive
-from kineflow.pipelines.images import (
-    load_image,
-    pair_images,
-    preprocess_understanding,
-    save_gif,
-    save_strip,
-)
+from kineflow.pipelines.images import load_image, pair_images, preprocess_understanding
 from kineflow.pipelines.layout import (
     Layout,
     text_layout,
     text_to_image_layout,
     understanding_layout,
 )
+from kineflow.pipelines.options import check_device, check_options
+from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.tokenizers.text import TextTokenizer
 
 __all__ = [
@@ -110,12 +106,8 @@ class FudokiPipelineConfig:
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
-        if self.answer_tokens is not None and (
-            isinstance(self.answer_tokens, bool)
-            or not isinstance(self.answer_tokens, int)
-            or self.answer_tokens < 1
-        ):
-            raise ValueError(f"answer_tokens must be None or >= 1, got {self.answer_tokens!r}")
+        # The sampling defaults obey the rules of the calls' own options.
+        check_options(answer_tokens=self.answer_tokens, steps=self.steps, cfg_scale=self.cfg_scale)
         for name in ("image_mean", "image_std", "background"):
             value = tuple(getattr(self, name))
             if len(value) != 3:
@@ -123,15 +115,12 @@ class FudokiPipelineConfig:
             setattr(self, name, value)
         if any(not s > 0 for s in self.image_std):
             raise ValueError(f"image_std must be positive, got {self.image_std}")
-        for name in ("text_budget", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        budget = self.text_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"text_budget must be a positive integer, got {budget!r}")
         for name in ("metric_exponent", "beta_a", "beta_c"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -165,77 +154,6 @@ def make_paths(
         raise ValueError("the masked path needs a model built with image_mask_token=True")
     K = model_config.gen_vision.codebook_size
     return MaskedPath(model_config.language.vocab_size, pad_id), MaskedPath(K + 1, K)
-
-
-@dataclass
-class ImageResult:
-    """Output of :meth:`FudokiPipeline.text_to_image`.
-
-    Attributes:
-        images: one PIL picture per prompt.
-        codes: Long[B, h, w], the VQ ids.
-        trajectory: per prompt, the decoded picture of ``x_t`` at every grid time (``steps + 1``
-            frames, noise first), when asked for.
-        states: Long[steps + 1, B, h·w], the ids at every grid time, when asked for.
-        timings: seconds spent in the model, in the solver and in decoding, and the NFE.
-    """
-
-    images: list[Image.Image]
-    codes: Tensor
-    trajectory: list[list[Image.Image]] | None = None
-    states: Tensor | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def save(
-        self,
-        folder: str | os.PathLike[str],
-        prefix: str = "sample",
-        scale: int = 1,
-        first_index: int = 0,
-    ) -> list[Path]:
-        """Write ``{prefix}_{k}.png`` and, with a trajectory, ``{prefix}_{k}_refine.gif`` and a
-        ``{prefix}_{k}_refine.png`` strip (at most 12 frames), ``k = first_index + i`` for the
-        i-th picture; ``scale`` enlarges with nearest-neighbour pixels. Returns the paths."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        written = []
-        for i, image in enumerate(self.images):
-            name = f"{prefix}_{first_index + i}"
-            written.append(folder / f"{name}.png")
-            size = (image.width * scale, image.height * scale)
-            big = image.resize(size, Image.Resampling.NEAREST)
-            big.save(written[-1])
-            if self.trajectory is not None:
-                frames = self.trajectory[i]
-                written.append(save_gif(frames, folder / f"{name}_refine.gif", scale=scale))
-                strip = [frames[k] for k in _spread(len(frames), 12)]
-                written.append(save_strip(strip, folder / f"{name}_refine.png", scale=scale))
-        return written
-
-
-@dataclass
-class TextResult:
-    """Output of :meth:`FudokiPipeline.answer` and :meth:`FudokiPipeline.generate_text`.
-
-    Attributes:
-        texts: one answer per row, cut at the first EOS.
-        ids: per row, the token ids of that answer (EOS excluded).
-        trajectory: per row, the decoded answer after every step (``steps + 1`` strings, the
-            uniform noise first), when asked for.
-        timings: as :attr:`ImageResult.timings`.
-    """
-
-    texts: list[str]
-    ids: list[list[int]]
-    trajectory: list[list[str]] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def _spread(n: int, k: int) -> list[int]:
-    """At most ``k`` indices spread evenly over ``range(n)``, first and last included."""
-    if n <= k:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 class _Clock:
@@ -311,13 +229,12 @@ class FudokiPipeline:
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> FudokiPipeline:
-        """Move the model (and the metric paths, which stay float32) in place; returns self."""
-        if (
-            device is not None
-            and torch.device(device).type == "cuda"
-            and not torch.cuda.is_available()
-        ):
-            raise ValueError("device 'cuda' was asked for but torch finds no CUDA device")
+        """Move the model (and the metric paths, which stay float32) in place; returns self.
+
+        Raises:
+            ValueError: a device string torch does not know, or a device not present here.
+        """
+        device = check_device(device)
         self.model.to(device=device, dtype=dtype)
         for path in (self.text_path, self.image_path):
             if path is not None:
@@ -328,7 +245,20 @@ class FudokiPipeline:
     def num_image_tokens(self) -> int:
         return self.model.config.image_token_count
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model reads (``max_position_embeddings``)."""
+        return self.model.config.language.max_position_embeddings
+
     # -- tasks ----------------------------------------------------------------------------------
+    def check_prompts(self, prompts: str | Sequence[str]) -> None:
+        """Raise what :meth:`text_to_image` would raise for these prompts (not a str, empty,
+        not UTF-8, too long), without sampling: a caller that samples in batches checks every
+        prompt first, each named by its index in the whole list."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        text_to_image_layout(self.tokenizer, prompts, self.num_image_tokens,
+                             self.config.text_budget, max_positions=self.max_positions)  # fmt: skip
+
     @torch.no_grad()
     def text_to_image(
         self,
@@ -347,24 +277,29 @@ class FudokiPipeline:
 
         ``cfg_scale`` (default: the config's, 5.0) is ``w`` of SPEC §1.4; 0 turns guidance off
         and halves the work. ``seed`` (or a ``generator`` on the model's device) makes the
-        result reproducible.
+        result reproducible. ``progress``: a tqdm bar over the solver steps.
+
+        Raises:
+            ValueError: an option out of range (see :mod:`kineflow.pipelines.options`), an
+                empty prompt or one too long for the model, before any sampling.
         """
+        o = check_options(steps=steps, cfg_scale=cfg_scale, temperature=temperature,
+                          top_k=top_k, seed=seed)  # fmt: skip
         prompts = [prompts] if isinstance(prompts, str) else prompts
         layout = text_to_image_layout(
-            self.tokenizer, prompts, self.num_image_tokens, self.config.text_budget
-        ).to(self.device)
-        w = self.config.cfg_scale if cfg_scale is None else float(cfg_scale)
-        if not w >= 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+            self.tokenizer, prompts, self.num_image_tokens, self.config.text_budget,
+            max_positions=self.max_positions,
+        ).to(self.device)  # fmt: skip
+        w = self.config.cfg_scale if cfg_scale is None else o["cfg_scale"]
         run = self._solve(
             layout,
             "image",
             w,
             None,
-            steps,
-            temperature,
-            top_k,
-            seed,
+            o["steps"],
+            o["temperature"],
+            o["top_k"],
+            o["seed"],
             generator,
             return_trajectory,
             progress,
@@ -402,29 +337,36 @@ class FudokiPipeline:
     ) -> TextResult:
         """Answer ``questions[i]`` about ``images[i]`` (paths or PIL pictures).
 
-        Greedy targets (top-k = 1), as FUDOKI; ``answer_tokens=None`` uses the official layout
-        (the answer fills the text budget), a number gives every row that many slots.
+        Greedy targets (top-k = 1), as FUDOKI; ``answer_tokens=None`` uses the config's
+        (None there: the official layout, the answer fills the text budget), a number gives
+        every row that many slots. ``trajectory`` of the result is None unless
+        ``return_trajectory=True``. The questions are checked before any picture is read.
         """
+        o = check_options(steps=steps, answer_tokens=answer_tokens, seed=seed)
         if self.model.vision_model is None:
             raise ValueError("this model has no understanding encoder (config.vision is None)")
         images, questions = pair_images(images, questions, "question")
-        pictures = [load_image(im) for im in images]
         c = self.config
         vision = self.model.config.vision
+        system = c.system_prompt if system_prompt is None else system_prompt
+        if not isinstance(system, str):
+            raise TypeError(f"system_prompt must be a str, got {type(system).__name__}")
+        answer_tokens = c.answer_tokens if answer_tokens is None else o["answer_tokens"]
+        layout = understanding_layout(
+            self.tokenizer, questions, vision.num_patches, c.text_budget, answer_tokens, system,
+            max_positions=self.max_positions,
+        ).to(self.device)  # fmt: skip
+        pictures = [load_image(im) for im in images]
         pixels = preprocess_understanding(
             pictures, vision.image_size, c.image_mean, c.image_std, c.background
         )
-        system = c.system_prompt if system_prompt is None else system_prompt
-        answer_tokens = c.answer_tokens if answer_tokens is None else answer_tokens
-        layout = understanding_layout(
-            self.tokenizer, questions, vision.num_patches, c.text_budget, answer_tokens, system
-        ).to(self.device)
         start = time.perf_counter()
         features = self.model.encode_images(pixels.to(self.device, self.dtype))
         encode_s = time.perf_counter() - start
         result = self._generate_text(
-            layout, features, steps, 1.0, 1, seed, generator, return_trajectory, progress
-        )
+            layout, features, o["steps"], 1.0, 1, o["seed"], generator, return_trajectory,
+            progress,
+        )  # fmt: skip
         result.timings["encode_s"] = encode_s  # SigLIP + aligner, once per call
         return result
 
@@ -433,7 +375,7 @@ class FudokiPipeline:
         self,
         prompts: str | Sequence[str],
         *,
-        max_tokens: int = 64,
+        max_tokens: int | None = None,
         chat: bool = True,
         system_prompt: str = "",
         steps: int | None = None,
@@ -445,14 +387,25 @@ class FudokiPipeline:
         progress: bool = False,
     ) -> TextResult:
         """Text-only generation: a chat reply (``chat=True``) or a plain continuation of each
-        prompt, in ``max_tokens`` slots cut at the first EOS. Greedy targets by default."""
+        prompt, in ``max_tokens`` slots cut at the first EOS. Greedy targets by default.
+
+        ``max_tokens=None`` gives each prompt what the text budget leaves after it, at most
+        :data:`~kineflow.pipelines.layout.DEFAULT_TEXT_TOKENS` (64). ``trajectory`` of the
+        result is None unless ``return_trajectory=True``.
+        """
+        o = check_options(max_tokens=max_tokens, steps=steps, temperature=temperature,
+                          top_k=top_k, seed=seed)  # fmt: skip
+        if not isinstance(system_prompt, str):
+            raise TypeError(f"system_prompt must be a str, got {type(system_prompt).__name__}")
         prompts = [prompts] if isinstance(prompts, str) else prompts
         layout = text_layout(
-            self.tokenizer, prompts, max_tokens, self.config.text_budget, chat, system_prompt
-        ).to(self.device)
+            self.tokenizer, prompts, o["max_tokens"], self.config.text_budget, chat,
+            system_prompt, max_positions=self.max_positions,
+        ).to(self.device)  # fmt: skip
         return self._generate_text(
-            layout, None, steps, temperature, top_k, seed, generator, return_trajectory, progress
-        )
+            layout, None, o["steps"], o["temperature"], o["top_k"], o["seed"], generator,
+            return_trajectory, progress,
+        )  # fmt: skip
 
     # -- shared machinery -----------------------------------------------------------------------
     def _generate_text(
@@ -568,7 +521,9 @@ class FudokiPipeline:
         return_trajectory: bool,
         progress: bool,
     ) -> dict[str, Any]:
-        """Sample the layout's region with the ``head`` ("image" / "text") path and logits."""
+        """Sample the layout's region with the ``head`` ("image" / "text") path and logits
+        (options already checked; ``temperature=None`` is 1)."""
+        temperature = 1.0 if temperature is None else temperature
         if generator is None:
             generator = torch.Generator(self.device)
             if seed is None:

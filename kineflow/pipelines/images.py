@@ -82,8 +82,11 @@ def as_image_list(images: object) -> list:
 
 def pair_images(images: object, texts: str | Sequence[str], what: str) -> tuple[list, list[str]]:
     """Pictures and their texts (questions, instructions…) as two lists of equal length; one
-    picture or one text becomes a one-item list. Raises ValueError naming both counts."""
+    picture or one text becomes a one-item list. Raises ValueError naming both counts, and
+    TypeError for texts that are not a str or a sequence (bytes: decode them first)."""
     images = as_image_list(images)
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Sequence)):
+        raise TypeError(f"{what}s must be a str or a list of str, got {type(texts).__name__}")
     texts = [texts] if isinstance(texts, str) else list(texts)
     if len(images) != len(texts):
         raise ValueError(f"got {len(images)} image(s) for {len(texts)} {what}(s)")

@@ -25,9 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kineflow.pipelines.options import check_texts, too_many_positions
 from kineflow.tokenizers.text import TextTokenizer
 
+#: Answer slots of text-only generation when none are asked for (fewer if the budget is short).
+DEFAULT_TEXT_TOKENS = 64
+
 __all__ = [
+    "DEFAULT_TEXT_TOKENS",
     "Layout",
     "stack_layouts",
     "text_layout",
@@ -86,30 +91,32 @@ class _Row:
 
 
 def _check_texts(tokenizer: TextTokenizer, texts: Sequence[str], what: str) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise TypeError(f"{what}s must be a list of strings, got {type(texts).__name__}")
-    if not texts:
-        raise ValueError(f"no {what}s given")
-    out = []
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"{what} {i} must be a str, got {type(text).__name__}")
-        if not text.strip():
-            raise ValueError(f"{what} {i} is empty")
-        # A special string typed by a user would be read as a real image / sequence marker.
-        found = [s for s in tokenizer.special_tokens.as_tuple() if s in text]
-        if found:
-            raise ValueError(f"{what} {i} contains the special token(s) {found}")
-        out.append(text.strip())  # the official template strips every message
-    return out
+    if isinstance(texts, str):  # a layout is a batch; the pipelines wrap one text themselves
+        raise TypeError(f"{what}s must be a list of strings, got str")
+    return check_texts(texts, what, tokenizer.special_tokens.as_tuple())
 
 
-def _check_length(i: int, what: str, tokens: int, limit: int) -> None:
+def _check_budget(
+    i: int, what: str, tokens: int, limit: int,
+    fix: str = "shorten it, or raise the pipeline's text_budget",
+) -> None:  # fmt: skip
     if tokens > limit:
         raise ValueError(
             f"{what} {i} needs {tokens} text tokens with the chat template, more than the "
-            f"{limit} its text budget allows (shorten it, or raise the pipeline's text_budget)"
+            f"{limit} its text budget allows: {fix}"
         )
+
+
+def _check_positions(
+    what: str, i: int, tokens: int, limit: int | None, reserved: int, reserved_for: str,
+    knob: str = "",
+) -> None:  # fmt: skip
+    """Refuse a row longer than the model's positions (``limit``; None: no check)."""
+    if limit is None:
+        return
+    error = too_many_positions(what, i, tokens, limit, reserved, reserved_for, knob=knob)
+    if error is not None:
+        raise error
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -123,20 +130,27 @@ def _chat(tokenizer: TextTokenizer, message: str, system: str) -> list[int]:
 
 
 def text_to_image_layout(
-    tokenizer: TextTokenizer, prompts: Sequence[str], num_image_tokens: int, text_budget: int
+    tokenizer: TextTokenizer,
+    prompts: Sequence[str],
+    num_image_tokens: int,
+    text_budget: int,
+    *,
+    max_positions: int | None = None,
 ) -> Layout:
     """``BOS "User: {prompt}\\n\\nAssistant:" <boi> [n codes] <eoi>`` per prompt (no system
     prompt, as in FUDOKI's text-to-image script); the region holds the image codes.
 
     Raises:
-        ValueError: an empty prompt, or one longer than ``text_budget`` tokens (the official
-            limit: prompt + <boi> + <eoi> must stay under the budget).
+        ValueError: an empty prompt, one longer than ``text_budget`` tokens (the official
+            limit: prompt + <boi> + <eoi> must stay under the budget), or a row longer than
+            ``max_positions`` (the model's ``max_position_embeddings``, when given).
     """
     _positive("num_image_tokens", num_image_tokens)
     rows = []
     for i, prompt in enumerate(_check_texts(tokenizer, prompts, "prompt")):
         ids = _chat(tokenizer, prompt, system="")
-        _check_length(i, "prompt", len(ids) + 2, text_budget - 1)
+        _check_budget(i, "prompt", len(ids) + 2, text_budget - 1)
+        _check_positions("prompt", i, len(ids) + 2, max_positions, num_image_tokens, "the picture")
         start = len(ids) + 1
         row = ids + [tokenizer.boi_id] + [tokenizer.image_id] * num_image_tokens
         row.append(tokenizer.eoi_id)
@@ -152,13 +166,16 @@ def understanding_layout(
     text_budget: int,
     answer_tokens: int | None = None,
     system_prompt: str = "",
+    *,
+    max_positions: int | None = None,
 ) -> Layout:
     """``BOS "{system}\\n\\nUser: " <boi> <img>×P <eoi> "{question}\\n\\nAssistant:" [A]`` per
     question: the image comes first in the user turn, as in FUDOKI's understanding script.
     ``answer_tokens=None`` fills the official text budget (see the module docstring).
 
     Raises:
-        ValueError: an empty question, or a prompt leaving no room for an answer.
+        ValueError: an empty question, a prompt leaving no room for an answer, or a row
+            (prompt, image and answer slots) longer than ``max_positions`` when given.
     """
     _positive("num_image_tokens", num_image_tokens)
     _positive("answer_tokens", answer_tokens)
@@ -168,8 +185,10 @@ def understanding_layout(
         at = ids.index(tokenizer.image_id)
         ids[at : at + 1] = [tokenizer.image_id] * num_image_tokens
         text_tokens = len(ids) - num_image_tokens
-        _check_length(i, "question", text_tokens, text_budget - 1)  # >= 1 answer slot
+        _check_budget(i, "question", text_tokens, text_budget - 1)  # >= 1 answer slot
         slots = answer_tokens or text_budget - text_tokens
+        knob = "answer_tokens= (--answer-tokens)" if answer_tokens else ""
+        _check_positions("question", i, len(ids), max_positions, slots, "the answer", knob)
         rows.append(_Row(ids + [tokenizer.pad_id] * slots, (len(ids), len(ids) + slots), len(ids)))
     return _assemble(rows, tokenizer.pad_id, understanding_id=tokenizer.image_id)
 
@@ -177,13 +196,22 @@ def understanding_layout(
 def text_layout(
     tokenizer: TextTokenizer,
     prompts: Sequence[str],
-    answer_tokens: int,
+    answer_tokens: int | None,
     text_budget: int,
     chat: bool = True,
     system_prompt: str = "",
+    *,
+    max_positions: int | None = None,
 ) -> Layout:
     """Text-only generation: the chat prompt (``chat=True``) or ``BOS prompt`` (a plain
-    continuation), then ``answer_tokens`` slots."""
+    continuation), then ``answer_tokens`` slots. ``answer_tokens=None`` gives each row what
+    its text budget (and ``max_positions``) leaves after its prompt, at most
+    :data:`DEFAULT_TEXT_TOKENS`, so a short prompt works with the defaults of any model.
+
+    Raises:
+        ValueError: an empty prompt, or prompt + answer slots beyond the text budget or
+            ``max_positions`` (the message says which knob to turn).
+    """
     _positive("answer_tokens", answer_tokens)
     rows = []
     for i, prompt in enumerate(_check_texts(tokenizer, prompts, "prompt")):
@@ -191,9 +219,22 @@ def text_layout(
             ids = _chat(tokenizer, prompt, system_prompt)
         else:
             ids = tokenizer.encode(prompt, bos=True)
-        _check_length(i, "prompt", len(ids) + answer_tokens, text_budget)
-        region = (len(ids), len(ids) + answer_tokens)
-        rows.append(_Row(ids + [tokenizer.pad_id] * answer_tokens, region, len(ids)))
+        limit = text_budget if max_positions is None else min(text_budget, max_positions)
+        slots = answer_tokens or min(DEFAULT_TEXT_TOKENS, limit - len(ids))
+        if answer_tokens is None and slots < 1:
+            raise ValueError(
+                f"prompt {i} needs {len(ids)} text tokens with the chat template, leaving no "
+                f"room for an answer in the {limit} its text budget allows: shorten it"
+            )
+        fix = (
+            f"ask for fewer answer tokens (max_tokens= / --answer-tokens; {len(ids)} are "
+            f"the prompt's) or shorten the prompt"
+        )
+        _check_budget(i, "prompt", len(ids) + slots, text_budget, fix)
+        knob = "max_tokens= (--answer-tokens)" if answer_tokens else ""
+        _check_positions("prompt", i, len(ids), max_positions, slots, "the answer", knob)
+        region = (len(ids), len(ids) + slots)
+        rows.append(_Row(ids + [tokenizer.pad_id] * slots, region, len(ids)))
     return _assemble(rows, tokenizer.pad_id, understanding_id=None)
 
 

@@ -15,6 +15,7 @@ raises the weight over the tokens. Text is greedy or beam search, cut at EOS.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -32,7 +33,6 @@ from kineflow.data.example import tensor_to_image
 from kineflow.io import load_pretrained_folder, save_pretrained_folder
 from kineflow.models.diffusion_head import add_identity_norms
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
-from kineflow.pipelines.fudoki import ImageResult, TextResult
 from kineflow.pipelines.images import (
     as_image_list,
     load_image,
@@ -40,6 +40,8 @@ from kineflow.pipelines.images import (
     preprocess_understanding,
 )
 from kineflow.pipelines.layout import understanding_layout
+from kineflow.pipelines.options import check_device, check_options, check_texts, too_many_positions
+from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.tokenizers.text import TextTokenizer
 
 __all__ = ["KIND", "UnifluidPipeline", "UnifluidPipelineConfig"]
@@ -67,6 +69,18 @@ class UnifluidPipelineConfig:
     answer_tokens: int = 16
     caption_tokens: int = 40
     caption_instruction: str = "Describe the picture."
+
+    def __post_init__(self) -> None:
+        # The sampling defaults obey the rules of the calls' own options (a config.json with
+        # cfg_scale NaN would otherwise draw black pictures).
+        check_options(cfg_scale=self.cfg_scale, temperature=self.temperature,
+                      answer_tokens=self.answer_tokens, max_tokens=self.caption_tokens)  # fmt: skip
+        budget = self.text_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
+            raise ValueError(f"text_budget must be an integer >= 2, got {budget!r}")
+        if self.clip_x0 is not None and not (math.isfinite(self.clip_x0) and self.clip_x0 > 0):
+            raise ValueError(f"clip_x0 must be None or a finite number > 0, got {self.clip_x0!r}")
+        check_texts(self.caption_instruction, "caption_instruction")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,26 +114,44 @@ class UnifluidPipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """Move the model in place; returns self."""
-        self.model.to(device=device, dtype=dtype)
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> UnifluidPipeline:
+        """Move the model in place; returns self.
+
+        Raises:
+            ValueError: a device string torch does not know, or a device not present here.
+        """
+        self.model.to(device=check_device(device), dtype=dtype)
         return self
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model reads (``max_position_embeddings``)."""
+        return self.model.config.language.max_position_embeddings
+
     # -- prompts ---------------------------------------------------------------------------------
-    def _prompt_ids(self, text: str, image: bool) -> list[int]:
-        tok = self.tokenizer
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("empty prompt / instruction")
-        found = [s for s in tok.special_tokens.as_tuple() if s in text]
-        if found:
-            raise ValueError(f"the text {text!r} contains the special token(s) {found}")
-        message = (tok.image_span(1) if image else "") + text.strip()
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": message}],
-                                                 system=""), bos=True)  # fmt: skip
-        if image:
-            at = ids.index(tok.image_id)
-            ids[at : at + 1] = [tok.image_id] * self.model.config.num_image_tokens
-        return [*ids, tok.boi_id]
+    def _prompt_rows(self, texts: Any, what: str, image: bool) -> list[list[int]]:
+        """The token rows of prompts / instructions (see the module docstring), each checked
+        (:func:`~kineflow.pipelines.options.check_texts`) and, before any model work, refused
+        when it and the picture it asks for exceed the model's positions."""
+        tok, L = self.tokenizer, self.model.config.num_image_tokens
+        rows = []
+        for i, text in enumerate(check_texts(texts, what, tok.special_tokens.as_tuple())):
+            message = (tok.image_span(1) if image else "") + text
+            ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": message}],
+                                                     system=""), bos=True)  # fmt: skip
+            if image:
+                at = ids.index(tok.image_id)
+                ids[at : at + 1] = [tok.image_id] * L
+            ids.append(tok.boi_id)
+            counted = f"the chat template{' and the source picture' if image else ''}"
+            error = too_many_positions(what, i, len(ids), self.max_positions, L, "the picture",
+                                       including=counted)  # fmt: skip
+            if error is not None:
+                raise error
+            rows.append(ids)
+        return rows
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         N = max(len(r) for r in rows)
@@ -147,6 +179,12 @@ class UnifluidPipeline:
         return g
 
     # -- tasks -----------------------------------------------------------------------------------
+    def check_prompts(self, prompts: str | Sequence[str]) -> None:
+        """Raise what :meth:`text_to_image` would raise for these prompts (not a str, empty,
+        not UTF-8, too long), without sampling: a caller that samples in batches checks every
+        prompt first, each named by its index in the whole list."""
+        self._prompt_rows(prompts, "prompt", image=False)
+
     @torch.no_grad()
     def text_to_image(
         self,
@@ -159,27 +197,35 @@ class UnifluidPipeline:
         steps: int | None = None,
         return_trajectory: bool = False,
         frames: int = 16,
+        progress: bool = False,
     ) -> ImageResult:
-        """One picture per prompt, sampled in one batch (``cfg_scale`` 1: no guidance).
+        """One picture per prompt, sampled in one batch (``cfg_scale`` 1: no guidance; >= 0
+        and finite, as ``temperature``; None: the config's).
 
         ``return_trajectory``: also the picture as the tokens arrive (``frames + 1`` pictures
         per prompt, at evenly spaced token counts; cells not generated yet are grey), for GIFs
-        of the generation order.
+        of the generation order. ``progress``: a tqdm bar over the generated tokens.
 
         ``steps`` is accepted for a common interface with the FUDOKI pipeline and must be
         None: UniFluid takes one backbone step per token (and the diffusion head's own
-        ``sample_steps`` per token)."""
+        ``sample_steps`` per token).
+
+        Raises:
+            ValueError: an option out of range, an empty prompt or one that, with the picture,
+                exceeds the model's ``max_position_embeddings`` (checked before any sampling).
+        """
         if steps is not None:
-            raise ValueError("UniFluid has no solver steps (one backbone step per token)")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
-        ids, mask = self._left_pad([self._prompt_ids(p, False) for p in prompts])
+            raise ValueError("UniFluid has no solver steps (one backbone step per token): "
+                             "leave steps=None")  # fmt: skip
+        o = check_options(cfg_scale=cfg_scale, temperature=temperature, seed=seed, frames=frames)
+        rows = self._prompt_rows(prompts, "prompt", image=False)
+        ids, mask = self._left_pad(rows)
         uncond = ids.clone()
         uncond[:, :-1] = torch.where(mask[:, :-1], self.tokenizer.pad_id, uncond[:, :-1])
-        uncond[torch.arange(len(prompts)), mask.float().argmax(1)] = self.tokenizer.bos_id
-        return self._images(ids, mask, uncond, cfg_scale, temperature, seed, order,
-                            frames if return_trajectory else 0)  # fmt: skip
+        uncond[torch.arange(len(rows)), mask.float().argmax(1)] = self.tokenizer.bos_id
+        return self._images(ids, mask, uncond, o["cfg_scale"], o["temperature"], o["seed"],
+                            order, o["frames"] if return_trajectory else 0,
+                            progress=progress)  # fmt: skip
 
     @torch.no_grad()
     def encode(self, images: Sequence[Any] | Any) -> Tensor:
@@ -213,11 +259,14 @@ class UnifluidPipeline:
         seed: int | None = None,
         return_trajectory: bool = False,
         frames: int = 16,
+        progress: bool = False,
     ) -> ImageResult:
         """The picture ``images[i]`` changed as ``instructions[i]`` says. ``images`` are
         pictures (see :meth:`encode`) or their latent tokens ``[B, L, C]``. No guidance: the
-        trainer never blanks editing prompts. ``return_trajectory``: as in
-        :meth:`text_to_image`."""
+        trainer never blanks editing prompts. ``return_trajectory``, ``progress``: as in
+        :meth:`text_to_image`. The options and instructions are checked (lengths included)
+        before any picture is read or encoded."""
+        o = check_options(temperature=temperature, seed=seed, frames=frames)
         if isinstance(images, Tensor):
             tokens = images.to(self.device)
             self.model.check_tokens(tokens, "source image tokens")
@@ -229,18 +278,20 @@ class UnifluidPipeline:
         else:
             images, instructions = pair_images(images, instructions, "instruction")
         # The instructions are checked before any picture is read or encoded.
-        ids, mask = self._left_pad([self._prompt_ids(t, True) for t in instructions])
+        ids, mask = self._left_pad(self._prompt_rows(instructions, "instruction", image=True))
         if not isinstance(images, Tensor):
             tokens = self.encode(images)
         prompt = self.model.edit_embeds(ids, ids == self.tokenizer.image_id, tokens)
-        return self._images(prompt, mask, None, 1.0, temperature, seed, None,
-                            frames if return_trajectory else 0, source=tokens)  # fmt: skip
+        return self._images(prompt, mask, None, 1.0, o["temperature"], o["seed"], None,
+                            o["frames"] if return_trajectory else 0, source=tokens,
+                            progress=progress)  # fmt: skip
 
     def _images(
-        self, prompt, mask, uncond, cfg_scale, temperature, seed, order, frames, source=None
+        self, prompt, mask, uncond, cfg_scale, temperature, seed, order, frames, source=None,
+        progress=False,
     ) -> ImageResult:  # fmt: skip
         c, model = self.config, self.model
-        w = c.cfg_scale if cfg_scale is None else float(cfg_scale)
+        w = c.cfg_scale if cfg_scale is None else cfg_scale
         generator = self._generator(seed)
         B, L = mask.shape[0], model.config.num_image_tokens
         if order is None:  # drawn here (as generate_tokens would) to draw the trajectory
@@ -249,7 +300,7 @@ class UnifluidPipeline:
         tokens = model.generate_tokens(
             prompt, mask, uncond=uncond if w != 1.0 else None, cfg_scale=w,
             temperature=c.temperature if temperature is None else temperature,
-            order=order, generator=generator, clip_x0=c.clip_x0, source=source,
+            order=order, generator=generator, clip_x0=c.clip_x0, source=source, progress=progress,
         )  # fmt: skip
         model_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -300,26 +351,44 @@ class UnifluidPipeline:
         answer_tokens: int | None = None,
         steps: int | None = None,
         seed: int | None = None,
+        return_trajectory: bool = False,
     ) -> TextResult:
         """Answer ``questions[i]`` about ``images[i]``: greedy, or beam search with ``beams``.
 
-        ``answer_tokens`` is a synonym of ``max_tokens``; ``steps`` and ``seed`` are accepted
-        for a common interface with the FUDOKI pipeline (decoding is deterministic)."""
+        ``answer_tokens`` is a synonym of ``max_tokens`` (default: the config's);
+        ``steps``, ``seed`` and ``return_trajectory`` are accepted for a common interface with
+        the FUDOKI pipeline: decoding is deterministic and left to right, so ``steps`` must be
+        None and ``return_trajectory`` False (the result's ``trajectory`` is None).
+
+        Raises:
+            ValueError: an option out of range or not supported, an empty question, or one
+                that with its answer exceeds the text budget or the model's positions (all
+                checked before any picture is read).
+        """
         if steps is not None:
-            raise ValueError("UniFluid has no solver steps (one backbone step per token)")
-        max_tokens = max_tokens or answer_tokens
+            raise ValueError("UniFluid has no solver steps (one backbone step per token): "
+                             "leave steps=None")  # fmt: skip
+        if return_trajectory:
+            raise ValueError("return_trajectory is not supported by UniFluid models (they "
+                             "decode left to right, one token per step)")  # fmt: skip
+        o = check_options(max_tokens=max_tokens, answer_tokens=answer_tokens, beams=beams,
+                          seed=seed)  # fmt: skip
+        if None not in (max_tokens, answer_tokens) and o["max_tokens"] != o["answer_tokens"]:
+            raise ValueError(f"max_tokens={max_tokens} and answer_tokens={answer_tokens} "
+                             "disagree; give one of them")  # fmt: skip
         images, questions = pair_images(images, questions, "question")
         c, tok = self.config, self.tokenizer
+        n = o["max_tokens"] or o["answer_tokens"] or c.answer_tokens
         P = self.model.config.vision.num_patches if self.model.config.vision else 0
-        lay = understanding_layout(tok, questions, P, c.text_budget, 1).to(self.device)
-        lo = lay.window[0]  # the prompts end at column lo (one answer slot after it)
+        lay = understanding_layout(tok, questions, P, c.text_budget, n,
+                                   max_positions=self.max_positions).to(self.device)  # fmt: skip
+        lo = lay.window[0]  # the prompts end at column lo (the n answer slots after it)
         ids, image_mask = lay.input_ids[:, :lo], lay.understanding_mask[:, :lo]
         mask = lay.attention_mask[:, :lo]
         start = time.perf_counter()
         embeds = self.model.understanding_embeds(ids, image_mask, self._features(images))
         out = self.model.generate_text(
-            embeds, mask, mask.sum(1), max_tokens=max_tokens or c.answer_tokens,
-            eos_id=tok.eos_id, beams=beams,
+            embeds, mask, mask.sum(1), max_tokens=n, eos_id=tok.eos_id, beams=o["beams"],
         )  # fmt: skip
         known = [[i for i in row if i < tok.vocab_size] for row in out]
         texts = [tok.decode(row) for row in known]

@@ -1,0 +1,359 @@
+"""The CLI's sampling commands: ``kineflow generate / answer / edit / showcase`` with a trained
+checkpoint of either model family.
+
+``generate`` and ``answer`` serve FUDOKI and UniFluid checkpoints alike (the family is read
+from the checkpoint); ``edit`` is UniFluid's. An option one family does not use (``--steps``,
+``--top-k``, ``--trajectory`` for UniFluid; ``--beams`` for FUDOKI) is refused with an
+``error:`` line naming it instead of being silently ignored. User mistakes print one
+``error: ...`` line and exit 2; handlers import torch and the pipelines themselves, so
+``--help`` and argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from kineflow.cli_args import DEVICE_FORMS, device_name, finite_float, int_in_range, output_dir
+
+__all__ = ["ANSWER", "CLI_ERRORS", "EDIT", "GENERATE", "SHOWCASE"]
+
+DTYPES = ("float32", "bfloat16")
+#: What a sampling call raises for a user mistake (each with a message naming it).
+CLI_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+#: Pictures are 32 px: every command writes them enlarged this much unless told otherwise.
+DEFAULT_SCALE = 4
+
+#: Options only one family has: (argparse dest, flag, the family, why the other has none).
+_FAMILY_OPTIONS = (
+    ("steps", "--steps", "fudoki", "they take one backbone step per token"),
+    ("top_k", "--top-k", "fudoki", "their image tokens are continuous"),
+    ("trajectory", "--trajectory", "fudoki", "they decode left to right"),
+    ("beams", "--beams", "unifluid", "they answer with the flow solver"),
+)
+_NAMES = {"fudoki": "FUDOKI", "unifluid": "UniFluid"}
+
+
+def _refuse_options(args: argparse.Namespace, family: str) -> None:
+    """Raise ValueError for an option given on the command line that ``family`` ignores."""
+    for dest, flag, owner, why in _FAMILY_OPTIONS:
+        if owner != family and getattr(args, dest, None) not in (None, False):
+            raise ValueError(f"{flag} is not supported by {_NAMES[family]} models ({why})")
+
+
+def _model_options(parser: argparse.ArgumentParser, steps: bool = True) -> None:
+    parser.add_argument(
+        "--model", required=True,
+        help="checkpoint folder, FUDOKI or UniFluid (or a Hugging Face hub id)",
+    )  # fmt: skip
+    if steps:
+        parser.add_argument(
+            "--steps", type=int_in_range(1, 1024), default=None,
+            help="FUDOKI only: solver steps (= model calls); default: the checkpoint's "
+            "(UniFluid takes one backbone step per token)",
+        )  # fmt: skip
+    parser.add_argument("--seed", type=int_in_range(0, 2**63 - 1), default=0, help="seed")
+    parser.add_argument("--device", type=device_name, default="cpu", help=DEVICE_FORMS)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision")
+    parser.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress bar (FUDOKI: over the solver steps; UniFluid: over the image tokens)",
+    )  # fmt: skip
+
+
+def _family(pipe: Any) -> str:
+    """``"unifluid"`` or ``"fudoki"``: the model family a loaded checkpoint belongs to."""
+    from kineflow.pipelines.unifluid import UnifluidPipeline
+
+    return "unifluid" if isinstance(pipe, UnifluidPipeline) else "fudoki"
+
+
+def _load_for_cli(args: argparse.Namespace) -> Any:
+    import torch
+
+    import kineflow
+
+    return kineflow.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+# -- generate ------------------------------------------------------------------------------------
+def _generate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="+", help="one picture per prompt")
+    _model_options(parser)
+    parser.add_argument(
+        "--cfg", type=finite_float(0.0), default=None,
+        help="classifier-free guidance weight; default: the checkpoint's. FUDOKI: w, 0 = off; "
+        "UniFluid: the weight reached at the last token (rising from 1), 1 = off",
+    )  # fmt: skip
+    parser.add_argument(
+        "--temperature", type=finite_float(0.0), default=None,
+        help="sampling temperature, >= 0; default: 1 (FUDOKI, 0 = greedy), the checkpoint's "
+        "(UniFluid: the diffusion head's noise scale)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--top-k", type=int_in_range(1, 10**6), default=None,
+        help="FUDOKI only: sample each image code among the k likeliest",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int_in_range(1, 4096), default=8, help="prompts sampled together"
+    )
+    parser.add_argument(
+        "--out", type=output_dir, default=Path("outputs/generate"),
+        help="folder for the PNGs and GIFs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-gif", action="store_true",
+        help="skip the GIF/strip of each picture being made (FUDOKI: every solver step; "
+        "UniFluid: the tokens arriving in generation order)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scale", type=int_in_range(1, 32), default=DEFAULT_SCALE,
+        help="enlarge the written pictures (nearest neighbour)",
+    )  # fmt: skip
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        pipe = _load_for_cli(args)
+        family = _family(pipe)
+        _refuse_options(args, family)
+        # Every prompt is checked before the first batch is sampled (and with its own index).
+        pipe.check_prompts(args.prompts)
+        written, records = [], []
+        for start in range(0, len(args.prompts), args.batch_size):
+            prompts = args.prompts[start : start + args.batch_size]
+            options = {
+                "cfg_scale": args.cfg,
+                "temperature": args.temperature,
+                "seed": args.seed + start,
+                "return_trajectory": not args.no_gif,
+                "progress": not args.no_progress,
+            }
+            if family == "fudoki":
+                options.update(steps=args.steps, top_k=args.top_k)
+            result = pipe.text_to_image(prompts, **options)
+            # File names number the prompts across batches: sample_{index}.
+            written += result.save(args.out, scale=args.scale, first_index=start)
+            records += [{"index": start + i, "prompt": p} for i, p in enumerate(prompts)]
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    (args.out / "prompts.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    for path in written:
+        print(path)
+    return 0
+
+
+# -- answer --------------------------------------------------------------------------------------
+def _answer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("questions", nargs="+", help="one answer per question")
+    _model_options(parser)
+    parser.add_argument(
+        "--image", action="append", default=None,
+        help="picture the question is about: once for all questions, or once per question; "
+        "without --image a FUDOKI model replies to the text alone (UniFluid needs a picture)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--answer-tokens", type=int_in_range(1, 4096), default=None,
+        help="answer length in tokens; default: FUDOKI with --image: the checkpoint's (or the "
+        "official layout, filling the text budget); FUDOKI without --image: what the text "
+        "budget leaves after the prompt, at most 64; UniFluid: the checkpoint's (at most)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trajectory", action="store_true",
+        help="FUDOKI only: also print the answer after every solver step",
+    )  # fmt: skip
+    parser.add_argument(
+        "--beams", type=int_in_range(1, 16), default=None,
+        help="UniFluid only: beam search width; not given: 1 (greedy)",
+    )  # fmt: skip
+    parser.add_argument("--out", type=output_dir, default=None, help="also write answers.json here")
+
+
+def _run_answer(args: argparse.Namespace) -> int:
+    images = args.image or []
+    if len(images) not in (0, 1, len(args.questions)):
+        print(
+            f"error: {len(images)} --image for {len(args.questions)} questions; give one "
+            "picture for all questions or one per question"
+        )
+        return 2
+    pictures = images * len(args.questions) if len(images) == 1 else images
+    try:
+        pipe = _load_for_cli(args)
+        family = _family(pipe)
+        _refuse_options(args, family)
+        if family == "unifluid":
+            if not images:
+                raise ValueError("a UniFluid checkpoint answers questions about a picture: "
+                                 "give --image")  # fmt: skip
+            result = pipe.answer(pictures, args.questions, max_tokens=args.answer_tokens,
+                                 beams=args.beams or 1)  # fmt: skip
+        else:
+            common = {
+                "steps": args.steps,
+                "seed": args.seed,
+                "return_trajectory": args.trajectory,
+                "progress": not args.no_progress,
+            }
+            if images:
+                result = pipe.answer(pictures, args.questions, answer_tokens=args.answer_tokens,
+                                     **common)  # fmt: skip
+            else:
+                result = pipe.generate_text(args.questions, max_tokens=args.answer_tokens,
+                                            **common)  # fmt: skip
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    return _print_answers(args, result)
+
+
+def _print_answers(args: argparse.Namespace, result: Any) -> int:
+    import json
+
+    records = []
+    for i, (question, answer) in enumerate(zip(args.questions, result.texts, strict=True)):
+        records.append({"question": question, "answer": answer})
+        print(f"Q: {question}\nA: {answer}")
+        if result.trajectory is not None:
+            records[-1]["trajectory"] = result.trajectory[i]
+            for step, text in enumerate(result.trajectory[i]):
+                print(f"   step {step:3d}: {text!r}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "answers.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    return 0
+
+
+# -- edit ----------------------------------------------------------------------------------------
+def _edit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("instructions", nargs="+", help="one edited picture per instruction")
+    _model_options(parser, steps=False)
+    parser.add_argument(
+        "--image", action="append", required=True,
+        help="the picture to edit: once for all instructions, or once per one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--temperature", type=finite_float(0.0), default=None,
+        help="the diffusion head's noise scale, >= 0; default: the checkpoint's",
+    )  # fmt: skip
+    parser.add_argument("--out", type=output_dir, default=Path("outputs/edit"),
+                        help="folder for the edited pictures")  # fmt: skip
+    parser.add_argument("--scale", type=int_in_range(1, 32), default=DEFAULT_SCALE,
+                        help="enlarge the written pictures (nearest neighbour)")  # fmt: skip
+    parser.add_argument("--no-gif", action="store_true",
+                        help="skip the token-by-token GIF of each edit")  # fmt: skip
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    images = args.image
+    if len(images) not in (1, len(args.instructions)):
+        print(f"error: {len(images)} --image for {len(args.instructions)} instructions")
+        return 2
+    try:
+        pipe = _load_for_cli(args)
+        if _family(pipe) != "unifluid":
+            raise ValueError(f"{args.model} is not a UniFluid checkpoint; only UniFluid edits")
+        pictures = images * len(args.instructions) if len(images) == 1 else images
+        result = pipe.edit(pictures, args.instructions, temperature=args.temperature,
+                           seed=args.seed, return_trajectory=not args.no_gif,
+                           progress=not args.no_progress)  # fmt: skip
+        written = result.save(args.out, prefix="edit", scale=args.scale)
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+# -- showcase ------------------------------------------------------------------------------------
+def _showcase_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="checkpoints/fudoki-shapes",
+        help="checkpoint folder, FUDOKI or UniFluid (default: the tiny FUDOKI model shipped in "
+        "the repository; checkpoints/unifluid-shapes is the UniFluid one)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=output_dir, default=Path("outputs/showcase"), help="output folder"
+    )
+    parser.add_argument("--seeds", type=int_in_range(1, 64), default=4, help="pictures per prompt")
+    parser.add_argument(
+        "--vqa", type=int_in_range(0, 10000), default=24, help="test questions to answer"
+    )
+    parser.add_argument(
+        "--edits", type=int_in_range(0, 10000), default=8,
+        help="UniFluid only: test pictures to edit (FUDOKI does not edit)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=int_in_range(1, 10000), default=None,
+        help="FUDOKI only: solver steps; default: the checkpoint's",
+    )  # fmt: skip
+    parser.add_argument("--device", type=device_name, default=None, help=DEVICE_FORMS)
+
+
+def _run_showcase(args: argparse.Namespace) -> int:
+    from kineflow.showcase import format_showcase, run_showcase
+
+    try:
+        run_showcase(
+            args.model,
+            args.out,
+            seeds=args.seeds,
+            vqa_items=args.vqa,
+            edit_items=args.edits,
+            steps=args.steps,
+            device=args.device,
+        )
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    print(format_showcase(args.out))
+    return 0
+
+
+# -- the commands (kineflow.cli.COMMANDS lists them) ---------------------------------------------
+SHOWCASE = {
+    "name": "showcase",
+    "help": "the main job: text-to-image, VQA and (UniFluid) editing with a shipped tiny "
+    "FUDOKI or UniFluid model",
+    "description": "Generate pictures for one prompt per ShapesWorld category (plus a "
+    "held-out composition), check them with the detector, write GIFs of the pictures being "
+    "made (FUDOKI: every solver step; UniFluid: the tokens arriving), answer test questions "
+    "and, with a UniFluid checkpoint, edit test pictures. Default: the FUDOKI checkpoint in "
+    "the repository; --model checkpoints/unifluid-shapes for the UniFluid one.",
+    "options": _showcase_options,
+    "handler": _run_showcase,
+}
+GENERATE = {
+    "name": "generate",
+    "help": "text-to-image with a FUDOKI or UniFluid checkpoint (PNG per prompt + GIF)",
+    "description": "Sample one picture per prompt with a FUDOKI or UniFluid checkpoint (the "
+    "family is read from it), e.g. 'kineflow generate --model ckpt \"a red circle above a "
+    "blue square\"'. Writes sample_{i}.png, sample_{i}_refine.gif and a strip of it (FUDOKI: "
+    "every solver step; UniFluid: the tokens arriving in generation order). --steps and "
+    "--top-k apply to FUDOKI only; --cfg and --temperature to both.",
+    "options": _generate_options,
+    "handler": _run_generate,
+}
+ANSWER = {
+    "name": "answer",
+    "help": "answer questions about a picture (FUDOKI or UniFluid) or reply to text (FUDOKI)",
+    "description": "Image understanding with a FUDOKI or UniFluid checkpoint: 'kineflow "
+    'answer --model ckpt --image pic.png "how many shapes are there?"\'. Without --image a '
+    "FUDOKI model replies to the text alone. --steps and --trajectory apply to FUDOKI (which "
+    "answers with its flow solver), --beams to UniFluid (which decodes left to right).",
+    "options": _answer_options,
+    "handler": _run_answer,
+}
+EDIT = {
+    "name": "edit",
+    "help": "edit a picture by an instruction with a UniFluid checkpoint",
+    "description": "'kineflow edit --model ckpt --image pic.png \"make the circle cyan.\"' "
+    "writes edit_{i}.png per instruction (UniFluid checkpoints only; FUDOKI does not edit).",
+    "options": _edit_options,
+    "handler": _run_edit,
+}
