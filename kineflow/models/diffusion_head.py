@@ -1,8 +1,8 @@
 """A per-token diffusion head (MAR's "diffusion loss", UniFluid's image head).
 
 Each continuous image token ``x_0 ∈ R^C`` is modelled by a small denoiser conditioned on the
-transformer's output ``z ∈ R^{D_z}`` for that token (SPEC §2). Gaussian diffusion with ``T``
-steps (1000) and the cosine schedule of Nichol & Dhariwal:
+transformer's output ``z ∈ R^{D_z}`` for that token (docs/design.md §2.6). Gaussian diffusion
+with ``T`` steps (1000) and the cosine schedule of Nichol & Dhariwal:
 
     ᾱ(t) = f(t) / f(0),  f(t) = cos²((t/T + s) / (1 + s) · π/2),  s = 0.008
     β_t = min(1 − ᾱ_t / ᾱ_{t−1}, 0.999)                           (t = 0 … T−1, ᾱ_{−1} = 1)

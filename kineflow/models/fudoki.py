@@ -16,9 +16,9 @@ input: the noisy sequence itself tells the model how far along it is) and return
     text head   lm_head                             D -> V      (untied from embed_tokens)
     image head  gen_head = vision_head(GELU(output_mlp_projector(h)))   D -> D_g -> K
 
-**Shifted logits** (SPEC §1.5): the prediction for position ``i`` is read from the hidden state
-at ``i - 1``, exactly as in autoregressive training, so the AR-pretrained Janus heads keep their
-meaning:
+**Shifted logits** (docs/design.md §1.5): the prediction for position ``i`` is read from the
+hidden state at ``i - 1``, exactly as in autoregressive training, so the AR-pretrained Janus
+heads keep their meaning:
 
     logits[:, 0] = 0,      logits[:, i] = head(h[:, i - 1])   for 1 <= i < N.
 
@@ -143,7 +143,7 @@ class FudokiConfig:
 
     @classmethod
     def janus_1_3b(cls) -> FudokiConfig:
-        """FUDOKI / Janus-1.3B (SPEC §1.5)."""
+        """FUDOKI / Janus-1.3B (docs/design.md §1.5)."""
         return cls(
             language=LlamaConfig.janus_1_3b(),
             gen_vision=VQConfig.janus(),

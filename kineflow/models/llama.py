@@ -138,7 +138,7 @@ class LlamaConfig:
 
     @classmethod
     def janus_1_3b(cls) -> LlamaConfig:
-        """Janus-1.3B / FUDOKI language model (SPEC §1.5); its ``lm_head`` is separate and
+        """Janus-1.3B / FUDOKI language model (docs/design.md §1.5); its ``lm_head`` is separate and
         untied."""
         return cls(
             vocab_size=102400,
@@ -154,7 +154,7 @@ class LlamaConfig:
 
     @classmethod
     def gemma2_2b(cls) -> LlamaConfig:
-        """Gemma-2 2B's backbone (UniFluid's language model, SPEC §2)."""
+        """Gemma-2 2B's backbone (UniFluid's language model, docs/design.md §2.1)."""
         return cls.from_hf_gemma2(
             {
                 "vocab_size": 256000,

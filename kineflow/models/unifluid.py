@@ -1,4 +1,4 @@
-"""UniFluid: one decoder over discrete text and continuous image tokens (SPEC §2).
+"""UniFluid: one decoder over discrete text and continuous image tokens (docs/design.md §2).
 
 Sequences (``·`` = padding on the left, ``[…]`` = what the model predicts)::
 

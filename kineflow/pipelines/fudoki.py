@@ -275,9 +275,9 @@ class FudokiPipeline:
     ) -> ImageResult:
         """One picture per prompt (prompts may differ), sampled in one batch.
 
-        ``cfg_scale`` (default: the config's, 5.0) is ``w`` of SPEC §1.4; 0 turns guidance off
-        and halves the work. ``seed`` (or a ``generator`` on the model's device) makes the
-        result reproducible. ``progress``: a tqdm bar over the solver steps.
+        ``cfg_scale`` (default: the config's, 5.0) is ``w`` of docs/design.md §1.4; 0 turns
+        guidance off and halves the work. ``seed`` (or a ``generator`` on the model's device)
+        makes the result reproducible. ``progress``: a tqdm bar over the solver steps.
 
         Raises:
             ValueError: an option out of range (see :mod:`kineflow.pipelines.options`), an

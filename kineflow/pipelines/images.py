@@ -1,7 +1,7 @@
 """Pictures in and out of the pipelines: understanding-image preprocessing and trajectory files.
 
-Understanding input (FUDOKI's ``resize_pad``, SPEC §1.5): an RGB picture of ``w x h`` becomes
-``S x S`` by
+Understanding input (FUDOKI's ``resize_pad``, docs/design.md §1.7): an RGB picture of
+``w x h`` becomes ``S x S`` by
 
     scale = S / max(w, h),   (w', h') = (max(1, int(w·scale)), max(1, int(h·scale)))   (bilinear)
     pasted at ((S − w') // 2, (S − h') // 2) on a canvas of colour (127, 127, 127),

@@ -1,4 +1,4 @@
-"""FUDOKI's sequence layouts (SPEC §1.5), built for a batch of different prompts.
+"""FUDOKI's sequence layouts (docs/design.md §1.6), built for a batch of different prompts.
 
 Every row is one prompt rendered with Janus's chat template (:mod:`kineflow.tokenizers.text`),
 BOS first; rows are **left-padded** so the generated region sits in the same columns for every

@@ -1,4 +1,4 @@
-"""ShapesWorld: a procedural image-text world and its GenEval-style benchmark (SPEC §3).
+"""ShapesWorld: a procedural image-text world and its GenEval-style benchmark (docs/design.md §3).
 
 ``scene`` (objects, splits, held-out compositions, the seeded sampler) -> ``render`` (pictures)
 -> ``language`` (captions, questions, edits) and ``prompts`` (GenEval-style specs) ->
