@@ -98,8 +98,9 @@ def _fits(value: Any, hint: Any) -> bool:
 def _check_value(value: Any, hint: Any, name: str) -> None:
     if not _fits(value, hint):
         got = repr(value)
-        if isinstance(value, str) and _is_number(value):
-            got += " (a string: unquote it; YAML reads 1e-3 as a string, write 1.0e-3)"
+        if isinstance(value, str) and _is_number(value) and "e" in value.lower():
+            # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string: not a typo to spot.
+            got += " (YAML reads 1e-3 as a string: write 1.0e-3)"
         raise ValueError(f"{name} must be {_describe(hint)}, got {got}")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):

@@ -189,19 +189,23 @@ def test_resume_after_a_kill_between_the_renames_matches_the_uninterrupted_run(
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
 def test_a_damaged_newest_checkpoint_falls_back_to_an_older_complete_one(
-    tmp_path, monkeypatch, capsys, reference
+    tmp_path, monkeypatch, capsys, reference, damage
 ):
     with monkeypatch.context() as mp:
         mp.setattr(os, "rename", kill_between_the_renames(4))
         with pytest.raises(Killed):
             train(tmp_path, 6)
     weights = tmp_path / "checkpoint.tmp" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    data = weights.read_bytes()
+    # Cut short (told by its size), or the same size with garbage (told when it is read).
+    weights.write_bytes(data[:100] if damage == "truncated" else b"x" * len(data))
     summary = train(tmp_path, 6)
     assert summary["resumed_from"] == 2
     warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and warning[0].startswith(f"warning: {weights} is 100 bytes")
+    problem = "is 100 bytes" if damage == "truncated" else "is unreadable (truncated or damaged"
+    assert len(warning) == 1 and warning[0].startswith(f"warning: {weights} {problem}")
     assert "resuming from the older complete checkpoint (step 2)" in warning[0]
     assert leftovers(tmp_path) == ["checkpoint.broken"]
     assert same_run(tmp_path, reference)
