@@ -69,6 +69,12 @@ def shipped(name: str, tmp_path: Path, **changes) -> Path:
          "model.channels must be an integer, got '32'"),
         ("tokenizer", "kl_shapes.yaml", {"threads": 0},
          "threads must be an integer >= 1 or null, got 0"),
+        ("tokenizer", "kl_shapes.yaml", {"data__seed": -1},
+         "data.seed must be an integer >= 0, got -1"),
+        ("tokenizer", "kl_shapes.yaml", {"optim__weight_decay": -0.1},
+         "optim.weight_decay must be >= 0, got -0.1"),
+        ("tokenizer", "kl_shapes.yaml", {"optim__betas": [0.9, 1.5]},
+         "optim.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
     ],
 )  # fmt: skip
 def test_config_mistakes_are_one_line_naming_file_and_key(

@@ -17,7 +17,10 @@ float rounding, and resuming needs only the step number.
 Checkpoints (``out/checkpoint``) are atomic folders (:mod:`kineflow.train.checkpoint`) with
 the weights, the optimizer / scheduler / EMA state and the RNG states; a run started again
 with the same config continues exactly where it stopped (the metrics file is cut back to the
-checkpoint). A non-finite loss stops the run and leaves the last good checkpoint in place.
+checkpoint), from the newest complete checkpoint even when a kill interrupted a save. A
+non-finite loss stops the run and leaves the last good checkpoint in place; SIGINT / SIGTERM
+stop it after the current step with a checkpoint there (:mod:`kineflow.train.stop`); a run
+holds its folder against a second one (:mod:`kineflow.train.run_folder`).
 """
 
 from __future__ import annotations
@@ -109,6 +112,10 @@ class Optim:
             )
         if not (self.warmup >= 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip >= 0):
             raise ValueError("optim.warmup, grad_clip must be >= 0 and min_lr_ratio in [0, 1]")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 class Task(Protocol):

@@ -52,6 +52,10 @@ class ImageData:
             raise ValueError(f"data.source must be 'shapes' or 'manifest', got {self.source!r}")
         if self.source == "manifest" and not self.path:
             raise ValueError("data.path (a JSONL manifest) is required when data.source=manifest")
+        for name in ("image_size", "seed"):
+            value, low = getattr(self, name), 1 if name == "image_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
