@@ -161,7 +161,10 @@ def _read_trainer(folder: Path) -> dict[str, Any]:
 
 
 def _why(err: BaseException) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    """``truncated or damaged: <error>``, the error cut to its first sentence (torch's
+    explanations run to several, and the message must stay one line)."""
+    text = str(err).strip()
+    first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
     return f"truncated or damaged: {type(err).__name__}{': ' + first if first else ''}"
 
 

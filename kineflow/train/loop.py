@@ -442,6 +442,7 @@ def _run(
                 if stop:
                     # A rank that saw no signal itself stops because another one did.
                     stopped_by = signals.signum or signal.SIGTERM
+                    bar.update(1)  # tqdm counts a step when the next one starts: count it now
                     break
     finally:
         bar.close()
