@@ -305,33 +305,52 @@ def _train_config(args: argparse.Namespace, cls: type):
     return config
 
 
-def _run_train_tokenizer(args: argparse.Namespace) -> int:
+def _train_and_report(out: str, train: Callable[[], dict]) -> int:
+    """Run ``train()`` and print its report as JSON (exit 0); what can stop a run becomes one
+    line and the exit status: a signal's checkpoint and the shell's ``128 + signal`` (130 for
+    SIGINT, 143 for SIGTERM), ``error: ...`` and 2 for a bad config, data, checkpoint or a
+    non-finite loss. A run that had already reached its steps says so on stderr."""
     import json
+    import sys
 
+    from kineflow.train.stop import TrainingInterrupted
+
+    try:
+        report = train()
+    except TrainingInterrupted as stop:
+        print(stop)
+        return stop.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print(f"interrupted; a run started again resumes from the last checkpoint in {out}")
+        return 130
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"error: {err}")
+        return 2
+    step = report.get("already_complete_at")
+    if step is not None:
+        print(f"already complete at step {step}: nothing to train (raise --steps to train "
+              "further)", file=sys.stderr)  # fmt: skip
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _run_train_tokenizer(args: argparse.Namespace) -> int:
     from kineflow.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
     config = _train_config(args, TokenizerTrainConfig)
     if config is None:
         return 2
-    report = train_tokenizer(config, progress=not args.no_progress)
-    print(json.dumps(report, indent=1))
-    return 0
+    return _train_and_report(
+        config.out, lambda: train_tokenizer(config, progress=not args.no_progress)
+    )
 
 
 def _run_train_model(args: argparse.Namespace, config_cls, train) -> int:
     """``kineflow train fudoki`` / ``unifluid``: read the config, train, print the summary."""
-    import json
-
     config = _train_config(args, config_cls)
     if config is None:
         return 2
-    try:
-        summary = train(config, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
-    print(json.dumps(summary, indent=1))
-    return 0
+    return _train_and_report(config.out, lambda: train(config, progress=not args.no_progress))
 
 
 def _run_train_fudoki(args: argparse.Namespace) -> int:
@@ -357,24 +376,20 @@ def _train_siglip_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train_siglip(args: argparse.Namespace) -> int:
-    import json
-
     from kineflow.tokenizers.text import TextTokenizer
     from kineflow.train.siglip import SiglipTrainConfig, shapes_text_tokenizer, train_siglip
 
     config = _train_config(args, SiglipTrainConfig)
     if config is None:
         return 2
-    try:
+
+    def train() -> dict:
         tokenizer = (
             TextTokenizer.load(args.tokenizer) if args.tokenizer else shapes_text_tokenizer()
         )
-        report = train_siglip(config, tokenizer, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
-    print(json.dumps(report, indent=1))
-    return 0
+        return train_siglip(config, tokenizer, progress=not args.no_progress)
+
+    return _train_and_report(config.out, train)
 
 
 def _train_options(parser: argparse.ArgumentParser) -> None:

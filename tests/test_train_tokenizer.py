@@ -130,7 +130,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
         return losses
 
     monkeypatch.setattr(model_cls, "training_losses", poisoned)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 4.*checkpoint"):
+    # The 5th call is step 5, as metrics.jsonl counts steps (from 1).
+    kept = r"nan at step 5; the last good checkpoint \(step 3\)"
+    with pytest.raises(FloatingPointError, match=kept):
         train_tokenizer(config, progress=False)
     _, state = load_checkpoint(tmp_path / "checkpoint", build_tokenizer(TINY["vq"]))
     assert state["step"] == 3

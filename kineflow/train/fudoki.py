@@ -38,7 +38,6 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kineflow.config import RunConfig
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
@@ -54,7 +53,10 @@ from kineflow.pipelines.layout import (
 )
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.tokenizers.vq import VQModel
+from kineflow.train.checkpoint import has_checkpoint
 from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.run_config import TrainRunConfig
+from kineflow.train.run_folder import hold_run_folder
 from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = ["FudokiData", "FudokiTask", "FudokiTrainConfig", "Objective", "train_fudoki"]
@@ -117,7 +119,7 @@ class Objective:
 
 
 @dataclass
-class FudokiTrainConfig(RunConfig):
+class FudokiTrainConfig(TrainRunConfig):
     """A run (the YAML file's sections). ``model``: :class:`FudokiConfig` fields except
     ``gen_vision`` (taken from the ``vq`` folder); ``language.vocab_size`` defaults to the
     text tokenizer's size."""
@@ -126,6 +128,7 @@ class FudokiTrainConfig(RunConfig):
         "objective": Objective, "data": FudokiData, "optim": Optim,
     }  # fmt: skip
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "vq", "text_tokenizer", "out")
+    MODEL_TYPES: ClassVar[tuple[type, ...]] = (FudokiConfig,)
 
     model: dict[str, Any]
     vq: str
@@ -138,12 +141,14 @@ class FudokiTrainConfig(RunConfig):
     optim: Optim = field(default_factory=Optim)
     log_every: int = 25
     ckpt_every: int = 250
+    ckpt_minutes: float | None = None
     parallel: str = "none"
     threads: int | None = None
     export_steps: list[int] = field(default_factory=list)
     train_vision: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         steps = self.optim.steps
         bad = [s for s in self.export_steps if not isinstance(s, int) or not 0 < s <= steps]
         if bad:
@@ -361,15 +366,19 @@ def _rank() -> int:
 def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; writes ``out/model`` (a kineflow FUDOKI folder that
     :func:`kineflow.load` reads), ``out/model_step{s}`` for each of ``export_steps``, and
-    returns the loop's summary."""
+    returns the loop's summary. ``out`` is held for the whole run
+    (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with hold_run_folder(config.out):
+        return _train(config, Path(config.out), progress)
+
+
+def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, Any]:
     tokenizer = TextTokenizer.load(config.text_tokenizer)
     torch.manual_seed(config.optim.seed)
     model = build_model(config, tokenizer)
-    if config.init_from is not None and not (out / "checkpoint").exists():
+    if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
         _init_from(model, config.init_from)
     tables_file = out / "metric.safetensors"
     if tables_file.is_file():
@@ -404,6 +413,7 @@ def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, 
         config.to_dict(),
         log_every=config.log_every,
         ckpt_every=config.ckpt_every,
+        ckpt_minutes=config.ckpt_minutes,
         parallel=config.parallel,
         progress=progress,
         desc=f"train {config.objective.kind}",

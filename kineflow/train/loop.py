@@ -17,7 +17,10 @@ float rounding, and resuming needs only the step number.
 Checkpoints (``out/checkpoint``) are atomic folders (:mod:`kineflow.train.checkpoint`) with
 the weights, the optimizer / scheduler / EMA state and the RNG states; a run started again
 with the same config continues exactly where it stopped (the metrics file is cut back to the
-checkpoint). A non-finite loss stops the run and leaves the last good checkpoint in place.
+checkpoint), from the newest complete checkpoint even when a kill interrupted a save. A
+non-finite loss stops the run and leaves the last good checkpoint in place; SIGINT / SIGTERM
+stop it after the current step with a checkpoint there (:mod:`kineflow.train.stop`); a run
+holds its folder against a second one (:mod:`kineflow.train.run_folder`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -36,11 +40,27 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kineflow.io import read_json_object
-from kineflow.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kineflow.train.checkpoint import (
+    load_checkpoint,
+    resume_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from kineflow.train.parallel_state import (
+    Ema,
+    full_ema,
+    full_state_dict,
+    load_optim_state,
+    local_shards,
+    optim_state,
+)
+from kineflow.train.run_config import check_intervals
+from kineflow.train.run_folder import hold_run_folder, last_metrics, truncate_metrics
 from kineflow.train.schedule import warmup_cosine
+from kineflow.train.stop import CheckpointClock, StopSignals, TrainingInterrupted
 
-__all__ = ["Optim", "Task", "run_training", "sample_generator"]
+__all__ = ["Optim", "Task", "TrainingInterrupted", "run_training", "sample_generator"]
 
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("none", "ddp", "fsdp")
@@ -92,6 +112,10 @@ class Optim:
             )
         if not (self.warmup >= 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip >= 0):
             raise ValueError("optim.warmup, grad_clip must be >= 0 and min_lr_ratio in [0, 1]")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 class Task(Protocol):
@@ -188,129 +212,6 @@ def _wrap(model: nn.Module, parallel: str) -> nn.Module:
     return FullyShardedDataParallel(model, use_orig_params=True, device_id=device)
 
 
-@contextlib.contextmanager
-def _fsdp_full_state(model: nn.Module, wrapped: nn.Module) -> Any:
-    """FSDP's full (gathered on every rank) state-dict mode for weights and optimizer state."""
-    import warnings
-
-    from torch.distributed.fsdp import (
-        FullOptimStateDictConfig,
-        FullStateDictConfig,
-        FullyShardedDataParallel,
-        StateDictType,
-    )
-
-    # offload_to_cpu on weights that already are on the CPU crashes (segfault) in torch 2.13.
-    offload = next(model.parameters()).device.type != "cpu"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "FSDP.state_dict_type", FutureWarning)
-        with FullyShardedDataParallel.state_dict_type(
-            wrapped,
-            StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(offload_to_cpu=offload, rank0_only=False),
-            FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=False),
-        ):
-            yield
-
-
-def _full_state_dict(model: nn.Module, wrapped: nn.Module, parallel: str) -> dict[str, Tensor]:
-    """The whole model's weights on every rank (a collective under FSDP)."""
-    if parallel != "fsdp":
-        return model.state_dict()
-    with _fsdp_full_state(model, wrapped):
-        return wrapped.state_dict()
-
-
-def _optim_state(model: nn.Module, wrapped: nn.Module, opt: Any, parallel: str) -> dict:
-    """The optimizer state to save: under FSDP gathered and keyed by parameter name (each rank
-    only holds the state of its shard)."""
-    if parallel != "fsdp":
-        return opt.state_dict()
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    with _fsdp_full_state(model, wrapped):
-        return FullyShardedDataParallel.optim_state_dict(wrapped, opt)
-
-
-def _load_optim_state(
-    model: nn.Module, wrapped: nn.Module, opt: Any, state: dict, parallel: str
-) -> None:
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with _fsdp_full_state(model, wrapped):
-            state = FullyShardedDataParallel.optim_state_dict_to_load(wrapped, opt, state)
-    opt.load_state_dict(state)
-
-
-@contextlib.contextmanager
-def _params_set_to(model: nn.Module, values: Mapping[str, Tensor]) -> Any:
-    """Temporarily copy ``values`` into the (local, under FSDP sharded) parameters."""
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in values}
-    with torch.no_grad():
-        for n, v in values.items():
-            params[n].copy_(v)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
-
-
-def _full_ema(ema: _Ema, model: nn.Module, wrapped: nn.Module, parallel: str) -> dict:
-    """The whole EMA weights (under FSDP the shadow holds this rank's shards: gathered)."""
-    if parallel != "fsdp":
-        return ema.shadow
-    with _params_set_to(model, ema.shadow):
-        full = _full_state_dict(model, wrapped, parallel)
-    return {n: full[n].float().clone() for n in ema.shadow}
-
-
-def _local_shards(model: nn.Module, wrapped: nn.Module, full: Mapping[str, Tensor]) -> dict:
-    """This rank's FSDP shards of whole weights ``full`` (by parameter name)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=True), torch.no_grad():
-        params = dict(model.named_parameters())
-        for n, v in full.items():
-            params[n].copy_(v)
-    shards = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in full}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(saved[n])
-    return shards
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    if path.exists():
-        keep = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-class _Ema:
-    """``ema ← d·ema + (1 − d)·θ`` over the trainable parameters (float32 copies)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {
-            n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad
-        }
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
-
-
 def run_training(
     task: Task,
     optim: Optim,
@@ -319,6 +220,7 @@ def run_training(
     *,
     log_every: int = 25,
     ckpt_every: int = 250,
+    ckpt_minutes: float | None = None,
     parallel: str = "none",
     progress: bool = True,
     desc: str = "train",
@@ -327,30 +229,66 @@ def run_training(
 ) -> dict[str, Any]:
     """Train ``task.model`` in place (see the module docstring); returns a summary dict.
 
+    Checkpoints are written every ``ckpt_every`` steps, after a step that ends
+    ``ckpt_minutes`` or more after the last one (None: never by time), at the last step,
+    and after the step in which SIGINT / SIGTERM arrived (:mod:`kineflow.train.stop`). The
+    run holds ``out`` for its whole duration (:func:`~kineflow.train.run_folder.hold_run_folder`).
     ``on_log(row)`` sees every metrics row; ``on_step(done)`` runs on every process after each
     optimizer step (and its checkpoint), e.g. to export the weights at given steps.
     ``config`` is the run's full config (saved in every checkpoint; resuming with a different
     ``config["model"]`` is refused). With an EMA, ``task.model`` holds the EMA weights on
-    return.
+    return. The summary's ``already_complete_at`` is the checkpoint's step when it had already
+    reached ``optim.steps`` (nothing trained; ``last`` then holds its last logged losses).
 
     Raises:
         ValueError: a batch that does not split over processes and accumulation pieces, a
             checkpoint of another model, ``parallel`` without ``torch.distributed``,
-            ``parallel="none"`` in a process group of several processes.
+            ``parallel="none"`` in a process group of several processes, intervals < 1, a
+            folder another run holds (:class:`~kineflow.train.run_folder.RunFolderInUseError`), a
+            damaged checkpoint with no older complete one
+            (:class:`~kineflow.train.checkpoint.CheckpointError`).
         FloatingPointError: a non-finite loss (the last good checkpoint is kept).
+        TrainingInterrupted: SIGINT / SIGTERM; the checkpoint is at the step reached.
     """
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    check_intervals(log_every, ckpt_every, ckpt_minutes)
     owns_group = _join_process_group(parallel)
     try:
-        result = _run(task, optim, Path(out), config, log_every, ckpt_every, parallel, progress,
-                      desc, on_log, on_step)  # fmt: skip
+        with hold_run_folder(out):
+            result = _run(task, optim, Path(out), config, log_every, ckpt_every, ckpt_minutes,
+                          parallel, progress, desc, on_log, on_step)  # fmt: skip
         if owns_group:
             dist.barrier()  # gloo aborts the process when a peer leaves mid-collective
         return result
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def _resume(
+    ckpt: Path, model: nn.Module, config: Mapping[str, Any], world: int, device: torch.device
+) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint to resume from (its weights loaded into ``model``)
+    or None. Rank 0 alone recovers it (renaming folders); the other ranks learn the outcome
+    from it and then load what it chose, so that every rank fails or resumes alike."""
+    rank = dist.get_rank() if world > 1 else 0
+    state, error = None, None
+    if rank == 0:
+        try:
+            state = resume_checkpoint(ckpt, model, config.get("model"))
+        except (ValueError, FileNotFoundError) as err:
+            error = err
+    if world > 1:
+        outcome = torch.tensor([float(error is not None), float(state is not None)], device=device)
+        dist.broadcast(outcome, src=0)
+        if outcome[0] and error is None:
+            raise ValueError(f"rank 0 could not resume from {ckpt} (its error says why)")
+        if rank != 0 and outcome[1]:
+            _, state = load_checkpoint(ckpt, model, model_config=config.get("model"))
+    if error is not None:
+        raise error
+    return state
 
 
 def _run(
@@ -360,6 +298,7 @@ def _run(
     config: Mapping[str, Any],
     log_every: int,
     ckpt_every: int,
+    ckpt_minutes: float | None,
     parallel: str,
     progress: bool,
     desc: str,
@@ -388,35 +327,27 @@ def _run(
     device = resolve_device(optim.device)
     model.to(device)
     ckpt = out / "checkpoint"
-    start, state = 0, None
-    if ckpt.exists():
-        saved_path = ckpt / "config.json"
-        saved = read_json_object(saved_path) if saved_path.is_file() else {}
-        if saved.get("model") != config.get("model"):
-            raise ValueError(
-                f"{ckpt}: checkpoint was trained with another model config; use a new 'out' "
-                "folder or delete the checkpoint"
-            )
-        _, state = load_checkpoint(ckpt, model)
-        start = int(state["step"])
+    state = _resume(ckpt, model, config, world, device)
+    saved_step = int(state["step"]) if state is not None else None  # the last checkpoint
+    start = saved_step or 0
     wrapped = _wrap(model, parallel)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, optim.steps, optim.warmup, optim.min_lr_ratio)
     )
-    ema = _Ema(model, optim.ema) if optim.ema else None
+    ema = Ema(model, optim.ema) if optim.ema else None
     if state is not None:
-        _load_optim_state(model, wrapped, opt, state["optimizer"], parallel)
+        load_optim_state(model, wrapped, opt, state["optimizer"], parallel)
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         if ema is not None and "ema" in state:
             saved_ema = {k: v.float() for k, v in state["ema"].items()}
             ema.shadow = (
-                _local_shards(model, wrapped, saved_ema) if parallel == "fsdp" else saved_ema
+                local_shards(model, wrapped, saved_ema) if parallel == "fsdp" else saved_ema
             )
         if rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", start)
+            truncate_metrics(out / "metrics.jsonl", start)
     else:
         torch.manual_seed(optim.seed)
     autocast = (
@@ -426,80 +357,104 @@ def _run(
     )
     t0 = time.perf_counter()
     last: dict[str, float] = {}
+    done = start
+    stopped_by: int | None = None
+    clock = CheckpointClock(ckpt_minutes)
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
+    bar = tqdm(range(start, optim.steps), initial=start, total=optim.steps,
+               disable=not progress or rank != 0, desc=desc)  # fmt: skip
     try:
         wrapped.train()
-        bar = tqdm(range(start, optim.steps), initial=start, total=optim.steps,
-                   disable=not progress or rank != 0, desc=desc)  # fmt: skip
-        for step in bar:
-            first = step * optim.batch_size + rank * share
-            sums: dict[str, Tensor] = {}
-            opt.zero_grad(set_to_none=True)
-            for k in range(optim.grad_accum):
-                indices = list(range(first + k * piece, first + (k + 1) * piece))
-                batch = task.batch(indices)
-                if device.type != "cpu":
-                    batch = to_device(batch, device)
-                sync = k == optim.grad_accum - 1 or parallel != "ddp"
-                with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
-                    losses = task.losses(batch, wrapped)
-                loss = losses["loss"]
-                (loss / optim.grad_accum).backward()
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float() / optim.grad_accum
-            if world > 1:
-                stacked = torch.stack([sums[n] for n in sorted(sums)])
-                dist.all_reduce(stacked)
-                sums = dict(zip(sorted(sums), stacked / world, strict=True))
-            if not all(math.isfinite(float(v)) for v in sums.values()):
-                raise FloatingPointError(
-                    f"non-finite loss {float(sums['loss'])} at step {step}; the last good "
-                    f"checkpoint is {ckpt if ckpt.exists() else 'not written yet'}"
-                )
-            if optim.grad_clip:
-                if parallel == "fsdp":
-                    wrapped.clip_grad_norm_(optim.grad_clip)
-                else:
-                    nn.utils.clip_grad_norm_(params, optim.grad_clip)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
-            done = step + 1
-            last = {n: float(v) for n, v in sums.items()}
-            if done % log_every == 0 or done == optim.steps:
-                row = {"step": done, "lr": sched.get_last_lr()[0],
-                       "seconds": round(time.perf_counter() - t0, 2), **last}  # fmt: skip
-                if metrics is not None:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                if on_log is not None:
-                    on_log(row)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if done % ckpt_every == 0 or done == optim.steps:
-                trainer_state = {
-                    "optimizer": _optim_state(model, wrapped, opt, parallel),
-                    "scheduler": sched.state_dict(),
-                    "rng": rng_state(),
-                    "step": done,
-                }
-                if ema is not None:
-                    trainer_state["ema"] = _full_ema(ema, model, wrapped, parallel)
-                weights = _full_state_dict(model, wrapped, parallel)
-                if rank == 0:
-                    save_checkpoint(ckpt, weights, dict(config), trainer_state)
+        with StopSignals() as signals:
+            for step in bar:
+                first = step * optim.batch_size + rank * share
+                sums: dict[str, Tensor] = {}
+                opt.zero_grad(set_to_none=True)
+                for k in range(optim.grad_accum):
+                    indices = list(range(first + k * piece, first + (k + 1) * piece))
+                    batch = task.batch(indices)
+                    if device.type != "cpu":
+                        batch = to_device(batch, device)
+                    sync = k == optim.grad_accum - 1 or parallel != "ddp"
+                    with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
+                        losses = task.losses(batch, wrapped)
+                    loss = losses["loss"]
+                    (loss / optim.grad_accum).backward()
+                    for name, value in losses.items():
+                        sums[name] = sums.get(name, 0.0) + value.detach().float() / optim.grad_accum
+                agreed = None
                 if world > 1:
-                    dist.barrier()
-            if on_step is not None:
-                on_step(done)
+                    # The stop and time-to-save flags ride along with the losses: every rank
+                    # stops or saves after the same step, at no extra collective.
+                    names = sorted(sums)
+                    flags = [float(signals.signum is not None), float(clock.due())]
+                    stacked = torch.stack([sums[n] for n in names])
+                    stacked = torch.cat([stacked, torch.tensor(flags, device=stacked.device)])
+                    dist.all_reduce(stacked)
+                    sums = dict(zip(names, stacked[: len(names)] / world, strict=True))
+                    agreed = [bool(f > 0) for f in stacked[len(names) :].tolist()]
+                done = step + 1  # steps count from 1, as in metrics.jsonl
+                if not all(math.isfinite(float(v)) for v in sums.values()):
+                    kept = "no checkpoint was written yet"
+                    if saved_step is not None:
+                        kept = f"the last good checkpoint (step {saved_step}) is kept in {ckpt}"
+                    raise FloatingPointError(
+                        f"non-finite loss {float(sums['loss'])} at step {done}; {kept}"
+                    )
+                if optim.grad_clip:
+                    if parallel == "fsdp":
+                        wrapped.clip_grad_norm_(optim.grad_clip)
+                    else:
+                        nn.utils.clip_grad_norm_(params, optim.grad_clip)
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    ema.update(model)
+                last = {n: float(v) for n, v in sums.items()}
+                if done % log_every == 0 or done == optim.steps:
+                    row = {"step": done, "lr": sched.get_last_lr()[0],
+                           "seconds": round(time.perf_counter() - t0, 2), **last}  # fmt: skip
+                    if metrics is not None:
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                    if on_log is not None:
+                        on_log(row)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                stop, due = agreed or (signals.signum is not None, clock.due())
+                if done % ckpt_every == 0 or done == optim.steps or due or stop:
+                    trainer_state = {
+                        "optimizer": optim_state(model, wrapped, opt, parallel),
+                        "scheduler": sched.state_dict(),
+                        "rng": rng_state(),
+                        "step": done,
+                    }
+                    if ema is not None:
+                        trainer_state["ema"] = full_ema(ema, model, wrapped, parallel)
+                    weights = full_state_dict(model, wrapped, parallel)
+                    if rank == 0:
+                        save_checkpoint(ckpt, weights, dict(config), trainer_state)
+                    if world > 1:
+                        dist.barrier()
+                    saved_step = done
+                    clock.reset()
+                if on_step is not None:
+                    on_step(done)
+                if stop:
+                    # A rank that saw no signal itself stops because another one did.
+                    stopped_by = signals.signum or signal.SIGTERM
+                    bar.update(1)  # tqdm counts a step when the next one starts: count it now
+                    break
     finally:
+        bar.close()
         if metrics is not None:
             metrics.close()
+    if stopped_by is not None:
+        raise TrainingInterrupted(stopped_by, done, ckpt)
     wrapped.eval()
-    final_ema = _full_ema(ema, model, wrapped, parallel) if ema is not None else None
+    final_ema = full_ema(ema, model, wrapped, parallel) if ema is not None else None
     if parallel == "fsdp":
         # FSDP leaves each rank's parameters holding its shard: give task.model whole weights.
-        full = _full_state_dict(model, wrapped, parallel)
+        full = full_state_dict(model, wrapped, parallel)
         for n, p in model.named_parameters():
             p.data, p.grad = full[n].detach().clone(), None
     if final_ema is not None:
@@ -508,10 +463,13 @@ def _run(
             for n, v in final_ema.items():
                 params_by_name[n].copy_(v)
     model.to(home)  # the trainers evaluate and save where the model was built
+    complete = start >= optim.steps
     return {
         "steps": optim.steps,
         "resumed_from": start,
+        "steps_this_run": done - start,
+        "already_complete_at": start if complete else None,
         "seconds_this_run": round(time.perf_counter() - t0, 1),
-        "last": last,
+        "last": last_metrics(out / "metrics.jsonl", start) if complete else last,
         "optim": asdict(optim),
     }

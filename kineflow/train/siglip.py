@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kineflow.config import RunConfig
 from kineflow.io import atomic_write_json, load_pretrained, save_pretrained_folder
 from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.run_config import TrainRunConfig
+from kineflow.train.run_folder import hold_run_folder
 
 __all__ = [
     "VISION_KIND",
@@ -314,7 +315,7 @@ class _SiglipTask:
 
 # -- config ---------------------------------------------------------------------------------------
 @dataclass
-class SiglipTrainConfig(RunConfig):
+class SiglipTrainConfig(TrainRunConfig):
     """A SigLIP pre-training run (the YAML file's sections).
 
     ``model``: :class:`SiglipConfig` fields plus ``embed_dim`` and ``text_*``
@@ -325,6 +326,8 @@ class SiglipTrainConfig(RunConfig):
 
     SECTIONS: ClassVar[dict[str, type]] = {"data": PairData, "optim": Optim}
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "out")
+    # The model section lists the vision tower's fields flat, beside the text tower's.
+    MODEL_TYPES: ClassVar[tuple[type, ...]] = (SiglipConfig, SiglipPretrainConfig)
 
     model: dict[str, Any]
     out: str
@@ -332,10 +335,12 @@ class SiglipTrainConfig(RunConfig):
     optim: Optim = field(default_factory=Optim)
     log_every: int = 25
     ckpt_every: int = 250
+    ckpt_minutes: float | None = None
     eval_pairs: int = 256
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.pretrain_config()  # validates the model section now
         if (
             isinstance(self.eval_pairs, bool)
@@ -343,10 +348,6 @@ class SiglipTrainConfig(RunConfig):
             or (self.eval_pairs < 2)
         ):
             raise ValueError(f"eval_pairs must be an integer >= 2, got {self.eval_pairs!r}")
-        for name in ("log_every", "ckpt_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     def pretrain_config(self) -> SiglipPretrainConfig:
         return SiglipPretrainConfig.from_dict(self.model)
@@ -410,36 +411,41 @@ def train_siglip(
     Writes ``out/metrics.jsonl``, ``out/checkpoint/`` (the whole model, for resuming),
     ``out/vision/`` (the vision tower only, see :func:`load_siglip_vision`) and
     ``out/eval.json`` (:func:`evaluate_retrieval` on ``eval_pairs`` test pairs).
-    ``text_tokenizer`` must be the same on a resumed run.
+    ``text_tokenizer`` must be the same on a resumed run. ``out`` is held for the whole run
+    (:func:`~kineflow.train.run_folder.hold_run_folder`).
     """
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
-    torch.manual_seed(config.optim.seed)
-    model = SiglipPretrainModel(config.pretrain_config(), text_tokenizer)
-    summary = run_training(
-        _SiglipTask(model, config.data),
-        config.optim,
-        out,
-        config.to_dict(),
-        log_every=config.log_every,
-        ckpt_every=config.ckpt_every,
-        progress=progress,
-        desc="train siglip",
-    )
-    vision_config = model.config.vision.to_dict()
-    save_pretrained_folder(
-        out / "vision",
-        model.vision.state_dict(),
-        {**vision_config, "training": config.to_dict()},
-        kind=VISION_KIND,
-    )
-    test = dataclasses.replace(config.data, split="test")
-    report = evaluate_retrieval(model, config.eval_pairs, test)
-    report["train_seconds_this_run"] = summary["seconds_this_run"]
-    report["steps"] = config.optim.steps
-    report["last"] = summary["last"]
-    atomic_write_json(out / "eval.json", report)
+    with hold_run_folder(out):
+        torch.manual_seed(config.optim.seed)
+        model = SiglipPretrainModel(config.pretrain_config(), text_tokenizer)
+        summary = run_training(
+            _SiglipTask(model, config.data),
+            config.optim,
+            out,
+            config.to_dict(),
+            log_every=config.log_every,
+            ckpt_every=config.ckpt_every,
+            ckpt_minutes=config.ckpt_minutes,
+            progress=progress,
+            desc="train siglip",
+        )
+        vision_config = model.config.vision.to_dict()
+        save_pretrained_folder(
+            out / "vision",
+            model.vision.state_dict(),
+            {**vision_config, "training": config.to_dict()},
+            kind=VISION_KIND,
+        )
+        test = dataclasses.replace(config.data, split="test")
+        report = evaluate_retrieval(model, config.eval_pairs, test)
+        report["train_seconds_this_run"] = summary["seconds_this_run"]
+        report["steps"] = config.optim.steps
+        report["last"] = summary["last"]
+        report["resumed_from"] = summary["resumed_from"]
+        report["already_complete_at"] = summary["already_complete_at"]
+        atomic_write_json(out / "eval.json", report)
     return report
 
 

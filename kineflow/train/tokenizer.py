@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kineflow.config import RunConfig
 from kineflow.io import atomic_write_json
 from kineflow.train.loop import Optim, run_training
+from kineflow.train.run_config import TrainRunConfig
+from kineflow.train.run_folder import hold_run_folder
 
 
 @dataclass
@@ -51,10 +52,14 @@ class ImageData:
             raise ValueError(f"data.source must be 'shapes' or 'manifest', got {self.source!r}")
         if self.source == "manifest" and not self.path:
             raise ValueError("data.path (a JSONL manifest) is required when data.source=manifest")
+        for name in ("image_size", "seed"):
+            value, low = getattr(self, name), 1 if name == "image_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
-class TokenizerTrainConfig(RunConfig):
+class TokenizerTrainConfig(TrainRunConfig):
     """A tokenizer training run (the YAML file's sections)."""
 
     SECTIONS: ClassVar[dict[str, type]] = {"data": ImageData, "optim": Optim}
@@ -66,12 +71,32 @@ class TokenizerTrainConfig(RunConfig):
     optim: Optim = field(default_factory=Optim)
     log_every: int = 25
     ckpt_every: int = 250
+    ckpt_minutes: float | None = None
     eval_images: int = 1000
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.eval_images, bool) or self.eval_images < 1:
+            raise ValueError(f"eval_images must be an integer >= 1, got {self.eval_images!r}")
 
     def check(self) -> None:
         if not isinstance(self.model, dict) or self.model.get("type") not in ("vq", "kl"):
             raise ValueError("model.type must be 'vq' or 'kl'")
+
+    def model_types(self) -> tuple[type, ...]:
+        # The YAML lists the encoder / decoder fields flat, beside the codebook's.
+        kind = self.model.get("type")
+        if kind == "vq":
+            from kineflow.tokenizers.autoencoder import AutoencoderConfig
+            from kineflow.tokenizers.vq import VQConfig
+
+            return (VQConfig, AutoencoderConfig)
+        if kind == "kl":
+            from kineflow.tokenizers.kl_vae import KLConfig
+
+            return (KLConfig,)
+        return ()
 
 
 def build_tokenizer(model: dict[str, Any]) -> nn.Module:
@@ -145,27 +170,35 @@ class _TokenizerTask:
 
 
 def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict:
-    """Run (or resume) the training described by ``config``; returns the final eval report."""
+    """Run (or resume) the training described by ``config``; returns the final eval report
+    (with the loop's ``resumed_from`` and ``already_complete_at``). ``out`` is held for the
+    whole run (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
-    torch.manual_seed(config.optim.seed)
-    model = build_tokenizer(config.model)
-    summary = run_training(
-        _TokenizerTask(model, PictureStream(config.data)),
-        config.optim,
-        out,
-        config.to_dict(),
-        log_every=config.log_every,
-        ckpt_every=config.ckpt_every,
-        progress=progress,
-        desc=f"train {config.model['type']}",
-    )
-    model.save_pretrained(out / "model")
-    from kineflow.eval.reconstruction import evaluate_reconstruction
+    with hold_run_folder(out):
+        torch.manual_seed(config.optim.seed)
+        model = build_tokenizer(config.model)
+        summary = run_training(
+            _TokenizerTask(model, PictureStream(config.data)),
+            config.optim,
+            out,
+            config.to_dict(),
+            log_every=config.log_every,
+            ckpt_every=config.ckpt_every,
+            ckpt_minutes=config.ckpt_minutes,
+            progress=progress,
+            desc=f"train {config.model['type']}",
+        )
+        model.save_pretrained(out / "model")
+        from kineflow.eval.reconstruction import evaluate_reconstruction
 
-    report = evaluate_reconstruction(model, n=config.eval_images, image_size=config.data.image_size)
-    report["train_seconds_this_run"] = summary["seconds_this_run"]
-    report["steps"] = config.optim.steps
-    atomic_write_json(out / "eval.json", report)
+        report = evaluate_reconstruction(
+            model, n=config.eval_images, image_size=config.data.image_size
+        )
+        report["train_seconds_this_run"] = summary["seconds_this_run"]
+        report["steps"] = config.optim.steps
+        report["resumed_from"] = summary["resumed_from"]
+        report["already_complete_at"] = summary["already_complete_at"]
+        atomic_write_json(out / "eval.json", report)
     return report

@@ -29,7 +29,6 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from kineflow.config import RunConfig
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
@@ -41,6 +40,8 @@ from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.fudoki import FudokiData, language_with_vocab
 from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.run_config import TrainRunConfig
+from kineflow.train.run_folder import hold_run_folder
 from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = [
@@ -72,12 +73,13 @@ class UnifluidData(FudokiData):
 
 
 @dataclass
-class UnifluidTrainConfig(RunConfig):
+class UnifluidTrainConfig(TrainRunConfig):
     """A run: ``model`` holds :class:`UnifluidConfig` fields except ``vae`` (read from the
     ``vae`` folder); ``language.vocab_size`` defaults to the text tokenizer's size."""
 
     SECTIONS: ClassVar[dict[str, type]] = {"data": UnifluidData, "optim": Optim}
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "vae", "text_tokenizer", "out")
+    MODEL_TYPES: ClassVar[tuple[type, ...]] = (UnifluidConfig,)
 
     model: dict[str, Any]
     vae: str
@@ -88,9 +90,15 @@ class UnifluidTrainConfig(RunConfig):
     optim: Optim = field(default_factory=Optim)
     log_every: int = 25
     ckpt_every: int = 250
+    ckpt_minutes: float | None = None
     parallel: str = "none"
     threads: int | None = None
     token_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.token_scale is not None and not self.token_scale > 0:
+            raise ValueError(f"token_scale must be > 0 or null, got {self.token_scale!r}")
 
 
 def build_unifluid(config: UnifluidTrainConfig, tokenizer: TextTokenizer) -> UnifluidModel:
@@ -261,26 +269,28 @@ class UnifluidTask:
 
 def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a UniFluid training run; writes ``out/model`` (a pipeline folder that
-    :func:`kineflow.load` reads) and ``out/summary.json``."""
+    :func:`kineflow.load` reads) and ``out/summary.json``; ``out`` is held for the whole run
+    (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = TextTokenizer.load(config.text_tokenizer)
-    torch.manual_seed(config.optim.seed)
-    model = build_unifluid(config, tokenizer)
-    task = UnifluidTask(model, tokenizer, config)
-    summary = run_training(task, config.optim, out, config.to_dict(), log_every=config.log_every,
-                           ckpt_every=config.ckpt_every, parallel=config.parallel,
-                           progress=progress, desc="train unifluid")  # fmt: skip
-    from kineflow.pipelines.unifluid import UnifluidPipeline, UnifluidPipelineConfig
+    with hold_run_folder(out):
+        tokenizer = TextTokenizer.load(config.text_tokenizer)
+        torch.manual_seed(config.optim.seed)
+        model = build_unifluid(config, tokenizer)
+        task = UnifluidTask(model, tokenizer, config)
+        summary = run_training(task, config.optim, out, config.to_dict(),
+                               log_every=config.log_every, ckpt_every=config.ckpt_every,
+                               ckpt_minutes=config.ckpt_minutes, parallel=config.parallel,
+                               progress=progress, desc="train unifluid")  # fmt: skip
+        from kineflow.pipelines.unifluid import UnifluidPipeline, UnifluidPipelineConfig
 
-    pipeline_config = UnifluidPipelineConfig(
-        clip_x0=token_range(model, config.data),
-        text_budget=config.data.text_budget,
-        caption_tokens=config.data.caption_tokens,
-        caption_instruction=config.data.caption_instruction,
-    )
-    UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(out / "model")
-    atomic_write_json(out / "summary.json", summary)
+        pipeline_config = UnifluidPipelineConfig(
+            clip_x0=token_range(model, config.data),
+            text_budget=config.data.text_budget,
+            caption_tokens=config.data.caption_tokens,
+            caption_instruction=config.data.caption_instruction,
+        )
+        UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(out / "model")
+        atomic_write_json(out / "summary.json", summary)
     return summary
