@@ -9,7 +9,7 @@ CFG dropout) from its own seeded generator:
     und    the understanding layout of :mod:`kineflow.pipelines.layout` (VQA or captioning)
            →  the answer slots (answer, then EOS)
 
-Loss (SPEC §2): each generation / editing sample contributes its diffusion loss, each
+Loss (docs/design.md §2.7): each generation / editing sample contributes its diffusion loss, each
 understanding sample ``λ`` times its cross-entropy; the batch loss is the mean over samples,
 so it averages exactly over processes. The KL-VAE is frozen; SigLIP starts from ``vision``
 (a pre-trained tower) and is frozen too. Image tokens are the VAE posterior means scaled to
