@@ -144,7 +144,8 @@ def diffusion_head_params(config: DiffusionHeadConfig) -> int:
     plain tensors, not parameters)."""
     w, C = config.width, config.token_dim
     time_dim = 256  # DiffusionMLP.time_dim
-    block = 2 * _linear(w, w) + _linear(w, 3 * w)
+    # Each block: its affine LayerNorm (MAR's in_ln), a two-layer MLP and the AdaLN modulation.
+    block = 2 * w + 2 * _linear(w, w) + _linear(w, 3 * w)
     n = _linear(time_dim, w) + _linear(w, w) + _linear(config.cond_dim, w) + _linear(C, w)
     return n + config.depth * block + _linear(w, 2 * w) + _linear(w, 2 * C)
 
