@@ -103,3 +103,16 @@ def test_every_command_runs_in_order(fresh_clone: Path) -> None:
 
 def args_is_training(words: list[str]) -> bool:
     return words[1] == "train"
+
+
+def test_data_shapes_n_counts_items_per_task(tmp_path: Path) -> None:
+    """README (ShapesWorld): ``--n`` is items *per task*; all four tasks by default."""
+    for tasks, expected in (([], 4 * 3), (["--tasks", "t2i"], 3)):
+        out = tmp_path / f"shapes{expected}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            status = main(["data", "shapes", "--out", str(out), "--n", "3", "--workers", "1",
+                           *tasks])  # fmt: skip
+        assert status == 0
+        lines = (out / "manifest.jsonl").read_text().splitlines()
+        assert len(lines) == expected
+    assert "items per task" in README
