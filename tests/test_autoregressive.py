@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from janus_fixture import tiny_pipeline
 from PIL import Image
 
+import kineflow.pipelines.fudoki as fudoki_module
 from kineflow.flow import classifier_free_guidance
 from kineflow.pipelines import FudokiPipeline
 from kineflow.pipelines.autoregressive import decode_autoregressive
@@ -124,15 +126,61 @@ def test_stops_once_every_row_has_emitted_eos(pipe) -> None:
     assert torch.equal(run["states"][-1], samples)
 
 
-def test_pipeline_ar_path(pipe) -> None:
-    out = pipe.text_to_image(PROMPTS[:2], cfg_scale=2.0, seed=3, return_trajectory=True)
-    assert out.codes.shape == (2, 4, 4) and len(out.images) == 2
+@torch.no_grad()
+def causal_argmax(pipe, lay, head: str, samples, features=None, cfg: float = 0.0):
+    """Greedy reference: the argmax at every window column of one causal forward over the
+    prompt followed by ``samples`` (guided by ``cfg`` for images)."""
+    lo, hi = lay.window
+    ids = lay.input_ids.clone()
+    ids[:, lo:hi] = samples
+    rows = [ids, ids.masked_fill(lay.prompt_span, pipe.tokenizer.pad_id)] if cfg else [ids]
+    read = pipe.model.image_logits if head == "image" else pipe.model.text_logits
+    logits = []
+    for x in rows:
+        hidden = pipe.model(
+            x, image_mask=lay.image_mask, understanding_mask=lay.understanding_mask,
+            understanding_features=features, attention_mask=lay.attention_mask, mask="causal",
+        )  # fmt: skip
+        logits.append(read(hidden)[:, lo:hi])
+    return (classifier_free_guidance(*logits, cfg) if cfg else logits[0]).argmax(-1)
+
+
+def test_pipeline_ar_path(pipe, monkeypatch) -> None:
+    """The pipeline's AR pictures and answers are the greedy decodes of its own layouts,
+    checked against one causal forward; the pictures are the VQ decoder's of those codes."""
+    calls = []
+    real = fudoki_module.decode_autoregressive
+
+    def spy(model, layout, head, **kw):
+        calls.append((layout, kw.get("features")))
+        return real(model, layout, head, **kw)
+
+    monkeypatch.setattr(fudoki_module, "decode_autoregressive", spy)
+    out = pipe.text_to_image(PROMPTS[:2], cfg_scale=2.0, top_k=1, return_trajectory=True)
+    ((lay, _),) = calls
+    codes = out.codes.reshape(2, L)
+    assert torch.equal(causal_argmax(pipe, lay, "image", codes, cfg=2.0), codes)
+    assert codes.unique().numel() > 2  # a real decode, not a constant
+    with torch.no_grad():
+        decoded = pipe.model.gen_vision_model.decode(out.codes)
+    for picture, pixels in zip(out.images, decoded, strict=True):
+        expected = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0)
+        assert np.abs(np.asarray(picture).astype(float) - expected.numpy()).max() <= 1
     assert out.timings["nfe"] == L and out.timings["model_s"] > 0
     assert len(out.trajectory[0]) == L + 1  # empty canvas, then one frame per token
-    again = pipe.text_to_image(PROMPTS[:2], cfg_scale=2.0, seed=3)
-    assert torch.equal(out.codes, again.codes)
+    assert out.trajectory[0][-1].tobytes() == out.images[0].tobytes()
+    seeded = [pipe.text_to_image(PROMPTS[:2], cfg_scale=2.0, seed=s).codes for s in (3, 3, 4)]
+    assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])
+
     answers = pipe.answer([Image.new("RGB", (20, 12), "red")], "what colour?", answer_tokens=4)
-    assert len(answers.texts) == 1 and isinstance(answers.texts[0], str)
+    lay, features = calls[-1]
+    lo, hi = lay.window
+    tok = pipe.tokenizer
+    row = answers.ids[0] + [tok.eos_id] * (hi - lo - len(answers.ids[0]))
+    greedy = causal_argmax(pipe, lay, "text", torch.tensor([row]), features)[0].tolist()
+    n = len(answers.ids[0])
+    assert answers.ids[0] == greedy[:n] and (n == hi - lo or greedy[n] == tok.eos_id)
+    assert answers.texts == [tok.decode([i for i in answers.ids[0] if i < tok.vocab_size])]
     assert answers.timings["nfe"] <= 4
 
 

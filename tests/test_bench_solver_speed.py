@@ -106,6 +106,7 @@ def test_reference_and_kineflow_steps_have_the_same_law(bench: ModuleType, h: fl
             assert tv < 0.03, f"{name} from x_t={start}: TV {tv:.4f} to the exact law"
 
 
+@pytest.mark.slow  # the benchmark script end to end; the law tests above are the fast check
 def test_command_line_prints_the_promised_json() -> None:
     cmd = [
         sys.executable,

@@ -372,9 +372,14 @@ def test_pickled_tensor_or_state_dict(tmp_path: Path, name: str, data: object) -
 
 
 def test_non_contiguous_table_comes_back_contiguous(tmp_path: Path) -> None:
-    torch.save(torch.randn(2, 6).t(), tmp_path / "t.pt")
+    """A transposed (non-contiguous) table comes back contiguous *and* element for element
+    the transposed values: row i is column i of the saved storage, not its i-th chunk."""
+    stored = torch.arange(12.0).reshape(2, 6)
+    torch.save(stored.t(), tmp_path / "t.pt")
     table = load_embedding_table(tmp_path / "t.pt")
     assert table.shape == (6, 2) and table.is_contiguous()
+    assert torch.equal(table, stored.t())
+    assert table[1].tolist() == [1.0, 7.0]  # not [2.0, 3.0], the storage read row by row
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,12 @@
 """The ShapesWorld detector, the judge of every benchmark: exact on clean renders, degrading
 gracefully under noise and blur, and strict about what it is given.
 
+Every rule of the detector has a test here that fails without it (checked by removing each
+rule in turn): the colour vote (noise at sigma = 32), far pixels as background (the dark
+frame), the off-segment cut-off and the contrast condition (uniform noise), the gain
+condition (the dithered triangle), the blurred templates (blur radius 1.0, noise at 64), and
+the choices *not* to zero other-colour pixels nor clip coverage at 1 (noise at 48 and 64).
+
 The measured accuracies are printed (``pytest -s``) and recorded as test properties
 (``--junitxml``), so a change in the detector shows up as a number, not only a pass / fail.
 """
@@ -17,9 +23,9 @@ from PIL import Image, ImageFilter
 from kineflow.data.example import image_to_tensor
 from kineflow.data.shapes.render import render, render_batch
 from kineflow.data.shapes.scene import BACKGROUND, COLOURS, SPLITS, Obj, Scene, ShapesWorld
-from kineflow.eval.detector import ShapesDetector, as_uint8_images, detect
+from kineflow.eval.detector import DetectorConfig, ShapesDetector, as_uint8_images, detect
 
-SIGMAS = (8, 16, 32)
+SIGMAS = (8, 16, 32, 48, 64)
 
 
 def accuracy(found: list[Scene], truth: list[Scene]) -> float:
@@ -108,17 +114,29 @@ def test_gaussian_noise_degrades_gracefully(noisy_accuracy, record_property) -> 
     for sigma, acc in noisy_accuracy.items():
         report(record_property, f"noise_sigma_{sigma}_accuracy", acc)
     assert noisy_accuracy[16] >= 0.99
-    assert noisy_accuracy[32] >= 0.9
+    assert noisy_accuracy[32] >= 0.99  # 1.0 measured; 0.41 if the colour vote took any colour
+    # 0.999 measured. Zeroing pixels labelled with another colour (as the detector once did)
+    # gives 0.81: noise relabels a blue pixel cyan or purple far more often than it moves the
+    # pixel off blue's background-to-colour segment.
+    assert noisy_accuracy[48] >= 0.98
+    # 0.91 measured; 0.76 with coverage clipped at 1, 0.71 without blurred templates.
+    assert noisy_accuracy[64] >= 0.85
     accs = [noisy_accuracy[s] for s in SIGMAS]
     assert all(later <= earlier + 0.002 for earlier, later in pairwise(accs))
 
 
-def test_gaussian_blur_is_tolerated(scenes, pictures, record_property) -> None:
-    blur = ImageFilter.GaussianBlur(radius=0.5)
+@pytest.mark.parametrize(
+    ("radius", "floor"),
+    # Measured 1.0 / 1.0 / 0.93. Without blurred templates: 1.0 / 0.41 / 0.0; zeroing pixels
+    # labelled with another colour: 1.0 / 0.95 / 0.69 (a blurred blue edge looks cyan).
+    [(0.5, 0.99), (1.0, 0.99), (1.5, 0.88)],
+)
+def test_gaussian_blur_is_tolerated(scenes, pictures, record_property, radius, floor) -> None:
+    blur = ImageFilter.GaussianBlur(radius=radius)
     blurred = [Image.fromarray(p).filter(blur) for p in pictures]
     acc = accuracy(detect(blurred), scenes)
-    report(record_property, "blur_radius_0.5_accuracy", acc)
-    assert acc >= 0.99
+    report(record_property, f"blur_radius_{radius}_accuracy", acc)
+    assert acc >= floor
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -139,11 +157,45 @@ def test_noise_around_the_background_invents_no_objects() -> None:
         assert sum(len(s) for s in found) <= 10, sigma  # at most one phantom per ten pictures
 
 
-def test_pure_noise_does_not_fill_the_grid() -> None:
+def test_pure_noise_invents_no_objects() -> None:
+    """Uniform RGB noise: 0 objects in 100 pictures measured. Without the contrast condition
+    the detector finds ~600, without the off-segment cut-off ~900."""
     rng = np.random.default_rng(2)
     noise = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
-    counts = [len(s) for s in detect(noise)]
-    assert max(counts) < 9 and np.mean(counts) < 2
+    assert sum(len(s) for s in detect(noise)) <= 2
+
+
+def test_a_dark_frame_does_not_outvote_the_object() -> None:
+    """Pixels far from every colour are background: a dark frame around a cell (a decoder's
+    smudge), with more pixels than the object, must not win the cell's colour vote."""
+    pictures, truth = [], []
+    for colour in COLOURS:
+        for shape in ("triangle", "circle", "square"):
+            scene = Scene((Obj(1, 1, shape, colour, "small"),))
+            picture = render(scene, 32)  # cell (1, 1) is rows and columns 11..20
+            picture[11, 11:21] = picture[19:21, 11:21] = 20
+            picture[11:21, 11] = picture[11:21, 19:21] = 20
+            pictures.append(picture)
+            truth.append(scene)
+    assert detect(np.stack(pictures)) == truth
+
+
+def test_an_object_too_faint_for_the_gain_is_not_read() -> None:
+    """A triangle with every third pixel missing passes the contrast condition but not the
+    gain (it removes too little of its template's energy from the cell's error): no object.
+    With the gain condition switched off the same pictures read as the triangle, so the gain
+    is what rejects them."""
+    pictures, truth = [], []
+    for colour in COLOURS:
+        for size in ("small", "large"):
+            scene = Scene((Obj(1, 1, "triangle", colour, size),))
+            picture = render(scene, 32)
+            picture.reshape(-1, 3)[::3] = BACKGROUND
+            pictures.append(picture)
+            truth.append(scene)
+    assert detect(np.stack(pictures)) == [Scene(())] * len(truth)
+    no_gain = ShapesDetector(DetectorConfig(min_gain=-np.inf))
+    assert no_gain.detect(np.stack(pictures)) == truth
 
 
 def test_a_speck_on_a_dark_canvas_is_not_an_object() -> None:

@@ -96,11 +96,13 @@ def test_batch_draws_depend_on_sample_index_only():
 
 
 @needs_gloo
+@pytest.mark.slow  # a torchrun launch of two processes: end to end
 def test_ddp_two_processes_match_one(reference, ddp_run):
     assert_same_run(*ddp_run, *reference)
 
 
 @needs_gloo
+@pytest.mark.slow  # a torchrun launch of two processes: end to end
 def test_run_training_joins_torchruns_group_itself(tmp_path, reference):
     """Launched by torchrun with no init_process_group of its own (the CLI's case)."""
     run_ok(tmp_path, "ddp", "--steps", str(STEPS), "--loop-joins")
@@ -108,12 +110,14 @@ def test_run_training_joins_torchruns_group_itself(tmp_path, reference):
 
 
 @needs_gloo
+@pytest.mark.slow  # a torchrun launch of two processes: end to end
 def test_fsdp_two_processes_match_one(tmp_path, reference):
     run_ok(tmp_path, "fsdp", "--steps", str(STEPS), "--skew-init")
     assert_same_run(metrics(tmp_path), final_weights(tmp_path), *reference)
 
 
 @needs_gloo
+@pytest.mark.slow  # a torchrun launch of two processes: end to end
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_resume_after_crash_matches_uninterrupted(tmp_path, parallel, reference, ddp_run):
     # Checkpoints every 2 steps; the crash comes in step 6 (samples 40..47), so rows 1-5 are

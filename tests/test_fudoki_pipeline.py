@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -224,20 +225,79 @@ def test_answer_bad_inputs(pipe: FudokiPipeline, tmp_path: Path) -> None:
         pipe.text_to_image(["x"], cfg_scale=-1)
 
 
-def test_bfloat16_model_samples(pipe: FudokiPipeline) -> None:
+def bfloat16_twins(pipe: FudokiPipeline) -> tuple[FudokiPipeline, FudokiPipeline]:
+    """A bfloat16 pipeline and a float32 one with the very same (bf16-representable) weights,
+    so the two differ only in the precision of the activations."""
     tok = pipe.tokenizer
-    model = random_model(tiny_config(tok.vocab_size + 10)).to(torch.bfloat16)
-    half = FudokiPipeline(
-        model,
-        tok,
-        model.language_model.model.embed_tokens.weight,
-        model.gen_vision_model.quantize.embedding.weight,
-        FudokiPipelineConfig(text_budget=48, steps=2, system_prompt=""),
+    half_model = random_model(tiny_config(tok.vocab_size + 10)).to(torch.bfloat16)
+    config = FudokiPipelineConfig(text_budget=48, steps=2, system_prompt="")
+    twins = []
+    for model in (half_model, copy.deepcopy(half_model).float()):
+        text_table = model.language_model.model.embed_tokens.weight
+        image_table = model.gen_vision_model.quantize.embedding.weight
+        twins.append(FudokiPipeline(model, tok, text_table, image_table, config))
+    return twins[0], twins[1]
+
+
+def test_bfloat16_model_computes_what_float32_computes(pipe: FudokiPipeline) -> None:
+    """The solver's logits (generation with CFG, and understanding with bf16 picture
+    features) and the decoded pictures of a bf16 model equal those of the same weights in
+    float32, up to bf16 rounding (measured: 0.07 of logits spread over ±7, 0.02, 3 levels)."""
+    half, full = bfloat16_twins(pipe)
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    lay = text_to_image_layout(pipe.tokenizer, ["a red circle", "two blue squares"], L, 48)
+    x, t = torch.randint(0, 64, (2, L), generator=g), torch.full((2,), 0.4)
+    with torch.no_grad():
+        got = half._model_fn(lay, "image", 5.0)[0](x, t)
+        want = full._model_fn(lay, "image", 5.0)[0](x, t)
+    assert got.dtype == torch.float32 and want.abs().max() > 2
+    torch.testing.assert_close(got, want, atol=0.25, rtol=0.02)
+
+    vision = full.model.config.vision
+    c = full.config
+    pictures = [Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (12, 16), (0, 0, 255))]
+    pixels = preprocess_understanding(
+        pictures, vision.image_size, c.image_mean, c.image_std, c.background
     )
-    assert half.dtype == torch.bfloat16
+    lay = understanding_layout(pipe.tokenizer, ["what?", "how many?"], P, 48, 4, "")
+    x = torch.randint(0, 100, (2, lay.window[1] - lay.window[0]), generator=g)
+    with torch.no_grad():
+        features = half.model.encode_images(pixels.to(torch.bfloat16))
+        got = half._model_fn(lay, "text", 0.0, features)[0](x, t)
+        want = full._model_fn(lay, "text", 0.0, full.model.encode_images(pixels))[0](x, t)
+    assert want.abs().max() > 1
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.02)
+
+    codes = torch.randint(0, 64, (2, 4, 4), generator=g)
+    for a, b in zip(half._decode_images(codes), full._decode_images(codes), strict=True):
+        a, b = np.asarray(a).astype(int), np.asarray(b).astype(int)
+        assert b.std() > 20 and np.abs(a - b).max() <= 8
+
+
+def test_bfloat16_model_samples_and_answers(pipe: FudokiPipeline, monkeypatch) -> None:
+    """bf16 heads certain of a target: the picture is exactly the target's codes, decoded as
+    the float32 twin decodes them, and the answer is exactly the rigged one."""
+    half, full = bfloat16_twins(pipe)
+    K, V = 64, half.model.config.language.vocab_size
+    target = torch.arange(L) * 5 % K
+    answer = pipe.tokenizer.encode("three")
+    wanted = torch.tensor(answer + [pipe.tokenizer.eos_id] * (6 - len(answer)))
+
+    def certain(hidden, columns, size):
+        logits = torch.full((*hidden.shape[:2], size), -30.0, dtype=torch.bfloat16)
+        W = hidden.shape[1]
+        logits[:, torch.arange(W), columns[-W:]] = 30.0
+        return logits
+
+    monkeypatch.setattr(half.model, "image_logits", lambda h, shift=True: certain(h, target, K))
+    monkeypatch.setattr(half.model, "text_logits", lambda h, shift=True: certain(h, wanted, V))
     out = half.text_to_image(["a red circle"], seed=0)
-    assert out.codes.shape == (1, 4, 4) and out.images[0].mode == "RGB"
-    assert half.answer(Image.new("RGB", (8, 8)), "what?", answer_tokens=3, seed=0).texts
+    assert torch.equal(out.codes.reshape(L), target)
+    reference = np.asarray(full._decode_images(out.codes)[0]).astype(int)
+    assert np.abs(np.asarray(out.images[0]).astype(int) - reference).max() <= 8
+    replies = half.answer(Image.new("RGB", (8, 8)), "how many?", answer_tokens=6, seed=0)
+    assert replies.texts == ["three"] and replies.ids == [answer]
 
 
 def test_vocab_and_table_checks(pipe: FudokiPipeline) -> None:

@@ -224,14 +224,27 @@ def test_image_size_of_a_square_image_keeps_pixels(tmp_path: Path) -> None:
     )
 
 
+def crop_and_resize(array: np.ndarray, size: int) -> np.ndarray:
+    """Reference: PIL's centre square crop, then bicubic resize to ``size``."""
+    height, width = array.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = Image.fromarray(array).crop((left, top, left + side, top + side))
+    return np.asarray(square.resize((size, size), Image.Resampling.BICUBIC))
+
+
 def test_image_size_resizes_edit_targets_and_mixed_sizes(tmp_path: Path) -> None:
-    save_png(tmp_path / "s.png", pixels(10, 6))
-    save_png(tmp_path / "t.png", pixels(5, 9))
+    source, target = pixels(10, 6, seed=1), pixels(5, 9, seed=2)
+    save_png(tmp_path / "s.png", source)
+    save_png(tmp_path / "t.png", target)
     manifest = write_lines(
         tmp_path / "m.jsonl", [{"image": "s.png", "instruction": "i", "target": "t.png"}]
     )
     item = ManifestDataset(manifest, image_size=4)[0]
     assert item["image"].shape == item["target"].shape == (3, 4, 4)
+    # Each picture is cropped and resized on its own (a tall source, a wide target).
+    assert np.array_equal(tensor_to_array(item["image"]), crop_and_resize(source, 4))
+    assert np.array_equal(tensor_to_array(item["target"]), crop_and_resize(target, 4))
 
 
 def test_without_image_size_sizes_must_match_first_record(tmp_path: Path) -> None:
@@ -784,6 +797,9 @@ def test_dataloader_workers_and_resize(tmp_path: Path) -> None:
     (batch,) = list(loader)
     assert batch["image"].shape == (2, 3, 2, 2)
     assert batch["question"] == ["q1", "q2"] and batch["answer"] == ["a1", "a2"]
+    # The vqa records are b.png then a.png, resized in the workers exactly as in the process.
+    expected = [crop_and_resize(pixels(4, 4, seed=s), 2) for s in (2, 1)]
+    assert np.array_equal(tensor_to_array(batch["image"]), np.stack(expected))
 
 
 def test_worker_errors_keep_the_manifest_line(tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ def write_stage_configs(root: Path) -> dict[str, str]:
     return paths
 
 
+@pytest.mark.slow  # every stage of the reproduction, end to end
 def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     stages = write_stage_configs(tmp_path)
     config = {

@@ -43,29 +43,32 @@ def test_showcase_generates_and_answers(tmp_path, capsys) -> None:
     assert gif.n_frames == 17  # the checkpoint's 16 solver steps + the source draw
     assert Image.open(out / "samples.png").size[0] > 0
     assert len(answers) == 16 + 7 and all(isinstance(a["answer"], str) for a in answers)
-    # A trained model, not a random one: far above chance on both tasks (fixed seeds).
-    assert summary["t2i"]["passed"] >= 5  # 8 of 14 measured
-    assert summary["vqa"]["correct"] >= 6  # 8 of 16 measured
+    # The showcase is deterministic for its seeds, so the floors sit one below the measured
+    # values: room for a float-rounding difference on another CPU to flip one picture or
+    # answer, not for a regression.
+    assert summary["t2i"]["passed"] >= 7  # 8 of 14 measured
+    assert summary["vqa"]["correct"] >= 7  # 8 of 16 measured
 
 
 def test_showcase_unifluid_generates_answers_and_edits(tmp_path, capsys) -> None:
     out = tmp_path / "uf"
     argv = ["showcase", "--model", str(SHIPPED / "unifluid-shapes"), "--out", str(out),
-            "--seeds", "4", "--vqa", "16", "--edits", "8"]  # fmt: skip
+            "--seeds", "4", "--vqa", "16", "--edits", "24"]  # fmt: skip
     assert main(argv) == 0
     report = capsys.readouterr().out
     assert "pictures pass their prompt" in report and "editing (detector verdict)" in report
     summary = json.loads((out / "summary.json").read_text())
     edits = json.loads((out / "edits.json").read_text())
-    assert summary["t2i"]["pictures"] == 4 * 7 and summary["edit"]["edits"] == len(edits) == 8
+    assert summary["t2i"]["pictures"] == 4 * 7 and summary["edit"]["edits"] == len(edits) == 24
     assert all(set(e) >= {"instruction", "target", "detected", "passes"} for e in edits)
     gif = Image.open(out / "refine_0.gif")
     assert gif.n_frames == 17  # the blank canvas, then one frame per generated token
     assert Image.open(out / "edits.png").size[0] > 0
-    # A trained model, not a random one (fixed seeds).
-    assert summary["t2i"]["passed"] >= 5  # 10 of 28 measured
-    assert summary["vqa"]["correct"] >= 4  # 6 of 16 measured
-    assert summary["edit"]["correct"] >= 1  # 2 of 8 measured
+    # Deterministic for the seeds: floors one below the measured values (see above). 24 edits
+    # rather than 8: at 2 of 8 a floor with any margin would accept a model that never edits.
+    assert summary["t2i"]["passed"] >= 8  # 9 of 28 measured
+    assert summary["vqa"]["correct"] >= 5  # 6 of 16 measured
+    assert summary["edit"]["correct"] >= 3  # 4 of 24 measured
 
 
 def test_showcase_missing_checkpoint(tmp_path, capsys) -> None:

@@ -2,8 +2,12 @@
 
 The data are small *non-factorised* joints over sequences, the model is the exact Bayes
 posterior (:class:`ExactPosterior`), and :func:`euler_law` gives the exact law of the
-discretised chain. So a sampled law that matches ``euler_law`` proves the implementation, and
-``euler_law`` approaching the data proves the math (velocity, clock, final step).
+discretised chain. ``euler_law`` shares no code with the solver or the paths' rate and clock
+methods: it rebuilds the rates from ``p_t`` and its derivative, and the step's transition
+matrix from them and the clock increment (``test_exact_law_uses_no_solver_or_path_rate_code``
+pins that). So a sampled law that matches ``euler_law`` checks the implementation against an
+independent derivation, and ``euler_law`` approaching the data checks the math (velocity,
+clock, final step).
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import pytest
 import torch
 from conftest import LargestAllocation, random_metric_path
 
+import kineflow.flow.solver as solver_module
 from kineflow.flow import (
+    CosineScheduler,
     EulerSolver,
     ExactPosterior,
     GuidedModel,
     MaskedPath,
     MetricPath,
+    PolynomialScheduler,
     blank_span,
     classifier_free_guidance,
     euler_law,
@@ -26,6 +33,7 @@ from kineflow.flow import (
     total_variation,
     uniform_grid,
 )
+from kineflow.flow.oracle import PathFormulas
 
 
 def embeddings(V: int, D: int, seed: int = 0) -> torch.Tensor:
@@ -83,6 +91,98 @@ def test_exact_law_converges_to_the_data(path) -> None:
     tv = [total_variation(euler_law(oracle, n), q) for n in (4, 16, 64, 256)]
     assert tv == sorted(tv, reverse=True)
     assert tv[-1] < 0.01
+
+
+def angle_path(**kw) -> MetricPath:
+    """FUDOKI's metric over 4 unit vectors at angles 0, 1, 2, 3 rad: d(0, ·) ≈ 0, 0.85, 8, 16."""
+    angles = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    return MetricPath.from_embeddings(torch.stack([angles.cos(), angles.sin()], -1), **kw)
+
+
+@pytest.mark.parametrize("rate", ["integrated", "euler"])
+@pytest.mark.parametrize(
+    "path,h",
+    # h puts Δs·λ near 1 for many states, where 1 − e^{−Δs λ} differs most from Δs·λ. a = 1
+    # keeps the Euler rate β̇_0 finite, so the Euler step at t = 0 is not a certain jump.
+    [(angle_path(a=1.0), 0.06), (MaskedPath(4, mask_id=3), 0.5)],
+    ids=["metric", "masked"],
+)
+def test_one_step_follows_the_exact_transition(path, h: float, rate: str) -> None:
+    """One step [0, h] from the source: the sampled law of x_h is the oracle's exactly.
+
+    A first-order jump probability ``Δs·λ`` in place of ``1 − e^{−Δs λ}`` moves this law by
+    0.07-0.19 in total variation (0.076 / 0.076 / 0.19 / 0.11), against ~0.004 of sampling
+    noise at B = 40000.
+    """
+    oracle = ExactPosterior(torch.tensor([[0], [1]]), torch.tensor([0.7, 0.3]), path)
+    solver = EulerSolver(path, rate=rate)
+    grid = torch.tensor([0.0, h])
+    samples = run(solver, oracle, B=40000, N=1, steps=None, time_grid=grid).samples
+    exact = euler_law(oracle, time_grid=grid, rate=rate)
+    assert total_variation(oracle.empirical_law(samples), exact) < 0.02
+
+
+def test_exact_law_uses_no_solver_or_path_rate_code(monkeypatch, oracle) -> None:
+    """The oracle must not share a formula with what it checks: with the solver's jump
+    probability and every rate, clock and end-state method of the paths disabled, it computes
+    the same law. (The model, :class:`ExactPosterior`, still asks the paths for ``p_t``: it
+    plays the network, whose predictions the solver takes as given.)"""
+    masked = ExactPosterior(*correlated_joint(), MaskedPath(5, 4, CosineScheduler()))
+    expected = [euler_law(o, 8, rate=r) for o in (oracle, masked) for r in ("integrated", "euler")]
+
+    def disabled(*args, **kwargs):
+        raise AssertionError("the oracle called code it is meant to check")
+
+    monkeypatch.setattr(solver_module, "jump_probability", disabled)
+    monkeypatch.setattr(solver_module, "uniform_grid", disabled)
+    for cls in (MetricPath, MaskedPath):
+        for name in ("_unit_rates", "unit_rates", "velocity", "clock", "clock_dot", "final_state"):
+            monkeypatch.setattr(cls, name, disabled)
+    monkeypatch.setattr(MetricPath, "beta_dot", disabled)
+    monkeypatch.setattr(CosineScheduler, "kappa_dot", disabled)
+    got = [euler_law(o, 8, rate=r) for o in (oracle, masked) for r in ("integrated", "euler")]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.9, 0.995])
+@pytest.mark.parametrize(
+    "path",
+    [
+        random_metric_path(V=6, D=3, seed=2),
+        MaskedPath(5, mask_id=1, scheduler=PolynomialScheduler(2.0)),
+        MaskedPath(5, mask_id=4, scheduler=CosineScheduler()),
+    ],
+    ids=["metric", "masked-quadratic", "masked-cosine"],
+)
+def test_oracle_rates_and_clock_agree_with_the_paths(path, t: float) -> None:
+    """Two derivations of the same numbers: the paths' closed forms and the oracle's
+    kinetic-optimal rates from ``p_t`` and its derivative (a check on both)."""
+    formulas = PathFormulas(path)
+    V = path.vocab_size
+    tt = torch.tensor(t, dtype=torch.float64)
+    rates = formulas.unit_rates(t)
+    for y in set(range(V)) - set(path.invalid_targets):
+        closed = path.unit_rates(torch.arange(V), torch.full((V,), y), tt).double()
+        torch.testing.assert_close(rates[y], closed, rtol=1e-6, atol=1e-9)
+    h = 0.003
+    torch.testing.assert_close(
+        formulas.clock_increment(t, t + h, "integrated"), (path.clock(tt + h) - path.clock(tt))
+    )
+    torch.testing.assert_close(formulas.clock_increment(t, t + h, "euler"), h * path.clock_dot(tt))
+
+
+def test_oracle_refuses_paths_it_has_no_formulas_for() -> None:
+    class Other(MaskedPath):
+        pass
+
+    PathFormulas(Other(3, 2))  # a subclass keeps the masked formulas
+    with pytest.raises(TypeError, match="no exact formula for scheduler"):
+        PathFormulas(MaskedPath(3, 2, scheduler=object()))
+    with pytest.raises(ValueError, match="rate must be"):
+        euler_law(ExactPosterior(torch.tensor([[0]]), None, MaskedPath(3, 2)), 2, rate="exact")
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        euler_law(ExactPosterior(torch.tensor([[0]]), None, MaskedPath(3, 2)), 0)
 
 
 def test_several_modalities_in_one_sequence() -> None:

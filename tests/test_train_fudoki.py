@@ -91,20 +91,31 @@ def test_loss_is_the_shifted_region_cross_entropy(assets, tmp_path) -> None:
     assert batch["is_gen"].any() and (~batch["is_gen"]).any()  # a mixed batch
     # Only the region is corrupted; prompts, placeholders and padding are untouched.
     assert torch.equal(batch["xt"][~lay.region], batch["x1"][~lay.region])
+    model = task.model
     with torch.no_grad():
-        got = task.losses(batch, task.model)
-        model = task.model
+        # Sharpen the heads: at initialisation every logit row is nearly uniform, so the loss
+        # hardly depends on which hidden state a position is read from.
+        for head in (model.gen_head, model.language_model.lm_head):
+            for p in head.parameters():
+                p.mul_(5.0)
+        got = task.losses(batch, model)
         hidden = model(batch["xt"], image_mask=lay.image_mask,
                        understanding_mask=lay.understanding_mask, pixel_values=batch["pixels"],
                        attention_mask=lay.attention_mask)  # fmt: skip
-        per_sample = []
+        shifted, unshifted = [], []
         for b in range(8):
-            head = model.image_logits if batch["is_gen"][b] else model.text_logits
-            logits = head(hidden[b : b + 1])[0]  # shifted: row i from hidden i - 1
-            cols = lay.region[b]
-            per_sample.append(F.cross_entropy(logits[cols], batch["x1"][b, cols]))
-    want = torch.stack(per_sample).mean()
+            # The heads on their own, unshifted: logits[i] is read from hidden[i]. Position c
+            # of the region is predicted from the hidden state one to its left, c - 1.
+            head = model.gen_head if batch["is_gen"][b] else model.language_model.lm_head
+            logits = head(hidden[b])
+            cols = lay.region[b].nonzero()[:, 0]
+            assert cols.min() >= 1
+            targets = batch["x1"][b, cols]
+            shifted.append(F.cross_entropy(logits[cols - 1], targets))
+            unshifted.append(F.cross_entropy(logits[cols], targets))
+    want = torch.stack(shifted).mean()
     torch.testing.assert_close(got["loss"], want, rtol=1e-5, atol=1e-6)
+    assert (torch.stack(unshifted).mean() - want).abs() > 0.1  # the shift is not a no-op
     torch.testing.assert_close(got["loss_gen"] + got["loss_und"], got["loss"])
 
 
