@@ -185,14 +185,18 @@ class PathFormulas:
             raise TypeError(f"no exact formulas for path type {type(path).__name__}")
 
     def clock_increment(self, t: float, t_next: float, rate: str) -> Tensor:
-        """``s_{t_next} − s_t`` (``"integrated"``) or ``(t_next − t) · ṡ_t`` (``"euler"``)."""
+        """``s_{t_next} − s_t`` (``"integrated"``), ``(t_next − t) · ṡ_t`` (``"euler"``), or
+        the same with ``ṡ_0 := 0`` (``"official"``, the official FUDOKI step; metric path only,
+        as the solver)."""
         tt, tn = torch.tensor(t, dtype=torch.float64), torch.tensor(t_next, dtype=torch.float64)
         if rate == "integrated":
             return self._clock(tn) - self._clock(tt)
-        if rate == "euler":
+        if rate == "official" and t == 0:
+            return torch.zeros((), dtype=torch.float64)
+        if rate in ("euler", "official"):
             _, speed = torch.func.jvp(self._clock, (tt,), (torch.ones_like(tt),))
             return (tn - tt) * speed
-        raise ValueError(f"rate must be 'integrated' or 'euler', got {rate!r}")
+        raise ValueError(f"rate must be 'integrated', 'euler' or 'official', got {rate!r}")
 
     def unit_rates(self, t: float) -> Tensor:
         """Float[V(y), V(z), V(x)]: kinetic-optimal rates per unit clock from z to x ≠ z."""
@@ -254,8 +258,8 @@ def euler_law(
     to where the path ends (``y``; for the masked path only still-masked tokens move).
     Computed on the CPU in float64, from :class:`PathFormulas` only (no solver code).
     """
-    if rate not in ("integrated", "euler"):
-        raise ValueError(f"rate must be 'integrated' or 'euler', got {rate!r}")
+    if rate not in ("integrated", "euler", "official"):
+        raise ValueError(f"rate must be 'integrated', 'euler' or 'official', got {rate!r}")
     if time_grid is None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
