@@ -234,7 +234,7 @@ def test_edit_conditions_on_the_source_as_training_does(trained) -> None:
     instruction, seed = "make the square cyan.", 3
     out = pipe.edit([red_square()], [instruction], seed=seed)
     source = pipe.encode([red_square()])
-    ids, mask = pipe._left_pad([pipe._prompt_ids(instruction, True)])
+    ids, mask = pipe._left_pad(pipe._prompt_rows([instruction], "instruction", True))
     prompt = model.edit_embeds(ids, ids == pipe.tokenizer.image_id, source)
     g = pipe._generator(seed)  # replay the draws in the pipeline's order: cells, then noise
     L = model.config.num_image_tokens
