@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["KINEFLOW_FILES", "recover_interrupted_save", "replace_folder"]
+__all__ = ["KINEFLOW_FILES", "fsync_dir", "recover_interrupted_save", "replace_folder"]
 
 #: The files kineflow's savers write into a model folder (config, weights, metric tables,
 #: tokenizer). A folder holding anything else is not replaced.
@@ -116,7 +116,7 @@ def _check_replaceable(folder: Path) -> None:
         )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make renames in ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -155,7 +155,7 @@ def replace_folder(folder: str | os.PathLike[str]) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
-        _fsync_dir(temp)
+        fsync_dir(temp)
         _swap(temp, folder)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -178,6 +178,6 @@ def _swap(temp: Path, folder: Path) -> None:
         if old is not None:
             os.rename(old, folder)
         raise
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

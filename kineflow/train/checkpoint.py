@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from kineflow.folders import fsync_dir
 from kineflow.io import (
     atomic_save_safetensors,
     atomic_write,
@@ -94,20 +95,6 @@ def _sibling(folder: Path, suffix: str) -> Path:
     return folder.with_name(f"{folder.name}.{suffix}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (best effort: not every file system can)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _discard(path: Path, folder: Path) -> None:
     """Remove ``path`` (``folder`` or a sibling): renamed to ``folder.trash`` first, so that
     a kill mid-removal never leaves a partial folder under a name that recovery reads."""
@@ -145,7 +132,7 @@ def save_checkpoint(
     tmp.rename(folder)
     if old.exists():
         _discard(old, folder)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     return folder
 
 
@@ -288,7 +275,7 @@ def _promote(folder: Path, best: Path | None, broken: list[Path]) -> None:
     for other in (tmp, old):
         if other.exists():
             clear(other)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
 
 
 def _settle(folder: Path) -> None:
