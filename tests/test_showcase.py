@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,7 +15,24 @@ from kineflow.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints"
 
+GOLDEN = Path(__file__).resolve().parent / "golden" / "showcase.json"
+
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _same_as_before_the_move(out: Path, model: str) -> None:
+    """The showcase draws the same pictures and answers for the same seeds as it did before
+    the package reorganisation (issue 15): ``tests/golden/showcase.json`` holds a hash of each
+    picture's pixels and the answers, recorded at commit 426952f."""
+    golden = json.loads(GOLDEN.read_text())[model]
+    pictures = {
+        name: hashlib.sha256(np.asarray(Image.open(out / name).convert("RGB")).tobytes()).hexdigest()[:16]
+        for name in golden["pictures"]
+    }
+    changed = sorted(name for name, digest in golden["pictures"].items() if pictures[name] != digest)
+    assert not changed, f"pictures differ from the recorded ones: {changed}"
+    answers = [a["answer"] for a in json.loads((out / "answers.json").read_text())]
+    assert answers == golden["answers"]
 
 
 def test_shipped_checkpoints_are_small_and_complete() -> None:
@@ -48,6 +67,7 @@ def test_showcase_generates_and_answers(tmp_path, capsys) -> None:
     # answer, not for a regression.
     assert summary["t2i"]["passed"] >= 7  # 8 of 14 measured
     assert summary["vqa"]["correct"] >= 7  # 8 of 16 measured
+    _same_as_before_the_move(out, "fudoki-shapes")
 
 
 def test_showcase_unifluid_generates_answers_and_edits(tmp_path, capsys) -> None:
@@ -69,6 +89,7 @@ def test_showcase_unifluid_generates_answers_and_edits(tmp_path, capsys) -> None
     assert summary["t2i"]["passed"] >= 8  # 9 of 28 measured
     assert summary["vqa"]["correct"] >= 5  # 6 of 16 measured
     assert summary["edit"]["correct"] >= 3  # 4 of 24 measured
+    _same_as_before_the_move(out, "unifluid-shapes")
 
 
 def test_showcase_missing_checkpoint(tmp_path, capsys) -> None:
