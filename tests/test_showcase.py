@@ -25,11 +25,12 @@ def _same_as_before_the_move(out: Path, model: str) -> None:
     the package reorganisation (issue 15): ``tests/golden/showcase.json`` holds a hash of each
     picture's pixels and the answers, recorded at commit 426952f."""
     golden = json.loads(GOLDEN.read_text())[model]
-    pictures = {
-        name: hashlib.sha256(np.asarray(Image.open(out / name).convert("RGB")).tobytes()).hexdigest()[:16]
-        for name in golden["pictures"]
-    }
-    changed = sorted(name for name, digest in golden["pictures"].items() if pictures[name] != digest)
+
+    def digest(name: str) -> str:
+        pixels = np.asarray(Image.open(out / name).convert("RGB"))
+        return hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
+
+    changed = sorted(name for name, want in golden["pictures"].items() if digest(name) != want)
     assert not changed, f"pictures differ from the recorded ones: {changed}"
     answers = [a["answer"] for a in json.loads((out / "answers.json").read_text())]
     assert answers == golden["answers"]
