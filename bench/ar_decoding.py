@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from kineflow.data.shapes.prompts import prompt_set
+from kineflow.inputs.layout import text_to_image_layout
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.models.llama import LlamaConfig
 from kineflow.pipelines import FudokiPipeline, FudokiPipelineConfig
 from kineflow.pipelines.autoregressive import decode_autoregressive
-from kineflow.pipelines.layout import text_to_image_layout
 from kineflow.tokenizers.autoencoder import AutoencoderConfig
 from kineflow.tokenizers.text import train_text_tokenizer
 from kineflow.tokenizers.vq import VQConfig

@@ -363,7 +363,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def _official_slots(pipe: FudokiPipeline, batch: int) -> int:
-    from kineflow.pipelines.layout import understanding_layout
+    from kineflow.inputs.layout import understanding_layout
 
     _, questions = questions_for(batch, 32)
     layout = understanding_layout(

@@ -11,7 +11,7 @@ __all__ = ["load"]
 def __getattr__(name: str) -> Any:
     # Lazy: ``import kineflow`` (and the CLI's start-up) should not pay for the model code.
     if name == "load":
-        from kineflow.loading import load
+        from kineflow.pipelines.loading import load
 
         return load
     raise AttributeError(f"module 'kineflow' has no attribute {name!r}")

@@ -10,10 +10,10 @@ from PIL import Image
 
 import kineflow.pipelines.fudoki as fudoki_module
 from kineflow.flow import classifier_free_guidance
+from kineflow.inputs.images import preprocess_understanding
+from kineflow.inputs.layout import text_to_image_layout, understanding_layout
 from kineflow.pipelines import FudokiPipeline
 from kineflow.pipelines.autoregressive import decode_autoregressive
-from kineflow.pipelines.images import preprocess_understanding
-from kineflow.pipelines.layout import text_to_image_layout, understanding_layout
 
 P, L = 4, 16  # understanding placeholders, generation image tokens of the tiny model
 PROMPTS = ["a red circle", "two green triangles left of a yellow circle", "a blue square"]

@@ -1,4 +1,4 @@
-"""kineflow.checkpoint_files: weight files of checkpoint folders and embedding tables."""
+"""kineflow.interop.checkpoint_files: weight files of checkpoint folders and embedding tables."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from kineflow.checkpoint_files import (
+from kineflow.interop.checkpoint_files import (
     WEIGHT_FILES,
     load_embedding_table,
     read_weights,

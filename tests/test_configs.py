@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kineflow.apps.reproduce import ReproduceConfig
 from kineflow.cli import main
-from kineflow.reproduce import ReproduceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

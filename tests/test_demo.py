@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from kineflow.apps.demo import PATH_KINDS, run_demo, toy_problem
 from kineflow.cli import main
-from kineflow.demo import PATH_KINDS, run_demo, toy_problem
 
 STEPS, SAMPLES, SEED = 8, 8, 0
 ARGS = ["--steps", str(STEPS), "--samples", str(SAMPLES), "--seed", str(SEED)]

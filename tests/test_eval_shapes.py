@@ -18,8 +18,8 @@ from kineflow.cli import main
 from kineflow.data.shapes.prompts import CATEGORIES, passes, prompt_set
 from kineflow.data.shapes.scene import Scene
 from kineflow.eval.detector import detect
-from kineflow.eval.shapes import FAIL_COLOUR, PASS_COLOUR, contact_sheet, score_vqa
-from kineflow.eval.shapes_files import evaluate, load_prompts, write_reference
+from kineflow.eval.score_files import evaluate, load_prompts, write_reference
+from kineflow.eval.scores import FAIL_COLOUR, PASS_COLOUR, contact_sheet, score_vqa
 from kineflow.tokenizers.text import TextTokenizer
 
 

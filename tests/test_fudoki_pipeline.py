@@ -12,9 +12,9 @@ from janus_fixture import random_model, tiny_config, tiny_pipeline
 from PIL import Image
 
 from kineflow.flow import classifier_free_guidance
+from kineflow.inputs.images import preprocess_understanding, resize_pad
+from kineflow.inputs.layout import text_to_image_layout, understanding_layout
 from kineflow.pipelines import FudokiPipeline, FudokiPipelineConfig
-from kineflow.pipelines.images import preprocess_understanding, resize_pad
-from kineflow.pipelines.layout import text_to_image_layout, understanding_layout
 from kineflow.tokenizers.text import BOI, EOI, IMAGE
 
 P, L = 4, 16  # understanding placeholders, generation image tokens of the tiny model

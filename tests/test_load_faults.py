@@ -23,11 +23,11 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
 import kineflow
-from kineflow import load_checks
 from kineflow.data.image_file import ImageFileError
 from kineflow.data.manifest import ManifestError, read_manifest
+from kineflow.inputs.images import load_image
+from kineflow.interop import load_checks
 from kineflow.io import check_state_dict, read_json_object, read_jsonl
-from kineflow.pipelines.images import load_image
 from kineflow.tokenizers.text import TextTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

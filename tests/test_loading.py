@@ -11,9 +11,8 @@ from janus_fixture import EXTRA_MODEL_VOCAB, write_janus_checkpoint
 from safetensors.torch import load_file, save_file
 
 import kineflow
-from kineflow import loading
 from kineflow.models.fudoki import FudokiModel
-from kineflow.pipelines import FudokiPipeline
+from kineflow.pipelines import FudokiPipeline, loading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,13 +17,13 @@ from janus_fixture import write_janus_checkpoint
 from torch import nn
 
 import kineflow
-from kineflow import loading
 from kineflow.models import size
 from kineflow.models.diffusion_head import DiffusionHead, DiffusionHeadConfig
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.models.llama import LlamaConfig, LlamaModel
 from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel
+from kineflow.pipelines import loading
 from kineflow.tokenizers.autoencoder import AutoencoderConfig, Decoder, Encoder
 from kineflow.tokenizers.kl_vae import AutoencoderKL, KLConfig
 from kineflow.tokenizers.vq import VQConfig, VQModel
@@ -266,7 +266,7 @@ def test_cli_names_the_size_limit(tmp_path) -> None:
 
 def test_meta_device_state_has_the_real_dtypes() -> None:
     """load_checks builds models on the meta device to learn their dtypes: it must match."""
-    from kineflow.load_checks import expected_state
+    from kineflow.interop.load_checks import expected_state
 
     real = FudokiModel(fudoki()).state_dict()
     meta = expected_state(FudokiModel, fudoki())

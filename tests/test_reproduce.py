@@ -12,13 +12,13 @@ import torch
 import yaml
 from PIL import Image
 
+from kineflow.apps.reproduce import ReproduceConfig
 from kineflow.cli import main
 from kineflow.data.shapes.prompts import prompt_set, scene_for_prompt
 from kineflow.data.shapes.render import render_image
 from kineflow.data.shapes.scene import ShapesWorld
 from kineflow.eval.plot import plot_metrics, read_metrics
 from kineflow.eval.self_correction import picture_corrections, token_revisions
-from kineflow.reproduce import ReproduceConfig
 
 VISION = {"image_size": 32, "patch_size": 16, "hidden_size": 16, "intermediate_size": 32,
           "num_hidden_layers": 1, "num_attention_heads": 2}  # fmt: skip

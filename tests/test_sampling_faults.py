@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import kineflow
+from kineflow.inputs.checks import check_device, check_options, check_texts
+from kineflow.inputs.layout import DEFAULT_TEXT_TOKENS, text_layout
 from kineflow.pipelines import FudokiPipelineConfig
-from kineflow.pipelines.layout import DEFAULT_TEXT_TOKENS, text_layout
-from kineflow.pipelines.options import check_device, check_options, check_texts
 from kineflow.pipelines.unifluid import UnifluidPipelineConfig
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"

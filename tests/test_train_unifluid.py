@@ -342,7 +342,7 @@ def test_trajectory_shows_the_tokens_arriving_in_order(trained) -> None:
 def test_load_image_takes_arrays_and_names_unsupported_input() -> None:
     import numpy as np
 
-    from kineflow.pipelines.images import load_image
+    from kineflow.inputs.images import load_image
 
     array = np.zeros((8, 6, 3), dtype=np.uint8)
     assert load_image(array).size == (6, 8)
@@ -420,7 +420,7 @@ def test_cli_train_unifluid(assets, tmp_path, capsys) -> None:
 
 
 def test_shared_evaluation_runs_on_unifluid_with_editing(trained) -> None:
-    from kineflow.eval.model_shapes import evaluate_model, summary
+    from kineflow.eval.benchmark import evaluate_model, summary
 
     report = evaluate_model(trained, max_prompts_per_category=1, vqa_items=2, caption_items=1,
                             edit_items=3, batch_size=4, progress=False)  # fmt: skip

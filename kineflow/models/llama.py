@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kineflow.checkpoint_files import read_weights
 from kineflow.config import check_config_keys
+from kineflow.interop.checkpoint_files import read_weights
 from kineflow.io import check_state_dict, read_json_object
 
 MASK_MODES = ("causal", "full", "prefix")

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from kineflow.flow import classifier_free_guidance
 from kineflow.flow.sampling import sample_logits
+from kineflow.inputs.layout import Layout
 from kineflow.models.fudoki import FudokiModel
 from kineflow.models.llama import KVCache
-from kineflow.pipelines.layout import Layout
 
 __all__ = ["decode_autoregressive"]
 

@@ -1,6 +1,6 @@
 """FUDOKI inference: text-to-image, image understanding and text generation with one model.
 
-Each task lays out a batch (:mod:`kineflow.pipelines.layout`), draws the region from the
+Each task lays out a batch (:mod:`kineflow.inputs.layout`), draws the region from the
 metric path's source (uniform over the vocabulary, no mask token) and runs the Euler CTMC
 solver (:class:`kineflow.flow.EulerSolver`) with the model as denoiser ``p_θ(x_1 | x_t)``:
 
@@ -40,17 +40,17 @@ from kineflow.config import check_config_keys
 from kineflow.data.example import tensor_to_image
 from kineflow.flow import EulerSolver, MaskedPath, MetricPath, classifier_free_guidance
 from kineflow.flow.path import DiscretePath
-from kineflow.io import atomic_save_safetensors, load_pretrained_folder, save_pretrained_folder
-from kineflow.models.fudoki import FudokiConfig, FudokiModel
-from kineflow.pipelines.autoregressive import decode_autoregressive
-from kineflow.pipelines.images import load_image, pair_images, preprocess_understanding
-from kineflow.pipelines.layout import (
+from kineflow.inputs.checks import check_device, check_options
+from kineflow.inputs.images import load_image, pair_images, preprocess_understanding
+from kineflow.inputs.layout import (
     Layout,
     text_layout,
     text_to_image_layout,
     understanding_layout,
 )
-from kineflow.pipelines.options import check_device, check_options
+from kineflow.io import atomic_save_safetensors, load_pretrained_folder, save_pretrained_folder
+from kineflow.models.fudoki import FudokiConfig, FudokiModel
+from kineflow.pipelines.autoregressive import decode_autoregressive
 from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.tokenizers.text import TextTokenizer
 
@@ -82,7 +82,7 @@ class FudokiPipelineConfig:
     ``d = ‖ê_x − ê_y‖^p``, ``β_t = c (t / (1 − t))^a`` (FUDOKI: p = 4, a = 0.9, c = 3).
     ``text_budget``: text tokens a sequence may hold besides the image (FUDOKI's
     ``txt_max_length``, 500). ``image_mean``/``image_std``/``background``: understanding
-    preprocessing (:mod:`kineflow.pipelines.images`). ``steps``, ``cfg_scale``,
+    preprocessing (:mod:`kineflow.inputs.images`). ``steps``, ``cfg_scale``,
     ``answer_tokens``: defaults of the sampling calls (``answer_tokens=None``: the official
     layout, answers fill the text budget). ``path``: ``"metric"`` (FUDOKI) or ``"masked"``
     (the absorbing-state baseline: text mask = the pad token, image mask = the extra image id
@@ -280,7 +280,7 @@ class FudokiPipeline:
         makes the result reproducible. ``progress``: a tqdm bar over the solver steps.
 
         Raises:
-            ValueError: an option out of range (see :mod:`kineflow.pipelines.options`), an
+            ValueError: an option out of range (see :mod:`kineflow.inputs.checks`), an
                 empty prompt or one too long for the model, before any sampling.
         """
         o = check_options(steps=steps, cfg_scale=cfg_scale, temperature=temperature,
@@ -390,7 +390,7 @@ class FudokiPipeline:
         prompt, in ``max_tokens`` slots cut at the first EOS. Greedy targets by default.
 
         ``max_tokens=None`` gives each prompt what the text budget leaves after it, at most
-        :data:`~kineflow.pipelines.layout.DEFAULT_TEXT_TOKENS` (64). ``trajectory`` of the
+        :data:`~kineflow.inputs.layout.DEFAULT_TEXT_TOKENS` (64). ``trajectory`` of the
         result is None unless ``return_trajectory=True``.
         """
         o = check_options(max_tokens=max_tokens, steps=steps, temperature=temperature,
@@ -643,7 +643,7 @@ class FudokiPipeline:
         dtype: torch.dtype | None = None,
     ) -> FudokiPipeline:
         """:func:`kineflow.load` (a Janus / FUDOKI release, a kineflow folder or a hub id)."""
-        from kineflow.loading import load
+        from kineflow.pipelines.loading import load
 
         return load(name, device=device, dtype=dtype)
 

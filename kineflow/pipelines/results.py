@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from kineflow.pipelines.images import save_gif, save_strip
+from kineflow.inputs.images import save_gif, save_strip
 
 __all__ = ["ImageResult", "TextResult"]
 

@@ -30,17 +30,17 @@ from torch import Tensor
 
 from kineflow.config import check_config_keys
 from kineflow.data.example import tensor_to_image
-from kineflow.io import load_pretrained_folder, save_pretrained_folder
-from kineflow.models.diffusion_head import add_identity_norms
-from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
-from kineflow.pipelines.images import (
+from kineflow.inputs.checks import check_device, check_options, check_texts, too_many_positions
+from kineflow.inputs.images import (
     as_image_list,
     load_image,
     pair_images,
     preprocess_understanding,
 )
-from kineflow.pipelines.layout import understanding_layout
-from kineflow.pipelines.options import check_device, check_options, check_texts, too_many_positions
+from kineflow.inputs.layout import understanding_layout
+from kineflow.io import load_pretrained_folder, save_pretrained_folder
+from kineflow.models.diffusion_head import add_identity_norms
+from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.tokenizers.text import TextTokenizer
 
@@ -133,7 +133,7 @@ class UnifluidPipeline:
     # -- prompts ---------------------------------------------------------------------------------
     def _prompt_rows(self, texts: Any, what: str, image: bool) -> list[list[int]]:
         """The token rows of prompts / instructions (see the module docstring), each checked
-        (:func:`~kineflow.pipelines.options.check_texts`) and, before any model work, refused
+        (:func:`~kineflow.inputs.checks.check_texts`) and, before any model work, refused
         when it and the picture it asks for exceed the model's positions."""
         tok, L = self.tokenizer, self.model.config.num_image_tokens
         rows = []

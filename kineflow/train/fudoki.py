@@ -13,7 +13,7 @@ captioning sample. A sample's loss is the mean over its region; the batch loss i
 over samples, so it averages exactly over processes (:mod:`kineflow.train.loop`).
 
 A batch mixes generation and understanding samples (``data.understanding_ratio``), laid out
-with the inference layouts of :mod:`kineflow.pipelines.layout`, so training and sampling see
+with the inference layouts of :mod:`kineflow.inputs.layout`, so training and sampling see
 identical sequences. Generation prompts are dropped (replaced by pad) with probability
 ``data.cfg_dropout`` for classifier-free guidance. Each sample draws its task, its scene, its
 ``t``, its corruption and its dropout from its own seeded generator.
@@ -41,16 +41,16 @@ from torch import Tensor, nn
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
-from kineflow.io import atomic_save_safetensors, atomic_write_json
-from kineflow.models.fudoki import FudokiConfig, FudokiModel
-from kineflow.pipelines.fudoki import FudokiPipeline, FudokiPipelineConfig, make_paths
-from kineflow.pipelines.images import preprocess_understanding
-from kineflow.pipelines.layout import (
+from kineflow.inputs.images import preprocess_understanding
+from kineflow.inputs.layout import (
     Layout,
     stack_layouts,
     text_to_image_layout,
     understanding_layout,
 )
+from kineflow.io import atomic_save_safetensors, atomic_write_json
+from kineflow.models.fudoki import FudokiConfig, FudokiModel
+from kineflow.pipelines.fudoki import FudokiPipeline, FudokiPipelineConfig, make_paths
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.tokenizers.vq import VQModel
 from kineflow.train.checkpoint import has_checkpoint

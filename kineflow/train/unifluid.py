@@ -6,7 +6,7 @@ CFG dropout) from its own seeded generator:
     gen    BOS "User: {caption}\\n\\nAssistant:" <boi>  →  the picture's L KL-VAE tokens
     edit   BOS "User: " <boi> <img>×L <eoi> "{instruction}\\n\\nAssistant:" <boi>
            →  the edited picture's tokens (the source picture enters as its own L tokens)
-    und    the understanding layout of :mod:`kineflow.pipelines.layout` (VQA or captioning)
+    und    the understanding layout of :mod:`kineflow.inputs.layout` (VQA or captioning)
            →  the answer slots (answer, then EOS)
 
 Loss (docs/design.md §2.7): each generation / editing sample contributes its diffusion loss, each
@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
+from kineflow.inputs.images import preprocess_understanding
+from kineflow.inputs.layout import stack_layouts, understanding_layout
 from kineflow.io import atomic_write_json
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
-from kineflow.pipelines.images import preprocess_understanding
-from kineflow.pipelines.layout import stack_layouts, understanding_layout
 from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.fudoki import FudokiData, language_with_vocab

@@ -2,7 +2,7 @@
 
 Generation: every GenEval-style prompt of ``test`` (no held-out composition) and ``heldout``
 (each prompt needs one) is sampled ``images_per_prompt`` times, the pictures are read back by
-the detector, and :func:`~kineflow.eval.shapes.score_t2i` gives per-category and overall
+the detector, and :func:`~kineflow.eval.scores.score_t2i` gives per-category and overall
 accuracy. Understanding: ``vqa_items`` test questions (one-word answers, exact match) and
 ``caption_items`` test pictures (a caption counts when it parses back to the exact scene).
 Editing (pipelines with an ``edit`` method, ``edit_items`` > 0): the edited test picture must
@@ -22,7 +22,7 @@ from kineflow.data.shapes.prompts import prompt_set
 from kineflow.data.shapes.render import render_image
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.eval.detector import detect
-from kineflow.eval.shapes import score_captions, score_edits, score_t2i, score_vqa
+from kineflow.eval.scores import score_captions, score_edits, score_t2i, score_vqa
 
 __all__ = ["evaluate_model", "summary"]
 

@@ -33,7 +33,7 @@ from kineflow.data.shapes.prompts import Prompt, prompt_set, scene_for_prompt
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import SPLITS, Scene, ShapesWorld, WorldConfig
 from kineflow.eval.detector import as_uint8_images, detect
-from kineflow.eval.shapes import (
+from kineflow.eval.scores import (
     contact_sheet,
     score_captions,
     score_edits,

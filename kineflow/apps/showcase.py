@@ -67,8 +67,8 @@ def run_showcase(
     from kineflow.data.shapes.render import render_image
     from kineflow.data.shapes.scene import Scene, ShapesWorld
     from kineflow.eval.detector import detect
-    from kineflow.eval.shapes import contact_sheet
-    from kineflow.pipelines.images import save_gif, save_strip
+    from kineflow.eval.scores import contact_sheet
+    from kineflow.inputs.images import save_gif, save_strip
     from kineflow.pipelines.unifluid import UnifluidPipeline
 
     out = Path(out)
@@ -162,7 +162,7 @@ def _edits(pipe: Any, out: Path, n: int, seed: int) -> list[dict[str, Any]]:
     from kineflow.data.shapes.render import render
     from kineflow.data.shapes.scene import Scene, ShapesWorld
     from kineflow.eval.detector import detect
-    from kineflow.eval.shapes import contact_sheet
+    from kineflow.eval.scores import contact_sheet
 
     world = ShapesWorld()
     items = [draw_item(world, "edit", "test", i) for i in range(n)]

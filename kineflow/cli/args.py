@@ -3,7 +3,7 @@ name and exits with status 2 (``kineflow generate: error: argument --cfg: ...``)
 
 They run before any model is loaded, so a typo costs nothing; they import nothing heavy (no
 torch), so ``kineflow --help`` stays fast. The pipelines check the same rules again at their
-API boundary (:mod:`kineflow.pipelines.options`) for callers that are not the CLI.
+API boundary (:mod:`kineflow.inputs.checks`) for callers that are not the CLI.
 """
 
 from __future__ import annotations

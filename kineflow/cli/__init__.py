@@ -4,8 +4,8 @@ Every command is a :class:`Command`: a name, help texts, a function adding its o
 handler of the parsed arguments returning the exit status. A new command (``train``,
 ``generate``, ``eval``) is one more entry of :data:`COMMANDS`. Handlers import their heavy
 modules themselves, so ``kineflow --help`` and argument errors do not wait for torch. The
-argument types live in :mod:`kineflow.cli_args`, the sampling commands (``generate``,
-``answer``, ``edit``, ``showcase``) in :mod:`kineflow.cli_sampling`.
+argument types live in :mod:`kineflow.cli.args`, the sampling commands (``generate``,
+``answer``, ``edit``, ``showcase``) in :mod:`kineflow.cli.sampling`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kineflow import __version__
-from kineflow.cli_args import int_in_range, output_dir
-from kineflow.cli_sampling import ANSWER, EDIT, GENERATE, SHOWCASE
+from kineflow.cli.args import int_in_range, output_dir
+from kineflow.cli.sampling import ANSWER, EDIT, GENERATE, SHOWCASE
 
 # -- commands -----------------------------------------------------------------------------------
 MAX_STEPS = 256  # the GIF holds one frame per step and the sweep runs 4x steps
@@ -45,7 +45,7 @@ def _demo_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from kineflow.demo import format_report, run_demo
+    from kineflow.apps.demo import format_report, run_demo
 
     summary = run_demo(
         args.out, steps=args.steps, seed=args.seed, samples=args.samples, images=args.images
@@ -184,7 +184,7 @@ def _data_reference_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_data_reference(args: argparse.Namespace) -> int:
-    from kineflow.eval.shapes_files import write_reference
+    from kineflow.eval.score_files import write_reference
 
     path = write_reference(args.task, args.out, args.split, args.n, args.samples_per_prompt)
     print(f"ground-truth {args.task} outputs written to {path}")
@@ -252,8 +252,8 @@ def _eval_shapes_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval_shapes(args: argparse.Namespace) -> int:
-    from kineflow.eval.shapes import format_report
-    from kineflow.eval.shapes_files import evaluate
+    from kineflow.eval.score_files import evaluate
+    from kineflow.eval.scores import format_report
 
     out = args.out or (args.samples if args.samples.is_dir() else args.samples.parent)
     try:
@@ -427,7 +427,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# -- sampling with a trained model: kineflow/cli_sampling.py -----------------------------------
+# -- sampling with a trained model: kineflow/cli/sampling.py -----------------------------------
 
 
 def _reproduce_options(parser: argparse.ArgumentParser) -> None:
@@ -445,7 +445,7 @@ def _reproduce_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
-    from kineflow.reproduce import ReproduceConfig, reproduce
+    from kineflow.apps.reproduce import ReproduceConfig, reproduce
 
     try:
         config = ReproduceConfig.from_yaml(args.config)

@@ -12,7 +12,7 @@ whose ``config.json`` says what it holds:
     (``image_size``, ``image_mean``, ``image_std``, ``background_color``) and
     ``processor_config.json`` (``num_image_tokens``, ``sft_format``); and the metric tables
     ``text_embedding.pt`` / ``image_embedding.pt`` (pickled ``nn.Embedding`` modules, read
-    without running any other pickled code, see :mod:`kineflow.checkpoint_files`).
+    without running any other pickled code, see :mod:`kineflow.interop.checkpoint_files`).
 
 The metric tables: the text table is the language model's input embedding
 ``language_model.model.embed_tokens.weight`` [V, D] and the image table the VQ codebook
@@ -26,7 +26,7 @@ Every load is checked before it is trusted: the model's size is estimated from
 ``config.json`` and refused above a limit before anything is built
 (:mod:`kineflow.models.size`); integer-typed weights for float parameters and (by default,
 for checkpoints under 2 GiB) NaN / inf weights are refused by file and tensor name
-(:mod:`kineflow.load_checks`); and a folder whose save was killed mid-swap is restored first
+(:mod:`kineflow.interop.load_checks`); and a folder whose save was killed mid-swap is restored first
 (:mod:`kineflow.folders`).
 """
 
@@ -43,17 +43,17 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kineflow.checkpoint_files import (
+from kineflow.folders import recover_interrupted_save
+from kineflow.interop.checkpoint_files import (
     load_embedding_table,
     read_weights,
     safetensors_dtypes,
     tensor_file,
     weight_files,
 )
-from kineflow.folders import recover_interrupted_save
+from kineflow.interop.load_checks import check_finite as check_finite_tensors
+from kineflow.interop.load_checks import check_floating, expected_state, wants_finite_check
 from kineflow.io import CONFIG_NAME, TYPE_FIELD, WEIGHTS_NAME, read_json_object
-from kineflow.load_checks import check_finite as check_finite_tensors
-from kineflow.load_checks import check_floating, expected_state, wants_finite_check
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.models.size import check_model_size
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel
@@ -137,7 +137,7 @@ def load(
     (:func:`kineflow.models.size.check_model_size`) and a model above the limit is refused;
     before weights are copied in, every floating-point parameter must be stored as a
     floating-point tensor; with ``check_finite``, every weight and metric table must be free
-    of NaN and inf (:mod:`kineflow.load_checks`).
+    of NaN and inf (:mod:`kineflow.interop.load_checks`).
 
     Args:
         name: a folder, or a hub id fetched when no such folder exists.
@@ -146,7 +146,7 @@ def load(
         max_bytes: the size limit (default: the ``KINEFLOW_MAX_MODEL_BYTES`` environment
             variable, else the smaller of the machine's RAM and 64 GiB).
         check_finite: check for NaN / inf; None (default): when the weight files take less
-            than :data:`~kineflow.load_checks.FINITE_CHECK_BYTES` (2 GiB).
+            than :data:`~kineflow.interop.load_checks.FINITE_CHECK_BYTES` (2 GiB).
 
     Raises:
         FileNotFoundError: no such folder / hub repository, or a required file is missing.

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kineflow.cli_args import DEVICE_FORMS, device_name, finite_float, int_in_range, output_dir
+from kineflow.cli.args import DEVICE_FORMS, device_name, finite_float, int_in_range, output_dir
 
 __all__ = ["ANSWER", "CLI_ERRORS", "EDIT", "GENERATE", "SHOWCASE"]
 
@@ -296,7 +296,7 @@ def _showcase_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_showcase(args: argparse.Namespace) -> int:
-    from kineflow.showcase import format_showcase, run_showcase
+    from kineflow.apps.showcase import format_showcase, run_showcase
 
     try:
         run_showcase(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kineflow.pipelines.options import check_texts, too_many_positions
+from kineflow.inputs.checks import check_texts, too_many_positions
 from kineflow.tokenizers.text import TextTokenizer
 
 #: Answer slots of text-only generation when none are asked for (fewer if the budget is short).

@@ -24,7 +24,7 @@ Every discrete model trains on the same batches for the same number of optimizer
 same network (equal training compute); ``fudoki_from_ar`` splits its N steps into N/2 AR + N/2
 DFM. The UniFluid runs share that backbone size and batch size on continuous tokens.
 Training and evaluation jobs run as subprocesses (``kineflow train ...``, ``python -m
-kineflow.reproduce eval RUN``), ``jobs`` at a time in dependency order, each with
+kineflow.apps.reproduce eval RUN``), ``jobs`` at a time in dependency order, each with
 ``cpu_count // jobs`` threads (two one-thread jobs use a 2-core CPU better than one two-thread
 job), so a finished model is evaluated while the others train; logs are in out/logs/.
 """
@@ -182,7 +182,7 @@ class _Job:
 
     def command(self, config_file: Path) -> list[str]:
         if self.kind == "eval":
-            return [sys.executable, "-m", "kineflow.reproduce", "eval", self.config["run"],
+            return [sys.executable, "-m", "kineflow.apps.reproduce", "eval", self.config["run"],
                     str(config_file)]  # fmt: skip
         return [sys.executable, "-m", "kineflow", "train", self.kind, "--config",
                 str(config_file), "--no-progress", *self.extra_args]  # fmt: skip
@@ -332,11 +332,11 @@ def _evaluate(name: str, out: Path, settings: EvalSettings, log: Callable) -> di
 
     import kineflow
     from kineflow.data.shapes.prompts import passes, prompt_set
+    from kineflow.eval.benchmark import evaluate_model, summary
     from kineflow.eval.detector import detect
-    from kineflow.eval.model_shapes import evaluate_model, summary
+    from kineflow.eval.scores import contact_sheet
     from kineflow.eval.self_correction import picture_corrections, token_revisions
-    from kineflow.eval.shapes import contact_sheet
-    from kineflow.pipelines.images import save_gif, save_strip
+    from kineflow.inputs.images import save_gif, save_strip
     from kineflow.pipelines.unifluid import UnifluidPipeline
 
     s = settings
@@ -420,8 +420,8 @@ def _unifluid_figures(
     from kineflow.data.shapes.prompts import prompt_set
     from kineflow.data.shapes.render import render
     from kineflow.data.shapes.scene import Scene, ShapesWorld
-    from kineflow.eval.shapes import contact_sheet
-    from kineflow.pipelines.images import save_gif, save_strip
+    from kineflow.eval.scores import contact_sheet
+    from kineflow.inputs.images import save_gif, save_strip
 
     test = prompt_set("test")
     run = pipe.text_to_image([test[0].text, test[len(test) // 2].text], cfg_scale=s.cfg_scale,
@@ -669,9 +669,9 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m kineflow.reproduce eval RUN CONFIG``: the evaluation job of one run."""
+    """``python -m kineflow.apps.reproduce eval RUN CONFIG``: the evaluation job of one run."""
     if len(argv) != 3 or argv[0] != "eval":
-        print("usage: python -m kineflow.reproduce eval RUN CONFIG_YAML")
+        print("usage: python -m kineflow.apps.reproduce eval RUN CONFIG_YAML")
         return 2
     run, path = argv[1], argv[2]
     raw = _yaml_dict(path)

@@ -1,0 +1,2 @@
+"""Model inputs shared by training and sampling: sequence layouts, image preprocessing,
+input checks."""
