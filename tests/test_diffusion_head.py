@@ -111,3 +111,59 @@ def test_bad_shapes() -> None:
         head.sample(torch.zeros(3, 7))
     with pytest.raises(ValueError, match="sample_steps=20 exceeds steps=10"):
         DiffusionHeadConfig(4, 8, steps=10, sample_steps=20)
+
+
+def _sample_by_hand(head: DiffusionHead, z, z_uncond, w, generator) -> torch.Tensor:
+    """The reverse chain written out with host-side tables and noise drawn step by step, the way
+    the sampler worked before its loop was made static: the static loop must match it."""
+    sched = head.sample_schedule
+    M, C = z.shape[0], head.config.token_dim
+    x = torch.randn((M, C), generator=generator)
+    for i in reversed(range(len(sched))):
+        index = torch.full((M,), i)
+        t = torch.full((M,), float(sched.kept[i]))
+        both = head.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z_uncond]))
+        cond, uncond = both.chunk(2)
+        eps = uncond[:, :C] + w * (cond[:, :C] - uncond[:, :C])
+        mean = sched.posterior_mean(sched.predict_x0(x, index, eps), x, index)
+        if i == 0:
+            return mean
+        std = torch.exp(0.5 * sched.log_variance(index, cond[:, C:]))
+        x = mean + 0.7 * std * torch.randn((M, C), generator=generator)
+    return x
+
+
+def test_static_sampling_loop_draws_the_same_tokens_as_the_step_by_step_chain() -> None:
+    torch.manual_seed(0)
+    head = DiffusionHead(DiffusionHeadConfig(token_dim=3, cond_dim=4, width=16, depth=2,
+                                             steps=50, sample_steps=10))  # fmt: skip
+    for p in head.parameters():
+        nn.init.normal_(p, std=0.3)
+    z, z_uncond = torch.randn(5, 4), torch.randn(5, 4)
+    want = _sample_by_hand(head, z, z_uncond, 2.5, torch.Generator().manual_seed(3))
+    got = head.sample(z, z_uncond=z_uncond, cfg_scale=2.5, temperature=0.7,
+                      generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_one_denoising_step_compiles_as_one_graph(last: bool) -> None:
+    """GPU-friendliness checked on the CPU: a reverse step has static shapes and no host reads,
+    so dynamo takes it as a single graph (then ``torch.compile`` or a CUDA graph can)."""
+    import torch._dynamo
+
+    head = DiffusionHead(DiffusionHeadConfig(token_dim=3, cond_dim=4, width=16, depth=2,
+                                             steps=50, sample_steps=10))  # fmt: skip
+    sched = head.sample_schedule
+    i = 0 if last else 5
+
+    def step(x, z, z_uncond, w, noise):
+        return head.denoise_step(x, i, z, None if last else noise, sched=sched,
+                                 z_uncond=z_uncond, cfg_scale=w, clip_x0=3.0)  # fmt: skip
+
+    torch._dynamo.reset()
+    args = (torch.randn(6, 3), torch.randn(6, 4), torch.randn(6, 4), torch.full((6, 1), 2.0),
+            torch.randn(6, 3))  # fmt: skip
+    report = torch._dynamo.explain(step)(*args)
+    assert report.graph_break_count == 0, report.break_reasons
+    assert report.graph_count == 1

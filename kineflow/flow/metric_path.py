@@ -134,6 +134,17 @@ class MetricPath(DiscretePath):
             d, p = d[inverse], p[inverse]
         return self._downhill(d, x_t).mul_(p)
 
+    def fixed_shape_unit_rates(self, x_t: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+        """:meth:`_unit_rates` for every row (no ``torch.unique`` of the targets, whose size
+        depends on the data) and with the ``β_t = ∞`` guard applied unconditionally (no host
+        read of ``isfinite``). Equal values: where ``d = 0`` the guard writes 0 and the product
+        is ``−0`` or NaN; where ``d > 0`` both keep ``−β_t d``."""
+        d = self.distances(x1)
+        beta = self.beta(t).to(d.dtype).unsqueeze(-1)
+        logits = torch.where(d > 0, d * -beta, torch.zeros_like(d))
+        p = torch.log_softmax(logits, dim=-1).exp_()
+        return self._downhill(d, x_t).mul_(p)
+
     @staticmethod
     def _downhill(d: Tensor, x_t: Tensor) -> Tensor:
         """``[d(x_t, x1) − d(x, x1)]_+`` for every x: Float[..., V]."""

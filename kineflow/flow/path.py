@@ -63,6 +63,12 @@ class DiscretePath(nn.Module):
         """Unchecked ``r_t(·, x_t | x1)`` (zero on the entry of ``x_t``)."""
         raise NotImplementedError
 
+    def fixed_shape_unit_rates(self, x_t: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+        """``_unit_rates`` computed with no data-dependent shapes and no host reads, for the
+        solver's fixed-shape step (:mod:`kineflow.flow.static_step`). The same values; by
+        default the same code, which subclasses override where theirs branches on the data."""
+        return self._unit_rates(x_t, x1, t)
+
     def final_state(self, x_t: Tensor, x1: Tensor) -> Tensor:
         """Where the chain ends at t = 1 from ``x_t`` given target ``x1`` (the solver's last
         step). ``p_1 = δ_{x1}``, so by default every token lands on ``x1``."""

@@ -26,11 +26,16 @@ def _search(cdf: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, u, right=True)
 
 
-def categorical(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def categorical(
+    weights: Tensor, generator: torch.Generator | None = None, u: Tensor | None = None
+) -> Tensor:
     """Draw one index per row from unnormalised non-negative ``weights``.
 
     Args:
         weights: Float[..., V], each row with a positive sum.
+        generator: source of the one uniform per row.
+        u: Float64[M, 1] (M = rows), uniforms on [0, 1) drawn beforehand instead of from
+            ``generator`` (e.g. by :func:`uniforms`, so that a compiled step draws nothing).
     Returns:
         Long[...]: ``i`` with probability ``weights[..., i] / weights.sum(-1)``. Indices with
         zero weight are never drawn.
@@ -48,7 +53,8 @@ def categorical(weights: Tensor, generator: torch.Generator | None = None) -> Te
     if full * size < V:
         sums = torch.cat([sums, w[:, full * size :].sum(-1, keepdim=True)], 1)
     block_cdf = sums.double().cumsum(-1)
-    u = torch.rand(M, 1, generator=generator, device=w.device, dtype=torch.float64)
+    if u is None:
+        u = uniforms(M, generator, w.device)
     u = u * block_cdf[:, -1:]
     block = _search(block_cdf, u)  # [M, 1]
     # Position of u inside the chosen block, then the same search over that block's states.
@@ -57,6 +63,29 @@ def categorical(weights: Tensor, generator: torch.Generator | None = None) -> Te
     inside = cols < V  # the last block may be shorter
     w_block = torch.where(inside, w.gather(-1, cols.clamp(max=V - 1)), 0).to(torch.float64)
     return (cols.gather(-1, _search(w_block.cumsum(-1), u))).reshape(lead)
+
+
+def uniforms(rows: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """The Float64[rows, 1] uniforms :func:`categorical` consumes for ``rows`` draws."""
+    return torch.rand(rows, 1, generator=generator, device=device, dtype=torch.float64)
+
+
+def race(weights: Tensor, exponentials: Tensor) -> Tensor:
+    """Draw one index per row by an exponential race: ``argmax_i w_i / E_i``, ``E_i ~ Exp(1)``.
+
+    ``E_i / w_i ~ Exp(w_i)`` independently, and the first of independent exponential clocks to
+    ring is ``i`` with probability ``w_i / Σ_j w_j`` (the Gumbel-max trick in another form), so
+    this is an exact categorical draw. It takes one elementwise pass and one ``argmax`` over
+    ``[..., V]`` and no prefix sums: on a GPU a few fused kernels with static shapes, where the
+    inverse CDF needs two searches. Zero weights never win.
+
+    Args:
+        weights: Float[..., V], non-negative; a row of zeros returns index 0 (callers mask it).
+        exponentials: Float[..., V], i.i.d. Exp(1) (``torch.empty(...).exponential_()``).
+    Returns:
+        Long[...].
+    """
+    return (weights / exponentials).argmax(-1)
 
 
 def sample_logits(

@@ -35,6 +35,20 @@ per modality name, ``region`` maps each name to the positions it generates, and 
 returns one logits tensor per name (over that modality's vocabulary). Tokens outside every
 region never change. Work is done on the flattened region positions in chunks, so peak memory
 is ``O(chunk · V)`` no matter how long the sequence.
+
+Two strategies compute the same step (same next-state law):
+
+* ``"compact"`` (CPU): small chunks that fit the caches, targets de-duplicated, only the
+  positions that jump draw a destination, bad logits raise at once. Each of these reads a value
+  back to the host (``jump.any()``, boolean indexing, ``torch.unique``, the finiteness test).
+* ``"static"`` (GPU): :mod:`kineflow.flow.static_step`, fixed shapes over every region
+  position, random numbers drawn before each step, chunks only where the memory bound asks for
+  them, bad logits flagged on the device and reported once after the last step. Per solve the
+  host reads the region positions and the flags once; per step, nothing.
+
+``strategy="auto"`` picks ``"static"`` with the exponential-race sampler on CUDA and
+``"compact"`` elsewhere: on the 2-core CPU the compact step is the faster one
+(``bench/solver_speed.py`` reports both).
 """
 
 from __future__ import annotations
@@ -48,14 +62,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kineflow.flow._checks import check_ids
-from kineflow.flow.masked_path import MaskedPath
+from kineflow.flow.jumps import Rate, check_rate, jump_probability
 from kineflow.flow.path import DiscretePath
 from kineflow.flow.sampling import categorical, sample_logits
+from kineflow.flow.static_step import SAMPLERS, Sampler, draw_noise, static_step
 
 ModelFn = Callable[[Tensor, Tensor], "Tensor | Mapping[str, Tensor]"]
-Rate = Literal["integrated", "euler", "official"]
-RATES: tuple[str, ...] = ("integrated", "euler", "official")
+Strategy = Literal["auto", "compact", "static"]
+STRATEGIES: tuple[str, ...] = ("auto", "compact", "static")
 _SINGLE = "tokens"  # the modality name used when the solver holds a single path
+#: Default chunk bounds (elements of a Float[rows, V] buffer): 16 MiB for the CPU step (see
+#: ``max_chunk_elements``), 512 MiB for the fixed-shape step, whose point is few, big kernels.
+_CHUNK_ELEMENTS = {"compact": 1 << 22, "static": 1 << 27}
 
 
 @dataclass
@@ -98,46 +116,6 @@ def power_grid(steps: int, power: float = 2.0, device: torch.device | str | None
     return 1 - (1 - uniform_grid(steps, device)) ** power
 
 
-def check_rate(path: DiscretePath, rate: str, label: str = "path") -> None:
-    """Raise ValueError unless ``rate`` is one of :data:`RATES` and applies to ``path``
-    (``"official"`` is refused for a :class:`MaskedPath`; see the module docstring)."""
-    if rate not in RATES:
-        raise ValueError(f"rate must be one of {', '.join(map(repr, RATES))}, got {rate!r}")
-    if rate == "official" and isinstance(path, MaskedPath):
-        raise ValueError(
-            f"rate='official' is the official FUDOKI metric-path step (h·β̇_t with β̇_0 := 0); "
-            f"{label} is a MaskedPath, whose official step is the plain Euler one: use "
-            f"rate='euler' (h·κ̇_t/(1−κ_t)) or rate='integrated' (exact reveal probabilities)"
-        )
-
-
-def clock_increment(path: DiscretePath, rate: str, t: Tensor, t_next: Tensor) -> Tensor:
-    """The clock increment ``Δs`` of one step from ``t`` to ``t_next`` under ``rate``:
-    ``s_{t_next} − s_t`` ("integrated"), ``(t_next − t) · ṡ_t`` ("euler"), or the latter with
-    ``ṡ_t := 0`` where ``t = 0`` ("official", the FUDOKI solver's patch of ``β̇_0 = ∞``)."""
-    check_rate(path, rate)
-    if rate == "integrated":
-        return path.clock(t_next) - path.clock(t)
-    speed = path.clock_dot(t)
-    if rate == "official":
-        speed = torch.where(torch.as_tensor(t) == 0, torch.zeros_like(speed), speed)
-    return (t_next - t) * speed
-
-
-def jump_probability(
-    path: DiscretePath, rate: str, t: Tensor, t_next: Tensor, total: Tensor
-) -> Tensor:
-    """Probability of leaving the current state during ``[t, t_next]``: ``1 − exp(−Δs · λ)``.
-
-    ``total`` holds the unit-clock rates ``λ`` (Float[...]); ``Δs`` is
-    :func:`clock_increment`. Rows with ``λ = 0`` stay put even where ``Δs = +inf`` (Euler at
-    t = 0).
-    """
-    dclock = clock_increment(path, rate, t, t_next)
-    p = -torch.expm1(-dclock.to(total.dtype) * total)
-    return torch.where(total > 0, p, torch.zeros_like(p))
-
-
 class EulerSolver:
     """Sample sequences by simulating the CTMC of one or several discrete paths.
 
@@ -147,11 +125,16 @@ class EulerSolver:
         rate: the clock increment of a step (module docstring): ``"integrated"``
             (``s_{t+h} − s_t``), ``"euler"`` (``h·ṡ_t``) or ``"official"`` (``h·ṡ_t`` with
             ``ṡ_0 := 0``, the official FUDOKI step; refused for a :class:`MaskedPath`).
+        strategy: ``"compact"``, ``"static"`` or ``"auto"`` (module docstring).
+        sampler: the categorical sampler of the static step, ``"inverse_cdf"``, ``"race"`` or
+            ``"auto"`` (race on CUDA; see :mod:`kineflow.flow.static_step`). The compact step
+            always uses the inverse CDF.
         max_chunk_elements: positions are processed ``max(min_chunk_rows,
             max_chunk_elements // V)`` at a time; each chunk holds a few Float[rows, V], which
-            bounds the solver's own peak memory. The default keeps those buffers at 16 MiB:
-            larger ones are handed back to the OS after every use by glibc's allocator, and the
-            page faults cost ~3x at V = 16384 (``bench/solver_speed.py``).
+            bounds the solver's own peak memory. The default for the compact step keeps those
+            buffers at 16 MiB: larger ones are handed back to the OS after every use by glibc's
+            allocator, and the page faults cost ~3x at V = 16384 (``bench/solver_speed.py``);
+            for the static step, 2^27 elements (512 MiB in float32).
         min_chunk_rows: floor on the rows of a chunk: each chunk multiplies its targets'
             embeddings with the whole table, which is only efficient for enough rows (at
             V = 102400, D = 2048, 40-row chunks are ~40% slower than 128-row ones).
@@ -161,8 +144,11 @@ class EulerSolver:
         self,
         path: DiscretePath | Mapping[str, DiscretePath],
         rate: Rate = "integrated",
-        max_chunk_elements: int = 1 << 22,
+        max_chunk_elements: int | None = None,
         min_chunk_rows: int = 128,
+        *,
+        strategy: Strategy = "auto",
+        sampler: Sampler | Literal["auto"] = "auto",
     ) -> None:
         if isinstance(path, DiscretePath):
             self.paths: dict[str, DiscretePath] = {_SINGLE: path}
@@ -177,14 +163,31 @@ class EulerSolver:
             raise TypeError("path must be a DiscretePath or a non-empty mapping of them")
         for name, p in self.paths.items():
             check_rate(p, rate, "the path" if self.single else f"the path of {name!r}")
-        if max_chunk_elements < 1 or min_chunk_rows < 1:
+        if (max_chunk_elements is not None and max_chunk_elements < 1) or min_chunk_rows < 1:
             raise ValueError(
                 f"max_chunk_elements and min_chunk_rows must be positive, got "
                 f"{max_chunk_elements} and {min_chunk_rows}"
             )
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if sampler != "auto" and sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be 'auto' or one of {SAMPLERS}, got {sampler!r}")
         self.rate = rate
-        self.max_chunk_elements = int(max_chunk_elements)
+        self.strategy = strategy
+        self.sampler = sampler
+        self.max_chunk_elements = None if max_chunk_elements is None else int(max_chunk_elements)
         self.min_chunk_rows = int(min_chunk_rows)
+
+    def plan(self, device: torch.device | str) -> tuple[str, str]:
+        """``(strategy, sampler)`` the solver uses for states on ``device``."""
+        cuda = torch.device(device).type == "cuda"
+        strategy = self.strategy if self.strategy != "auto" else ("static" if cuda else "compact")
+        sampler = self.sampler if self.sampler != "auto" else ("race" if cuda else "inverse_cdf")
+        return strategy, sampler
+
+    def _chunk_rows(self, strategy: str, vocab_size: int) -> int:
+        bound = self.max_chunk_elements or _CHUNK_ELEMENTS[strategy]
+        return max(self.min_chunk_rows, bound // vocab_size)
 
     # -- public API ---------------------------------------------------------------------------
     def sample(
@@ -243,6 +246,10 @@ class EulerSolver:
             )
             for name in self.paths
         }
+        strategy, sampler = self.plan(x.device)
+        # Static step: the first step at which each modality saw bad logits (-1: none), kept on
+        # the device and read once after the loop.
+        first_bad = {name: torch.tensor(-1, device=x.device) for name in self.paths}
         x = x.clone()
         states, predictions = ([x.clone()], []) if return_trajectory else (None, None)
         n = grid.numel() - 1
@@ -253,15 +260,20 @@ class EulerSolver:
             final = ends_at_one and k == n - 1
             predicted = x.clone() if return_trajectory else None
             for name, path in self.paths.items():
-                x1 = self._advance(
-                    name, path, x, logits[name], positions[name], t, t_next, final,
-                    *options[name], generator,
-                )  # fmt: skip
+                args = (path, x, logits[name], positions[name], t, t_next, final, *options[name])
+                if strategy == "compact":
+                    x1 = self._advance(name, *args, generator)
+                else:
+                    x1, bad = self._advance_static(*args, generator, sampler)
+                    unseen = (first_bad[name] < 0) & bad
+                    first_bad[name] = torch.where(unseen, k, first_bad[name])
                 if predicted is not None:
                     predicted[positions[name]] = x1
             if return_trajectory:
                 states.append(x.clone())
                 predictions.append(predicted)
+        if strategy == "static":
+            self._raise_on_bad_logits(first_bad, grid)
         return SolverResult(
             samples=x,
             times=grid,
@@ -302,7 +314,7 @@ class EulerSolver:
     ) -> Tensor:
         """Update ``x`` in place on ``positions``; return the predicted targets there (Long[M])."""
         rows, cols = positions
-        chunk = max(self.min_chunk_rows, self.max_chunk_elements // path.vocab_size)
+        chunk = self._chunk_rows("compact", path.vocab_size)
         targets = torch.empty(rows.numel(), dtype=torch.long, device=x.device)
         for start in range(0, rows.numel(), chunk):
             b, i = rows[start : start + chunk], cols[start : start + chunk]
@@ -319,6 +331,51 @@ class EulerSolver:
                 x_t[jump] = categorical(rates[jump], generator)
                 x[b, i] = x_t
         return targets
+
+    def _advance_static(
+        self,
+        path: DiscretePath,
+        x: Tensor,
+        logits: Tensor,
+        positions: tuple[Tensor, Tensor],
+        t: Tensor,
+        t_next: Tensor,
+        final: bool,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+        sampler: Sampler,
+    ) -> tuple[Tensor, Tensor]:
+        """The fixed-shape step on ``positions``: updates ``x`` in place, returns the targets
+        (Long[M]) and whether any row had bad logits (Bool[], on the device)."""
+        rows, cols = positions
+        chunk = self._chunk_rows("static", path.vocab_size)
+        targets = torch.empty(rows.numel(), dtype=torch.long, device=x.device)
+        bad_any = torch.zeros((), dtype=torch.bool, device=x.device)
+        for start in range(0, rows.numel(), chunk):  # one chunk unless memory says otherwise
+            b, i = rows[start : start + chunk], cols[start : start + chunk]
+            noise = draw_noise(
+                sampler, b.numel(), path.vocab_size, temperature=temperature, top_k=top_k,
+                final=final, generator=generator, device=x.device,
+            )  # fmt: skip
+            x_next, x1, bad = static_step(
+                path, self.rate, x[b, i], logits[b, i], t, t_next, noise,
+                temperature=temperature, top_k=top_k, final=final, sampler=sampler,
+            )  # fmt: skip
+            x[b, i] = x_next
+            targets[start : start + b.numel()] = x1
+            bad_any |= bad.any()
+        return targets, bad_any
+
+    @staticmethod
+    def _raise_on_bad_logits(first_bad: dict[str, Tensor], grid: Tensor) -> None:
+        steps = torch.stack(list(first_bad.values())).tolist()  # the solve's one host read
+        for name, k in zip(first_bad, steps, strict=True):
+            if k >= 0:
+                raise ValueError(
+                    f"model_fn returned NaN/inf logits (or no valid target) for modality "
+                    f"{name!r} at t={float(grid[k]):.4f}"
+                )
 
     @staticmethod
     def _targets(

@@ -135,6 +135,14 @@ class CosineSchedule:
     def __len__(self) -> int:
         return len(self.kept)
 
+    def to(self, device: torch.device | str) -> CosineSchedule:
+        """A copy whose tables live on ``device``, so that a sampling loop on a GPU indexes
+        them there instead of copying them over at every step (same float64 values)."""
+        moved = object.__new__(CosineSchedule)
+        for name, value in vars(self).items():
+            setattr(moved, name, value.to(device) if isinstance(value, Tensor) else value)
+        return moved
+
     def gather(self, name: str, index: Tensor, like: Tensor) -> Tensor:
         """``getattr(self, name)[index]`` as ``like``'s dtype / device, shaped ``[M, 1]``."""
         values = getattr(self, name).to(like.device)[index]
@@ -349,27 +357,54 @@ class DiffusionHead(nn.Module):
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         M, C = z.shape[0], self.config.token_dim
-        sched = self.sample_schedule
+        sched = self.sample_schedule.to(z.device)
         w = torch.as_tensor(cfg_scale, dtype=z.dtype, device=z.device).reshape(-1, 1)
-        x = torch.randn((M, C), generator=generator, device="cpu").to(z)
+        # All the noise up front, drawn on the CPU in the order the loop uses it (so a seed gives
+        # the same tokens on every device), then one copy: the loop reads nothing from the host
+        # and draws nothing, so it can be compiled or captured as a CUDA graph.
+        draws = [torch.randn((M, C), generator=generator, device="cpu") for _ in range(len(sched))]
+        noise = torch.stack(draws).to(z)
+        x = noise[0]
         for i in reversed(range(len(sched))):
-            index = torch.full((M,), i, device=z.device)
-            t = torch.full((M,), float(sched.kept[i]), device=z.device)
-            if z_uncond is None:
-                out = self.net(x, t, z)
-            else:
-                both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z_uncond]))
-                cond, uncond = both.chunk(2)
-                out = torch.cat([uncond[:, :C] + w * (cond[:, :C] - uncond[:, :C]),
-                                 cond[:, C:]], dim=-1)  # fmt: skip
-            eps, v = out[:, :C], out[:, C:]
-            x0 = sched.predict_x0(x, index, eps)
-            if clip_x0 is not None:
-                x0 = x0.clamp(-clip_x0, clip_x0)
-            mean = sched.posterior_mean(x0, x, index)
-            if i == 0:
-                return mean
-            std = torch.exp(0.5 * sched.log_variance(index, v))
-            noise = torch.randn((M, C), generator=generator, device="cpu").to(z)
-            x = mean + temperature * std * noise
+            x = self.denoise_step(
+                x, i, z, noise[len(sched) - i] if i > 0 else None, sched=sched, z_uncond=z_uncond,
+                cfg_scale=w, temperature=temperature, clip_x0=clip_x0,
+            )  # fmt: skip
         return x
+
+    def denoise_step(
+        self,
+        x: Tensor,
+        i: int,
+        z: Tensor,
+        noise: Tensor | None,
+        *,
+        sched: CosineSchedule,
+        z_uncond: Tensor | None = None,
+        cfg_scale: Tensor | float = 1.0,
+        temperature: float = 1.0,
+        clip_x0: float | None = None,
+    ) -> Tensor:
+        """One reverse step of :meth:`sample` at chain step ``i``: ``x_i [M, C] -> x_{i−1}``
+        (the posterior mean at ``i = 0``, where ``noise`` is None), with static shapes and no
+        host reads, so that ``torch.compile(fullgraph=True)`` takes it whole."""
+        C = self.config.token_dim
+        M = x.shape[0]
+        index = torch.full((M,), i, device=z.device)
+        t = torch.full((M,), float(sched.kept[i]), device=z.device)
+        if z_uncond is None:
+            out = self.net(x, t, z)
+        else:
+            both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z_uncond]))
+            cond, uncond = both.chunk(2)
+            out = torch.cat([uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C]),
+                             cond[:, C:]], dim=-1)  # fmt: skip
+        eps, v = out[:, :C], out[:, C:]
+        x0 = sched.predict_x0(x, index, eps)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        mean = sched.posterior_mean(x0, x, index)
+        if noise is None:
+            return mean
+        std = torch.exp(0.5 * sched.log_variance(index, v))
+        return mean + temperature * std * noise
