@@ -4,6 +4,8 @@ and the training-curve plot."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +237,16 @@ def test_plot_metrics(tmp_path) -> None:
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     assert out.is_file()
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_eval_job_entry_point() -> None:
+    # The command the eval jobs run; a wrong argument list exits before any work, so this
+    # checks the wiring of the package's __main__ cheaply (the end-to-end test runs it in full).
+    proc = subprocess.run(
+        [sys.executable, "-m", "kineflow.apps.reproduce", "run", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "usage: python -m kineflow.apps.reproduce eval RUN CONFIG_YAML" in proc.stdout
