@@ -13,7 +13,10 @@ from kineflow.cli.command import Command, group
 
 __all__ = ["COMMANDS", "SHAPES_TASKS", "SPLITS"]
 
+# Spelled out rather than imported from kineflow.data.shapes, which loads torch: --help stays fast.
+#: ShapesWorld's splits (kineflow.data.shapes.scene.SPLITS).
 SPLITS = ("train", "val", "test", "heldout")
+#: ShapesWorld's tasks (kineflow.data.shapes.dataset.SHAPES_TASKS).
 SHAPES_TASKS = ("t2i", "caption", "vqa", "edit")
 
 
