@@ -48,3 +48,23 @@ def test_cli_import_does_not_load_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=60, check=True)  # fmt: skip
     assert done.stdout.strip() == "False"
+
+
+def test_help_lists_the_commands_in_their_order(capsys) -> None:
+    """Each command group is its own module; ``kineflow --help`` still lists them in this order."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines if line.startswith("    ") and line[4] != " "]
+    assert listed == ["showcase", "demo", "generate", "answer", "edit",
+                      "data", "train", "reproduce", "plot", "eval"]  # fmt: skip
+
+
+def test_cli_group_modules_do_not_load_torch() -> None:
+    """The handlers import torch, not the modules holding them (``--help`` stays fast)."""
+    modules = "command, args, sampling, demo, data, train, evaluate"
+    code = f"import sys; from kineflow.cli import {modules}; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.strip() == "False"

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from kineflow.cli.args import DEVICE_FORMS, device_name, finite_float, int_in_range, output_dir
+from kineflow.cli.command import Command
 
-__all__ = ["ANSWER", "CLI_ERRORS", "EDIT", "GENERATE", "SHOWCASE"]
+__all__ = ["CLI_ERRORS", "COMMANDS"]
 
 DTYPES = ("float32", "bfloat16")
 #: What a sampling call raises for a user mistake (each with a message naming it).
@@ -315,45 +316,47 @@ def _run_showcase(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the commands (kineflow.cli.COMMANDS lists them) ---------------------------------------------
-SHOWCASE = {
-    "name": "showcase",
-    "help": "the main job: text-to-image, VQA and (UniFluid) editing with a shipped tiny "
-    "FUDOKI or UniFluid model",
-    "description": "Generate pictures for one prompt per ShapesWorld category (plus a "
-    "held-out composition), check them with the detector, write GIFs of the pictures being "
-    "made (FUDOKI: every solver step; UniFluid: the tokens arriving), answer test questions "
-    "and, with a UniFluid checkpoint, edit test pictures. Default: the FUDOKI checkpoint in "
-    "the repository; --model checkpoints/unifluid-shapes for the UniFluid one.",
-    "options": _showcase_options,
-    "handler": _run_showcase,
-}
-GENERATE = {
-    "name": "generate",
-    "help": "text-to-image with a FUDOKI or UniFluid checkpoint (PNG per prompt + GIF)",
-    "description": "Sample one picture per prompt with a FUDOKI or UniFluid checkpoint (the "
-    "family is read from it), e.g. 'kineflow generate --model ckpt \"a red circle above a "
-    "blue square\"'. Writes sample_{i}.png, sample_{i}_refine.gif and a strip of it (FUDOKI: "
-    "every solver step; UniFluid: the tokens arriving in generation order). --steps and "
-    "--top-k apply to FUDOKI only; --cfg and --temperature to both.",
-    "options": _generate_options,
-    "handler": _run_generate,
-}
-ANSWER = {
-    "name": "answer",
-    "help": "answer questions about a picture (FUDOKI or UniFluid) or reply to text (FUDOKI)",
-    "description": "Image understanding with a FUDOKI or UniFluid checkpoint: 'kineflow "
-    'answer --model ckpt --image pic.png "how many shapes are there?"\'. Without --image a '
-    "FUDOKI model replies to the text alone. --steps and --trajectory apply to FUDOKI (which "
-    "answers with its flow solver), --beams to UniFluid (which decodes left to right).",
-    "options": _answer_options,
-    "handler": _run_answer,
-}
-EDIT = {
-    "name": "edit",
-    "help": "edit a picture by an instruction with a UniFluid checkpoint",
-    "description": "'kineflow edit --model ckpt --image pic.png \"make the circle cyan.\"' "
-    "writes edit_{i}.png per instruction (UniFluid checkpoints only; FUDOKI does not edit).",
-    "options": _edit_options,
-    "handler": _run_edit,
-}
+# -- the commands (kineflow.cli assembles them with the other groups) ---------------------------
+COMMANDS: list[Command] = [
+    Command(
+        name="showcase",
+        help="the main job: text-to-image, VQA and (UniFluid) editing with a shipped tiny "
+        "FUDOKI or UniFluid model",
+        description="Generate pictures for one prompt per ShapesWorld category (plus a "
+        "held-out composition), check them with the detector, write GIFs of the pictures being "
+        "made (FUDOKI: every solver step; UniFluid: the tokens arriving), answer test questions "
+        "and, with a UniFluid checkpoint, edit test pictures. Default: the FUDOKI checkpoint in "
+        "the repository; --model checkpoints/unifluid-shapes for the UniFluid one.",
+        options=_showcase_options,
+        handler=_run_showcase,
+    ),
+    Command(
+        name="generate",
+        help="text-to-image with a FUDOKI or UniFluid checkpoint (PNG per prompt + GIF)",
+        description="Sample one picture per prompt with a FUDOKI or UniFluid checkpoint (the "
+        "family is read from it), e.g. 'kineflow generate --model ckpt \"a red circle above a "
+        "blue square\"'. Writes sample_{i}.png, sample_{i}_refine.gif and a strip of it (FUDOKI: "
+        "every solver step; UniFluid: the tokens arriving in generation order). --steps and "
+        "--top-k apply to FUDOKI only; --cfg and --temperature to both.",
+        options=_generate_options,
+        handler=_run_generate,
+    ),
+    Command(
+        name="answer",
+        help="answer questions about a picture (FUDOKI or UniFluid) or reply to text (FUDOKI)",
+        description="Image understanding with a FUDOKI or UniFluid checkpoint: 'kineflow "
+        'answer --model ckpt --image pic.png "how many shapes are there?"\'. Without --image a '
+        "FUDOKI model replies to the text alone. --steps and --trajectory apply to FUDOKI (which "
+        "answers with its flow solver), --beams to UniFluid (which decodes left to right).",
+        options=_answer_options,
+        handler=_run_answer,
+    ),
+    Command(
+        name="edit",
+        help="edit a picture by an instruction with a UniFluid checkpoint",
+        description="'kineflow edit --model ckpt --image pic.png \"make the circle cyan.\"' "
+        "writes edit_{i}.png per instruction (UniFluid checkpoints only; FUDOKI does not edit).",
+        options=_edit_options,
+        handler=_run_edit,
+    ),
+]
