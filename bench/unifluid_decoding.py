@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from kineflow.data.shapes.prompts import prompt_set
-from kineflow.models.llama import LlamaConfig
+from kineflow.interop.gemma import llama_config_from_gemma2
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.tokenizers.kl_vae import KLConfig
 from kineflow.tokenizers.text import train_text_tokenizer
@@ -34,7 +34,7 @@ from timing import median_time, timing_parser, write_result
 
 
 def build(vocab: int, image_size: int) -> UnifluidModel:
-    language = LlamaConfig.from_hf_gemma2({
+    language = llama_config_from_gemma2({
         "vocab_size": vocab, "hidden_size": 128, "intermediate_size": 344,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 4096,

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from kineflow.interop.janus import janus_config_from_fudoki
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.models.llama import LlamaConfig
 from kineflow.models.siglip import SiglipConfig
@@ -139,7 +140,7 @@ def write_janus_checkpoint(
     tokenizer = janus_tokenizer()
     config = tiny_config(tokenizer.vocab_size + EXTRA_MODEL_VOCAB)
     model = random_model(config, seed)
-    janus_config = config.to_janus_config()
+    janus_config = janus_config_from_fudoki(config)
     janus_config["torch_dtype"] = "float32"
     janus_config["transformers_version"] = "4.38.2"
     (folder / "config.json").write_text(json.dumps(janus_config, indent=2))

@@ -7,6 +7,11 @@ import copy
 import pytest
 import torch
 
+from kineflow.interop.janus import (
+    fudoki_config_from_janus,
+    fudoki_model_from_janus,
+    janus_config_from_fudoki,
+)
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.models.llama import LlamaConfig
 from kineflow.models.siglip import SiglipConfig
@@ -74,7 +79,7 @@ def janus_state_dict() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def model(janus_state_dict) -> FudokiModel:
-    return FudokiModel.from_janus_state_dict(janus_state_dict, tiny_config()).eval()
+    return fudoki_model_from_janus(janus_state_dict, tiny_config()).eval()
 
 
 def test_state_dict_has_janus_prefixes(model):
@@ -126,7 +131,7 @@ def test_load_consumes_every_key_and_reproduces_outputs(janus_state_dict, model)
     for k, v in sd.items():
         assert torch.equal(v, janus_state_dict[k]), k
     # A fresh load from the same dict gives identical outputs.
-    again = FudokiModel.from_janus_state_dict(janus_state_dict, tiny_config()).eval()
+    again = fudoki_model_from_janus(janus_state_dict, tiny_config()).eval()
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
@@ -152,7 +157,7 @@ def test_load_errors_name_the_key(janus_state_dict, edit, name):
         sd[name] = torch.zeros(3, 3)
         word = "mis-shaped"
     with pytest.raises(ValueError, match=word) as info:
-        FudokiModel.from_janus_state_dict(sd, tiny_config())
+        fudoki_model_from_janus(sd, tiny_config())
     assert name in str(info.value)
 
 
@@ -286,7 +291,7 @@ def janus_config() -> dict:
 
 
 def test_from_janus_config_matches_janus_1_3b():
-    cfg = FudokiConfig.from_janus_config(janus_config())
+    cfg = fudoki_config_from_janus(janus_config())
     assert cfg == FudokiConfig.janus_1_3b()
     assert cfg.image_token_count == 576
     assert cfg.understanding_token_count == 576
@@ -298,7 +303,7 @@ def test_from_janus_config_names_missing_fields():
     del d["language_config"]["hidden_size"]
     del d["aligner_config"]
     with pytest.raises(ValueError) as info:
-        FudokiConfig.from_janus_config(d)
+        fudoki_config_from_janus(d)
     msg = str(info.value)
     for field in (
         "gen_head_config.params.image_token_embed",
@@ -307,16 +312,16 @@ def test_from_janus_config_names_missing_fields():
     ):
         assert field in msg
     with pytest.raises(ValueError, match="multi_modality"):
-        FudokiConfig.from_janus_config({**janus_config(), "model_type": "llama"})
+        fudoki_config_from_janus({**janus_config(), "model_type": "llama"})
     bad = janus_config()
     bad["gen_head_config"]["params"]["image_token_size"] = 100
     with pytest.raises(ValueError, match="image_token_size=100"):
-        FudokiConfig.from_janus_config(bad)
+        fudoki_config_from_janus(bad)
 
 
 def test_janus_config_round_trip() -> None:
     real = FudokiConfig.janus_1_3b()
-    janus = real.to_janus_config()
+    janus = janus_config_from_fudoki(real)
     # The real architecture is named, exactly as Janus writes it: no kineflow extension.
     assert "kineflow_config" not in str(janus)
     assert janus["vision_config"]["params"]["model_name"] == "siglip_large_patch16_384"
@@ -325,12 +330,12 @@ def test_janus_config_round_trip() -> None:
         "image_token_size": 16384,
         "n_embed": 2048,
     }
-    assert FudokiConfig.from_janus_config(janus).to_dict() == real.to_dict()
+    assert fudoki_config_from_janus(janus).to_dict() == real.to_dict()
     # Smaller towers travel as params.kineflow_config.
     tiny = tiny_config()
-    janus = tiny.to_janus_config()
+    janus = janus_config_from_fudoki(tiny)
     assert janus["vision_config"]["params"]["kineflow_config"]["hidden_size"] == 8
-    assert FudokiConfig.from_janus_config(janus).to_dict() == tiny.to_dict()
+    assert fudoki_config_from_janus(janus).to_dict() == tiny.to_dict()
     janus["gen_vision_config"]["params"]["kineflow_config"] = "VQ-8"
     with pytest.raises(ValueError, match="kineflow_config must be an object"):
-        FudokiConfig.from_janus_config(janus)
+        fudoki_config_from_janus(janus)

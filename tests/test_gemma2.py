@@ -6,14 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kineflow.models.llama import (
-    KVCache,
-    LlamaConfig,
-    LlamaModel,
-    default_position_ids,
-    load_hf_gemma2,
-    softcap,
-)
+from kineflow.interop.gemma import llama_config_from_gemma2, load_hf_gemma2
+from kineflow.models.llama import LlamaConfig, LlamaModel, softcap
+from kineflow.models.masking import KVCache, default_position_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,7 +35,7 @@ def hf_model(**overrides):
 
 
 def ours(hf) -> LlamaModel:
-    model = LlamaModel(LlamaConfig.from_hf_gemma2(hf.config.to_dict())).eval()
+    model = LlamaModel(llama_config_from_gemma2(hf.config.to_dict())).eval()
     state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     state.pop("lm_head.weight")
     model.load_state_dict(state)
@@ -58,6 +53,23 @@ def test_config_maps_gemma2() -> None:
         LlamaConfig(8, 8, 8, 1, 1, layer_types=["sliding_attention"])
     with pytest.raises(ValueError, match="hidden_act must be one of"):
         LlamaConfig(8, 8, 8, 1, 1, hidden_act="relu")
+
+
+def test_gemma2_2b_is_the_hugging_face_2b_config() -> None:
+    """``LlamaConfig.gemma2_2b`` spells out what the Hugging Face 2B config maps to."""
+    hf_2b = {
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "max_position_embeddings": 8192,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+    }
+    assert LlamaConfig.gemma2_2b().to_dict() == llama_config_from_gemma2(hf_2b).to_dict()
 
 
 def test_matches_transformers_gemma2() -> None:

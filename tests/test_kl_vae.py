@@ -2,7 +2,8 @@
 
 diffusers is a test reference only: random diffusers models (GroupNorm affines randomised too,
 so a swapped norm cannot hide behind weight 1 / bias 0) are saved in diffusers' own layout,
-loaded with :meth:`AutoencoderKL.from_diffusers`, and must agree to float32 precision.
+loaded with :func:`kineflow.interop.diffusers.kl_vae_from_diffusers`, and must agree to float32
+precision.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kineflow.interop.diffusers import (
+    diffusers_state_dict_from_kl,
+    kl_vae_from_diffusers,
+    save_diffusers,
+)
 from kineflow.tokenizers.kl_vae import (
     AutoencoderKL,
     DiagonalGaussian,
@@ -104,7 +110,7 @@ def copy_folder(src: Path, dst: Path) -> Path:
 def test_matches_diffusers(tmp_path, widths, layers):
     ref = diffusers_vae(widths, layers)
     ref.save_pretrained(tmp_path)
-    ours = AutoencoderKL.from_diffusers(tmp_path).eval()
+    ours = kl_vae_from_diffusers(tmp_path).eval()
     cfg = ours.config
     assert cfg.channels == widths[0] and cfg.num_res_blocks == layers
     assert [cfg.channels * m for m in cfg.channel_mult] == list(widths)
@@ -120,15 +126,15 @@ def test_matches_diffusers(tmp_path, widths, layers):
 
 def test_export_loads_back_into_diffusers(tmp_path, saved_diffusers):
     folder = saved_diffusers[0]
-    ours = AutoencoderKL.from_diffusers(folder).eval()
+    ours = kl_vae_from_diffusers(folder).eval()
     fresh = diffusers_vae((32, 64), seed=99)
-    fresh.load_state_dict(ours.to_diffusers_state_dict(), strict=True)
+    fresh.load_state_dict(diffusers_state_dict_from_kl(ours), strict=True)
     assert_parity(ours, fresh)
     # a folder written by save_diffusers opens in diffusers and in kineflow
-    ours.save_diffusers(tmp_path / "export")
+    save_diffusers(ours, tmp_path / "export")
     reopened = diffusers.AutoencoderKL.from_pretrained(tmp_path / "export").eval()
     assert_parity(ours, reopened)
-    again = AutoencoderKL.from_diffusers(tmp_path / "export")
+    again = kl_vae_from_diffusers(tmp_path / "export")
     assert again.config == ours.config
     for k, v in ours.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
@@ -147,7 +153,7 @@ def test_legacy_attention_names_pipeline_folder_and_model_safetensors(tmp_path, 
     vae.mkdir(parents=True)
     shutil.copy(folder / "config.json", vae / "config.json")
     save_file(state, vae / "model.safetensors")
-    ours = AutoencoderKL.from_diffusers(tmp_path / "pipeline").eval()
+    ours = kl_vae_from_diffusers(tmp_path / "pipeline").eval()
     assert_parity(ours, ref)
 
 
@@ -187,7 +193,7 @@ def with_state(tmp_path: Path, src: Path, edit) -> Path:
 def test_from_diffusers_is_strict_about_weights(tmp_path, saved_diffusers, edit, needles):
     folder = with_state(tmp_path, saved_diffusers[0], edit)
     with pytest.raises(ValueError) as err:
-        AutoencoderKL.from_diffusers(folder)
+        kl_vae_from_diffusers(folder)
     for needle in needles:
         assert needle in str(err.value)
 
@@ -215,18 +221,18 @@ def test_from_diffusers_rejects_unsupported_config(tmp_path, saved_diffusers, ch
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=field):
-        AutoencoderKL.from_diffusers(folder)
+        kl_vae_from_diffusers(folder)
 
 
 def test_from_diffusers_missing_files(tmp_path, saved_diffusers):
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        AutoencoderKL.from_diffusers(tmp_path / "nowhere")
+        kl_vae_from_diffusers(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
-        AutoencoderKL.from_diffusers(tmp_path)
+        kl_vae_from_diffusers(tmp_path)
     folder = copy_folder(saved_diffusers[0], tmp_path / "pickled")
     (folder / "diffusion_pytorch_model.safetensors").rename(folder / "diffusion_pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="only safetensors"):
-        AutoencoderKL.from_diffusers(folder)
+        kl_vae_from_diffusers(folder)
 
 
 # -- latents, tokens, posterior ------------------------------------------------------------------
@@ -395,7 +401,7 @@ def test_from_pretrained_errors(tmp_path, saved_diffusers):
         AutoencoderKL.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         AutoencoderKL.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"use AutoencoderKL\.from_diffusers"):
+    with pytest.raises(ValueError, match=r"use kineflow\.interop\.diffusers\.kl_vae_from_diff"):
         AutoencoderKL.from_pretrained(saved_diffusers[0])
     folder = tiny().save_pretrained(tmp_path / "vae")
     config = json.loads((folder / "config.json").read_text())

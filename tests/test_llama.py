@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kineflow.models.llama import (
-    KVCache,
-    LlamaConfig,
-    LlamaModel,
-    build_attention_mask,
-)
+from kineflow.models.llama import LlamaConfig, LlamaModel
+from kineflow.models.masking import KVCache, build_attention_mask
 
 transformers = pytest.importorskip("transformers")
 

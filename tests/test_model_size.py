@@ -17,6 +17,7 @@ from janus_fixture import write_janus_checkpoint
 from torch import nn
 
 import kineflow
+from kineflow.interop.gemma import llama_config_from_gemma2
 from kineflow.models import size
 from kineflow.models.diffusion_head import DiffusionHead, DiffusionHeadConfig
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
@@ -47,7 +48,7 @@ def llama(**kw) -> LlamaConfig:
 def gemma() -> LlamaConfig:
     hf = dict(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, head_dim=12)  # fmt: skip
-    return LlamaConfig.from_hf_gemma2(hf)
+    return llama_config_from_gemma2(hf)
 
 
 def siglip(**kw) -> SiglipConfig:

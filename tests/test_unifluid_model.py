@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kineflow.models.llama import LlamaConfig
+from kineflow.interop.gemma import llama_config_from_gemma2
 from kineflow.models.siglip import SiglipConfig
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.tokenizers.kl_vae import KLConfig
@@ -18,7 +18,7 @@ V, L, C = 64, 16, 16
 
 
 def tiny(order: str = "random") -> UnifluidModel:
-    language = LlamaConfig.from_hf_gemma2({
+    language = llama_config_from_gemma2({
         "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
         "query_pre_attn_scalar": 8, "sliding_window": 64, "max_position_embeddings": 128,

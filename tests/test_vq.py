@@ -12,14 +12,10 @@ import torch.nn.functional as F
 import yaml
 from conftest import LargestAllocation
 
+from kineflow.interop.janus import vq_model_from_janus
 from kineflow.tokenizers.autoencoder import AutoencoderConfig
-from kineflow.tokenizers.vq import (
-    CodebookUsage,
-    VectorQuantizer,
-    VQConfig,
-    VQModel,
-    usage_stats,
-)
+from kineflow.tokenizers.quantizer import CodebookUsage, VectorQuantizer, usage_stats
+from kineflow.tokenizers.vq import VQConfig, VQModel
 
 SIZE = 16  # tiny models: 3 levels, downsample 4, so 16 px -> 4 x 4 tokens
 
@@ -261,10 +257,10 @@ def full_state_dict(model: VQModel) -> dict[str, torch.Tensor]:
 
 def test_from_janus_state_dict_loads_only_the_prefixed_tensors() -> None:
     src = tiny_model(seed=3)
-    loaded = VQModel.from_janus_state_dict(full_state_dict(src), tiny_config())
+    loaded = vq_model_from_janus(full_state_dict(src), tiny_config())
     for k, v in src.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    bare = VQModel.from_janus_state_dict(src.state_dict(), tiny_config(), prefix="")
+    bare = vq_model_from_janus(src.state_dict(), tiny_config(), prefix="")
     assert torch.equal(bare.quantize.embedding.weight, src.quantize.embedding.weight)
 
 
@@ -274,17 +270,17 @@ def test_from_janus_state_dict_names_every_bad_key() -> None:
     sd["gen_vision_model.encoder.extra.weight"] = torch.zeros(1)
     sd["gen_vision_model.quant_conv.weight"] = torch.zeros(8, 16, 1, 1)
     with pytest.raises(ValueError) as err:
-        VQModel.from_janus_state_dict(sd, tiny_config())
+        vq_model_from_janus(sd, tiny_config())
     msg = str(err.value)
     assert "1 missing: gen_vision_model.decoder.conv_out.bias" in msg
     assert "1 unexpected: gen_vision_model.encoder.extra.weight" in msg
     assert "gen_vision_model.quant_conv.weight: expected (4, 16, 1, 1), got (8, 16, 1, 1)" in msg
     assert "language_model" not in msg and "codebook_used" not in msg
     with pytest.raises(ValueError, match=r"no key of the state dict starts with 'vq\.'"):
-        VQModel.from_janus_state_dict(sd, tiny_config(), prefix="vq.")
+        vq_model_from_janus(sd, tiny_config(), prefix="vq.")
     # The full-size default config against tiny weights: every tensor is named.
     with pytest.raises(ValueError, match=r"quantize\.embedding\.weight: expected \(16384, 8\)"):
-        VQModel.from_janus_state_dict(full_state_dict(tiny_model()))
+        vq_model_from_janus(full_state_dict(tiny_model()))
 
 
 # -- the quantizer -------------------------------------------------------------------------------

@@ -14,18 +14,18 @@ rotate-half convention: with ``inv_freq_k = theta^(-2k / head_dim)`` and angles 
 duplicated to ``head_dim``, ``RoPE(x) = x cos + rotate_half(x) sin`` where
 ``rotate_half([x1, x2]) = [-x2, x1]``.
 
-Attention masks (see :func:`build_attention_mask`) are ``"causal"`` (autoregressive), ``"full"``
-(bidirectional, FUDOKI) or ``"prefix"`` (PaliGemma / UniFluid prefix-LM). Padding may sit on
-either side; position ids default to the running count of real tokens, so a left-padded row
-gets the same positions as the same row unpadded. :class:`KVCache` lets causal decoding cost
-one step per new token.
+Attention masks are ``"causal"`` (autoregressive), ``"full"`` (bidirectional, FUDOKI) or
+``"prefix"`` (PaliGemma / UniFluid prefix-LM); padding may sit on either side, position ids
+default to the running count of real tokens, and a :class:`~kineflow.models.masking.KVCache`
+lets causal decoding cost one step per new token (all in :mod:`kineflow.models.masking`).
 
-**Gemma-2 options** (all off by default; :meth:`LlamaConfig.gemma2_2b`,
-:meth:`LlamaConfig.from_hf_gemma2`): ``norm_offset`` (RMSNorm scale ``1 + w``, applied in
-float32 before the cast, weights initialised to 0), ``embed_scale`` (token embeddings times
-``sqrt(D)``), ``hidden_act="gelu_tanh"`` (GeGLU), ``query_pre_attn_scalar`` (attention scale
-``s^-1/2`` instead of ``head_dim^-1/2``), ``attn_logit_softcapping`` (scores
-``c·tanh(scores / c)`` before the mask), ``sandwich_norms`` (the block becomes
+**Gemma-2 options** (all off by default; :meth:`LlamaConfig.gemma2_2b`;
+:func:`kineflow.interop.gemma.llama_config_from_gemma2` reads a Hugging Face ``Gemma2Config``):
+``norm_offset`` (RMSNorm scale ``1 + w``, applied in float32 before the cast, weights
+initialised to 0), ``embed_scale`` (token embeddings times ``sqrt(D)``),
+``hidden_act="gelu_tanh"`` (GeGLU), ``query_pre_attn_scalar`` (attention scale ``s^-1/2``
+instead of ``head_dim^-1/2``), ``attn_logit_softcapping`` (scores ``c·tanh(scores / c)`` before
+the mask), ``sandwich_norms`` (the block becomes
 ``h + post_attention_layernorm(attn(input_layernorm(h)))`` then
 ``h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``), ``sliding_window``
 with per-layer ``layer_types`` (a sliding layer only sees keys fewer than ``window`` real
@@ -40,19 +40,20 @@ Parameter names follow Hugging Face's ``LlamaModel`` (``embed_tokens``,
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kineflow.config import check_config_keys
-from kineflow.interop.checkpoint_files import read_weights
-from kineflow.io import check_state_dict, read_json_object
+from kineflow.models.masking import (
+    MASK_MODES,
+    KVCache,
+    build_attention_mask,
+    default_position_ids,
+)
 
-MASK_MODES = ("causal", "full", "prefix")
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -154,54 +155,26 @@ class LlamaConfig:
 
     @classmethod
     def gemma2_2b(cls) -> LlamaConfig:
-        """Gemma-2 2B's backbone (UniFluid's language model, docs/design.md §2.1)."""
-        return cls.from_hf_gemma2(
-            {
-                "vocab_size": 256000,
-                "hidden_size": 2304,
-                "intermediate_size": 9216,
-                "num_hidden_layers": 26,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 4,
-                "head_dim": 256,
-                "max_position_embeddings": 8192,
-                "query_pre_attn_scalar": 256,
-                "sliding_window": 4096,
-            }
-        )
-
-    @classmethod
-    def from_hf_gemma2(cls, config: dict) -> LlamaConfig:
-        """The backbone of a Hugging Face ``Gemma2Config`` (its ``config.json`` as a dict);
-        fields it leaves out take Gemma-2's defaults. Layer types alternate sliding / full
-        starting with sliding, as in ``transformers``, unless ``layer_types`` is given."""
-        c = dict(config)
-        L = int(c["num_hidden_layers"])
-        act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
-        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(f"Gemma-2 uses the tanh GELU; this config asks for {act!r}")
+        """Gemma-2 2B's backbone (UniFluid's language model, docs/design.md §2.1): every Gemma-2
+        option on, sliding-window layers first and then alternating, as in ``transformers``."""
         return cls(
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=int(c["hidden_size"]),
-            intermediate_size=int(c["intermediate_size"]),
-            num_hidden_layers=L,
-            num_attention_heads=int(c["num_attention_heads"]),
-            num_key_value_heads=int(c.get("num_key_value_heads", c["num_attention_heads"])),
-            head_dim=int(c.get("head_dim", 256)),
-            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
-            max_position_embeddings=int(c.get("max_position_embeddings", 8192)),
-            attention_bias=bool(c.get("attention_bias", False)),
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            max_position_embeddings=8192,
             hidden_act="gelu_tanh",
             norm_offset=True,
             embed_scale=True,
             sandwich_norms=True,
-            query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
-            attn_logit_softcapping=c.get("attn_logit_softcapping", 50.0),
-            final_logit_softcapping=c.get("final_logit_softcapping", 30.0),
-            sliding_window=c.get("sliding_window", 4096),
-            layer_types=c.get("layer_types")
-            or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)],
+            query_pre_attn_scalar=256.0,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            sliding_window=4096,
+            layer_types=["sliding_attention", "full_attention"] * 13,
         )
 
     def to_dict(self) -> dict:
@@ -211,139 +184,6 @@ class LlamaConfig:
     def from_dict(cls, d: dict) -> LlamaConfig:
         check_config_keys(d, cls, "LlamaConfig")
         return cls(**d)
-
-
-class KVCache:
-    """Keys and values of earlier tokens for incremental decoding.
-
-    ``keys[i]`` / ``values[i]`` are layer ``i``'s ``[B, H_kv, N_past, head_dim]`` tensors (after
-    RoPE, before the grouped-query expansion); ``key_mask`` ``[B, N_past]`` marks which cached
-    tokens are real. :class:`LlamaModel` appends to it on every forward it is passed to.
-    """
-
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.key_mask: torch.Tensor | None = None
-
-    @property
-    def seq_length(self) -> int:
-        """Number of cached positions (padding included)."""
-        return 0 if self.key_mask is None else self.key_mask.shape[1]
-
-    def num_real(self) -> torch.Tensor | None:
-        """Real (non-padding) tokens cached per row, ``[B]`` long, or None when empty."""
-        return None if self.key_mask is None else self.key_mask.sum(1)
-
-    def append_mask(self, new_mask: torch.Tensor) -> torch.Tensor:
-        """Append ``[B, N_new]`` real-token flags; returns the full ``[B, N_past + N_new]``."""
-        if self.key_mask is not None:
-            new_mask = torch.cat([self.key_mask, new_mask], dim=1)
-        self.key_mask = new_mask
-        return new_mask
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append layer ``layer``'s new keys / values and return the cached + new ones."""
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        elif layer < len(self.keys):
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        else:
-            raise ValueError(
-                f"KVCache layers must be filled in order; got layer {layer} "
-                f"with {len(self.keys)} cached"
-            )
-        return self.keys[layer], self.values[layer]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index [B']`` of the batch (with repeats): beam search's reshuffle."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.index_select(0, index)
-
-
-def build_attention_mask(
-    key_mask: torch.Tensor,
-    num_queries: int | None = None,
-    mode: str = "causal",
-    prefix_lengths: torch.Tensor | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
-    """Boolean attention mask ``[B, 1, N, N_k]`` (True = may attend).
-
-    ``key_mask [B, N_k]`` marks real keys; the ``N = num_queries`` queries (default ``N_k``) are
-    the last ``N`` key positions (the tokens just appended after a KV cache). With query ``i``
-    at key position ``q_i = N_k - N + i`` and ``r_j`` the number of real keys before ``j``:
-
-    - ``"full"``: every real key (bidirectional among real tokens, FUDOKI);
-    - ``"causal"``: real keys ``j <= q_i``;
-    - ``"prefix"``: real keys ``j <= q_i`` plus every real key among the first
-      ``prefix_lengths[b]`` real tokens (``r_j < prefix_lengths[b]``), i.e. bidirectional
-      within the prefix and causal afterwards (PaliGemma / UniFluid prefix-LM).
-
-    ``window`` (sliding-window layers) also drops keys ``window`` or more real tokens away
-    from the query (``|r_q − r_j| >= window``; in causal rows only earlier keys remain).
-
-    Padding keys are never attended. A query row left with no key at all (a padding query
-    before the first real token) attends to its own position instead, so softmax stays finite;
-    its output is meaningless and should be ignored.
-    """
-    if key_mask.ndim != 2:
-        raise ValueError(f"key_mask must be [B, N_k], got shape {tuple(key_mask.shape)}")
-    if mode not in MASK_MODES:
-        raise ValueError(f"mask must be one of {MASK_MODES}, got {mode!r}")
-    key_mask = key_mask.bool()
-    B, N_k = key_mask.shape
-    N = N_k if num_queries is None else num_queries
-    if not 0 < N <= N_k:
-        raise ValueError(f"num_queries must be in [1, N_k={N_k}], got {N}")
-    device = key_mask.device
-    q_pos = torch.arange(N_k - N, N_k, device=device)[:, None]  # [N, 1]
-    k_pos = torch.arange(N_k, device=device)[None, :]  # [1, N_k]
-    if mode == "full":
-        allowed = key_mask[:, None, :].expand(B, N, N_k)
-    else:
-        allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :]
-        if mode == "prefix":
-            if prefix_lengths is None:
-                raise ValueError("mask='prefix' needs prefix_lengths ([B] real-token counts)")
-            prefix_lengths = torch.as_tensor(prefix_lengths, device=device).long().reshape(-1)
-            if prefix_lengths.shape[0] != B:
-                raise ValueError(
-                    f"prefix_lengths must have one entry per row (B={B}), got "
-                    f"{prefix_lengths.shape[0]}"
-                )
-            if bool((prefix_lengths < 0).any()):
-                raise ValueError(f"prefix_lengths must be >= 0, got {prefix_lengths.tolist()}")
-            rank = torch.cumsum(key_mask.long(), dim=1) - 1  # [B, N_k] rank among real tokens
-            in_prefix = key_mask & (rank < prefix_lengths[:, None])
-            allowed = allowed | in_prefix[:, None, :]
-    if window is not None:
-        rank = torch.cumsum(key_mask.long(), dim=1) - 1  # [B, N_k]
-        gap = rank[:, N_k - N :, None] - rank[:, None, :]  # [B, N, N_k] query minus key rank
-        allowed = allowed & (gap.abs() < window)
-    # Rows with nothing to attend to would softmax to NaN; let them see their own position.
-    empty = ~allowed.any(dim=-1, keepdim=True)  # [B, N, 1]
-    allowed = allowed | (empty & (k_pos == q_pos)[None])
-    return allowed[:, None]
-
-
-def default_position_ids(
-    attention_mask: torch.Tensor, past_real: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Running count of real tokens (0-based), continuing from ``past_real [B]`` cached ones.
-
-    Padding positions get the count so far (clamped at 0); they are never attended to.
-    """
-    pos = torch.cumsum(attention_mask.long(), dim=1) - 1
-    if past_real is not None:
-        pos = pos + past_real[:, None]
-    return pos.clamp_min(0)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -536,8 +376,9 @@ class LlamaModel(nn.Module):
         ``attention_mask [B, N]`` (bool or 0/1; default all real) marks real tokens of *this*
         call; with ``kv_cache`` the cache remembers earlier ones, the new tokens attend to cached
         + new keys and are appended to it. ``mask`` and ``prefix_lengths`` are as in
-        :func:`build_attention_mask` (prefix lengths count real tokens from the start, cache
-        included). ``position_ids [B, N]`` default to the running count of real tokens.
+        :func:`~kineflow.models.masking.build_attention_mask` (prefix lengths count real tokens
+        from the start, cache included). ``position_ids [B, N]`` default to the running count
+        of real tokens.
         """
         if (input_ids is None) == (inputs_embeds is None):
             got = "both" if input_ids is not None else "neither"
@@ -626,33 +467,3 @@ class LlamaModel(nn.Module):
         if self.config.embed_scale:
             embeds = embeds * torch.tensor(self.config.hidden_size**0.5, dtype=embeds.dtype)
         return embeds
-
-
-def load_hf_gemma2(folder: str | os.PathLike[str]) -> LlamaModel:
-    """The Gemma-2 backbone of a local Hugging Face folder (``config.json`` with
-    ``model_type: gemma2`` and its weights, from ``Gemma2Model`` or ``Gemma2ForCausalLM``),
-    in the checkpoint's dtype. Gemma-2 ties its LM head to ``embed_tokens``: read logits as
-    ``softcap(h @ embed_tokens.weight.T, config.final_logit_softcapping)``.
-
-    Raises:
-        FileNotFoundError, ValueError: a missing file, another model type, or weights that do
-            not fit (each missing, unexpected or mis-shaped tensor named).
-    """
-    folder = Path(folder)
-    config = read_json_object(folder / "config.json")
-    if config.get("model_type") != "gemma2":
-        raise ValueError(
-            f"{folder / 'config.json'}: model_type is {config.get('model_type')!r}, not 'gemma2'"
-        )
-    weights = read_weights(folder)
-    head = weights.pop("lm_head.weight", None)
-    prefix = "model." if any(k.startswith("model.") for k in weights) else ""
-    state = {k.removeprefix(prefix): v for k, v in weights.items()}
-    model = LlamaModel(LlamaConfig.from_hf_gemma2(config))
-    check_state_dict(model.state_dict(), state, str(folder), prefix=prefix)
-    if head is not None and not torch.equal(head, state["embed_tokens.weight"]):
-        raise ValueError(f"{folder}: lm_head.weight differs from embed_tokens (Gemma-2 ties them)")
-    dtypes = {t.dtype for t in state.values()}
-    model.to(dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    model.load_state_dict(state)
-    return model.eval()

@@ -30,7 +30,7 @@ to generate next, in editing it also says what the source holds there:
 pooled understanding features do not describe; with the source cell in the input, keeping it
 is the easy default and the instruction decides where to depart from it.
 
-**Attention** (PaliGemma prefix-LM, :func:`~kineflow.models.llama.build_attention_mask`):
+**Attention** (PaliGemma prefix-LM, :func:`~kineflow.models.masking.build_attention_mask`):
 generation is bidirectional over the prompt through ``<boi>`` and causal over image tokens;
 understanding is bidirectional over the SigLIP features and the question and causal over the
 answer.
@@ -54,7 +54,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kineflow.models.diffusion_head import DiffusionHead, DiffusionHeadConfig
-from kineflow.models.llama import KVCache, LlamaConfig, LlamaModel, softcap
+from kineflow.models.llama import LlamaConfig, LlamaModel, softcap
+from kineflow.models.masking import KVCache
 from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
 from kineflow.tokenizers.kl_vae import AutoencoderKL, KLConfig
 

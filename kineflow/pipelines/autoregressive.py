@@ -29,7 +29,7 @@ from kineflow.flow import classifier_free_guidance
 from kineflow.flow.sampling import sample_logits
 from kineflow.inputs.layout import Layout
 from kineflow.models.fudoki import FudokiModel
-from kineflow.models.llama import KVCache
+from kineflow.models.masking import KVCache
 
 __all__ = ["decode_autoregressive"]
 

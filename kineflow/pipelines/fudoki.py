@@ -48,6 +48,7 @@ from kineflow.inputs.layout import (
     text_to_image_layout,
     understanding_layout,
 )
+from kineflow.interop.janus import fudoki_model_from_janus
 from kineflow.io import atomic_save_safetensors, load_pretrained_folder, save_pretrained_folder
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.pipelines.autoregressive import decode_autoregressive
@@ -658,7 +659,7 @@ class FudokiPipeline:
             pipeline_config = FudokiPipelineConfig.from_dict(config.get("pipeline", {}))
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{folder / 'config.json'}: {e}") from e
-        model = FudokiModel.from_janus_state_dict(weights, model_config)
+        model = fudoki_model_from_janus(weights, model_config)
         dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
         if len(dtypes) == 1:  # a bfloat16 save loads as bfloat16 (exact: fp32 holds bf16)
             model.to(dtypes.pop())

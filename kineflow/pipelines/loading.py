@@ -51,6 +51,7 @@ from kineflow.interop.checkpoint_files import (
     tensor_file,
     weight_files,
 )
+from kineflow.interop.janus import fudoki_config_from_janus, fudoki_model_from_janus
 from kineflow.interop.load_checks import check_finite as check_finite_tensors
 from kineflow.interop.load_checks import check_floating, expected_state, wants_finite_check
 from kineflow.io import CONFIG_NAME, TYPE_FIELD, WEIGHTS_NAME, read_json_object
@@ -257,7 +258,7 @@ def load_janus_folder(
     if config is None:
         config = read_json_object(folder / CONFIG_NAME)
     try:
-        model_config = FudokiConfig.from_janus_config(config)
+        model_config = fudoki_config_from_janus(config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
     check_model_size(model_config, str(folder / CONFIG_NAME), max_bytes)
@@ -275,7 +276,7 @@ def load_janus_folder(
         used = (key for key in expected if key in weights)
         check_finite_tensors((f"{locate(key)}: {key}", weights[key]) for key in used)
     try:
-        model = FudokiModel.from_janus_state_dict(weights, model_config)
+        model = fudoki_model_from_janus(weights, model_config)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from e
     tables, provenance = _metric_tables(folder, weights)
