@@ -192,6 +192,10 @@ class UnifluidPipeline(Pipeline):
         pixels = preprocess_understanding(pictures, size).to(self.device, self.model.pos_in.dtype)
         return self.model.encode_images(pixels)
 
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """The generator of a sampling call: on the CPU (the head moves its noise), seeded."""
+        return SamplingOptions(seed=seed).generator_on(torch.device("cpu"))
+
     # -- tasks -----------------------------------------------------------------------------------
     def check_prompts(self, prompts: str | Sequence[str]) -> None:
         """Raise what :meth:`text_to_image` would raise for these prompts (not a str, empty,
@@ -322,7 +326,7 @@ class UnifluidPipeline(Pipeline):
         if options.temperature is None:
             options = replace(options, temperature=c.temperature)
         w = c.cfg_scale if options.cfg_scale is None else options.cfg_scale
-        generator = options.generator_on(torch.device("cpu"))  # the head draws on the CPU
+        generator = self._generator(options.seed)
         B, L = mask.shape[0], model.config.num_image_tokens
         if order is None:  # drawn here (as generate_tokens would) to draw the trajectory
             order = generation_order(B, L, model.config.order, generator)
