@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import kineflow
 from kineflow.models.fudoki import FudokiModel
-from kineflow.pipelines import FudokiPipeline, loading
+from kineflow.pipelines import FudokiPipeline, checkpoints, loading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,7 +192,7 @@ def test_hub_id_unreachable_names_the_local_path(monkeypatch, tmp_path: Path) ->
     def offline(repo_id: str) -> str:
         raise OSError("Cannot reach https://huggingface.co: network is unreachable")
 
-    monkeypatch.setattr(loading, "_snapshot_download", offline)
+    monkeypatch.setattr(checkpoints, "_snapshot_download", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as info:
         kineflow.load("LucasJinWang/FUDOKI")
@@ -212,7 +212,7 @@ def test_hub_id_is_fetched_when_reachable(monkeypatch, janus) -> None:
         calls.append(repo_id)
         return str(folder)
 
-    monkeypatch.setattr(loading, "_snapshot_download", fetch)
+    monkeypatch.setattr(checkpoints, "_snapshot_download", fetch)
     pipe = kineflow.load("LucasJinWang/FUDOKI")
     assert calls == ["LucasJinWang/FUDOKI"]
     assert torch.equal(pipe.model.gen_embed.weight, model.gen_embed.weight)

@@ -69,14 +69,13 @@ def run_showcase(
     from kineflow.eval.detector import detect
     from kineflow.eval.scores import contact_sheet
     from kineflow.inputs.images import save_gif, save_strip
-    from kineflow.pipelines.unifluid import UnifluidPipeline
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pipe = kineflow.load(model, device=device)
     load_s = time.perf_counter() - start
-    if steps is not None and isinstance(pipe, UnifluidPipeline):
+    if steps is not None and not pipe.uses_option("text_to_image", "steps"):
         raise ValueError("steps (--steps) applies to FUDOKI models only: UniFluid takes one "
                          "backbone step per token")  # fmt: skip
     known = {p.text: p for p in all_prompts()}
@@ -136,7 +135,7 @@ def run_showcase(
                    else str(count)})  # fmt: skip
     atomic_write_json(out / "answers.json", qa)
     edits, edit_s = [], 0.0
-    if edit_items and hasattr(pipe, "edit"):
+    if edit_items and pipe.supports("edit"):
         start = time.perf_counter()
         edits = _edits(pipe, out, edit_items, seed)
         edit_s = time.perf_counter() - start

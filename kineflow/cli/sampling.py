@@ -26,21 +26,14 @@ CLI_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
 #: Pictures are 32 px: every command writes them enlarged this much unless told otherwise.
 DEFAULT_SCALE = 4
 
-#: Options only one family has: (argparse dest, flag, the family, why the other has none).
-_FAMILY_OPTIONS = (
-    ("steps", "--steps", "fudoki", "they take one backbone step per token"),
-    ("top_k", "--top-k", "fudoki", "their image tokens are continuous"),
-    ("trajectory", "--trajectory", "fudoki", "they decode left to right"),
-    ("beams", "--beams", "unifluid", "they answer with the flow solver"),
-)
-_NAMES = {"fudoki": "FUDOKI", "unifluid": "UniFluid"}
-
-
-def _refuse_options(args: argparse.Namespace, family: str) -> None:
-    """Raise ValueError for an option given on the command line that ``family`` ignores."""
-    for dest, flag, owner, why in _FAMILY_OPTIONS:
-        if owner != family and getattr(args, dest, None) not in (None, False):
-            raise ValueError(f"{flag} is not supported by {_NAMES[family]} models ({why})")
+#: How the command line spells the sampling options one family may not use (the pipeline
+#: refuses them: :meth:`kineflow.pipelines.base.Pipeline.refuse_options`).
+_FLAGS = {
+    "steps": "--steps",
+    "top_k": "--top-k",
+    "return_trajectory": "--trajectory",
+    "beams": "--beams",
+}
 
 
 def _model_options(parser: argparse.ArgumentParser, steps: bool = True) -> None:
@@ -61,13 +54,6 @@ def _model_options(parser: argparse.ArgumentParser, steps: bool = True) -> None:
         "--no-progress", action="store_true",
         help="no progress bar (FUDOKI: over the solver steps; UniFluid: over the image tokens)",
     )  # fmt: skip
-
-
-def _family(pipe: Any) -> str:
-    """``"unifluid"`` or ``"fudoki"``: the model family a loaded checkpoint belongs to."""
-    from kineflow.pipelines.unifluid import UnifluidPipeline
-
-    return "unifluid" if isinstance(pipe, UnifluidPipeline) else "fudoki"
 
 
 def _load_for_cli(args: argparse.Namespace) -> Any:
@@ -119,8 +105,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     try:
         pipe = _load_for_cli(args)
-        family = _family(pipe)
-        _refuse_options(args, family)
+        pipe.refuse_options("text_to_image", {"steps": args.steps, "top_k": args.top_k}, _FLAGS)
         # Every prompt is checked before the first batch is sampled (and with its own index).
         pipe.check_prompts(args.prompts)
         written, records = [], []
@@ -132,10 +117,10 @@ def _run_generate(args: argparse.Namespace) -> int:
                 "seed": args.seed + start,
                 "return_trajectory": not args.no_gif,
                 "progress": not args.no_progress,
+                "steps": args.steps,
+                "top_k": args.top_k,
             }
-            if family == "fudoki":
-                options.update(steps=args.steps, top_k=args.top_k)
-            result = pipe.text_to_image(prompts, **options)
+            result = pipe.text_to_image(prompts, **pipe.select_options("text_to_image", options))
             # File names number the prompts across batches: sample_{index}.
             written += result.save(args.out, scale=args.scale, first_index=start)
             records += [{"index": start + i, "prompt": p} for i, p in enumerate(prompts)]
@@ -185,27 +170,23 @@ def _run_answer(args: argparse.Namespace) -> int:
     pictures = images * len(args.questions) if len(images) == 1 else images
     try:
         pipe = _load_for_cli(args)
-        family = _family(pipe)
-        _refuse_options(args, family)
-        if family == "unifluid":
-            if not images:
-                raise ValueError("a UniFluid checkpoint answers questions about a picture: "
-                                 "give --image")  # fmt: skip
-            result = pipe.answer(pictures, args.questions, max_tokens=args.answer_tokens,
-                                 beams=args.beams or 1)  # fmt: skip
+        # Without a picture a family that generates text replies to the text alone.
+        task = "generate_text" if not images and pipe.supports("generate_text") else "answer"
+        given = {"steps": args.steps, "return_trajectory": args.trajectory, "beams": args.beams}
+        pipe.refuse_options(task, given, _FLAGS)
+        if task == "answer" and not images:
+            raise ValueError(f"a {pipe.display_name} checkpoint answers questions about a "
+                             "picture: give --image")  # fmt: skip
+        length = "answer_tokens" if task == "answer" else "max_tokens"
+        options = pipe.select_options(task, {
+            length: args.answer_tokens, "steps": args.steps, "seed": args.seed,
+            "return_trajectory": args.trajectory, "progress": not args.no_progress,
+            "beams": args.beams or 1,
+        })  # fmt: skip
+        if task == "answer":
+            result = pipe.answer(pictures, args.questions, **options)
         else:
-            common = {
-                "steps": args.steps,
-                "seed": args.seed,
-                "return_trajectory": args.trajectory,
-                "progress": not args.no_progress,
-            }
-            if images:
-                result = pipe.answer(pictures, args.questions, answer_tokens=args.answer_tokens,
-                                     **common)  # fmt: skip
-            else:
-                result = pipe.generate_text(args.questions, max_tokens=args.answer_tokens,
-                                            **common)  # fmt: skip
+            result = pipe.generate_text(args.questions, **options)
     except CLI_ERRORS as err:
         print(f"error: {err}")
         return 2
@@ -256,8 +237,11 @@ def _run_edit(args: argparse.Namespace) -> int:
         return 2
     try:
         pipe = _load_for_cli(args)
-        if _family(pipe) != "unifluid":
-            raise ValueError(f"{args.model} is not a UniFluid checkpoint; only UniFluid edits")
+        if not pipe.supports("edit"):
+            from kineflow.pipelines.base import registered
+
+            editors = " / ".join(cls.display_name for cls in registered() if cls.supports("edit"))
+            raise ValueError(f"{args.model} is not a {editors} checkpoint; only {editors} edits")
         pictures = images * len(args.instructions) if len(images) == 1 else images
         result = pipe.edit(pictures, args.instructions, temperature=args.temperature,
                            seed=args.seed, return_trajectory=not args.no_gif,

@@ -5,7 +5,7 @@ Generation: every GenEval-style prompt of ``test`` (no held-out composition) and
 the detector, and :func:`~kineflow.eval.scores.score_t2i` gives per-category and overall
 accuracy. Understanding: ``vqa_items`` test questions (one-word answers, exact match) and
 ``caption_items`` test pictures (a caption counts when it parses back to the exact scene).
-Editing (pipelines with an ``edit`` method, ``edit_items`` > 0): the edited test picture must
+Editing (pipelines that support ``edit``, ``edit_items`` > 0): the edited test picture must
 read back as the target scene.
 """
 
@@ -47,8 +47,9 @@ def evaluate_model(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Full reports (with per-item rows) for ``pipe``, any object with kineflow's pipeline
-    methods ``text_to_image(prompts, ...)`` and ``answer(images, questions, ...)``."""
+    """Full reports (with per-item rows) for ``pipe``, a kineflow pipeline
+    (:class:`~kineflow.pipelines.base.Pipeline`: ``text_to_image``, ``answer`` and, where it
+    :meth:`~kineflow.pipelines.base.Pipeline.supports` it, ``edit``)."""
     world = ShapesWorld()
     report: dict[str, Any] = {}
     for split in ("test", "heldout"):
@@ -91,7 +92,7 @@ def evaluate_model(
         else:
             scenes_by_id = {it.id: Scene.from_key(it.scene_key) for it in items}
             report["caption"] = score_captions(scenes_by_id, answers)
-    if edit_items and hasattr(pipe, "edit"):
+    if edit_items and pipe.supports("edit"):
         items = [draw_item(world, "edit", "test", i) for i in range(edit_items)]
         edited: list[Image.Image] = []
         for k, rows in enumerate(tqdm(_batches(edit_items, batch_size), disable=not progress,

@@ -27,19 +27,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import Tensor
 
-from kineflow.config import check_config_keys
 from kineflow.data.example import tensor_to_image
-from kineflow.flow import EulerSolver, MaskedPath, MetricPath, classifier_free_guidance
-from kineflow.flow.path import DiscretePath
+from kineflow.flow import EulerSolver, classifier_free_guidance
 from kineflow.inputs.checks import check_device, check_options
 from kineflow.inputs.images import load_image, pair_images, preprocess_understanding
 from kineflow.inputs.layout import (
@@ -48,11 +44,18 @@ from kineflow.inputs.layout import (
     text_to_image_layout,
     understanding_layout,
 )
-from kineflow.interop.janus import fudoki_model_from_janus
-from kineflow.io import atomic_save_safetensors, load_pretrained_folder, save_pretrained_folder
-from kineflow.models.fudoki import FudokiConfig, FudokiModel
+from kineflow.models.fudoki import FudokiModel
 from kineflow.pipelines.autoregressive import decode_autoregressive
+from kineflow.pipelines.base import Pipeline, register
+from kineflow.pipelines.fudoki_checkpoints import FudokiCheckpoints
+from kineflow.pipelines.fudoki_config import (
+    JANUS_SYSTEM_PROMPT,
+    KIND,
+    FudokiPipelineConfig,
+    make_paths,
+)
 from kineflow.pipelines.results import ImageResult, TextResult
+from kineflow.pipelines.sampling_options import SamplingOptions
 from kineflow.tokenizers.text import TextTokenizer
 
 __all__ = [
@@ -63,98 +66,8 @@ __all__ = [
     "TextResult",
 ]
 
-#: The system prompt of Janus's / FUDOKI's understanding processor.
-JANUS_SYSTEM_PROMPT = (
-    "You are a helpful language and vision assistant. You are able to understand the visual "
-    "content that the user provides, and assist the user with a variety of tasks using natural "
-    "language."
-)
-KIND = "fudoki"
-PATHS = ("metric", "masked", "ar")
-ImageInput = str | os.PathLike[str] | Image.Image
-METRIC_FILE = "metric.safetensors"
-
-
-@dataclass
-class FudokiPipelineConfig:
-    """Everything besides the network that decides what the pipeline does.
-
-    ``metric_exponent``, ``beta_a``, ``beta_c``: the metric path ``softmax(−β_t d)``,
-    ``d = ‖ê_x − ê_y‖^p``, ``β_t = c (t / (1 − t))^a`` (FUDOKI: p = 4, a = 0.9, c = 3).
-    ``text_budget``: text tokens a sequence may hold besides the image (FUDOKI's
-    ``txt_max_length``, 500). ``image_mean``/``image_std``/``background``: understanding
-    preprocessing (:mod:`kineflow.inputs.images`). ``steps``, ``cfg_scale``,
-    ``answer_tokens``: defaults of the sampling calls (``answer_tokens=None``: the official
-    layout, answers fill the text budget). ``path``: ``"metric"`` (FUDOKI) or ``"masked"``
-    (the absorbing-state baseline: text mask = the pad token, image mask = the extra image id
-    ``K`` of a model built with ``image_mask_token``) or ``"ar"`` (the autoregressive
-    baseline: causal attention, left-to-right decoding with a KV cache; ``steps`` is unused).
-    """
-
-    metric_exponent: float = 4.0
-    beta_a: float = 0.9
-    beta_c: float = 3.0
-    text_budget: int = 500
-    system_prompt: str = JANUS_SYSTEM_PROMPT
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    background: tuple[int, int, int] = (127, 127, 127)
-    steps: int = 50
-    cfg_scale: float = 5.0
-    answer_tokens: int | None = None
-    path: str = "metric"
-
-    def __post_init__(self) -> None:
-        if self.path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
-        # The sampling defaults obey the rules of the calls' own options.
-        check_options(answer_tokens=self.answer_tokens, steps=self.steps, cfg_scale=self.cfg_scale)
-        for name in ("image_mean", "image_std", "background"):
-            value = tuple(getattr(self, name))
-            if len(value) != 3:
-                raise ValueError(f"{name} must have 3 entries (RGB), got {value!r}")
-            setattr(self, name, value)
-        if any(not s > 0 for s in self.image_std):
-            raise ValueError(f"image_std must be positive, got {self.image_std}")
-        budget = self.text_budget
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"text_budget must be a positive integer, got {budget!r}")
-        for name in ("metric_exponent", "beta_a", "beta_c"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FudokiPipelineConfig:
-        check_config_keys(d, cls, "FUDOKI pipeline config")
-        return cls(**d)
-
-
-def make_paths(
-    config: FudokiPipelineConfig,
-    text_embeddings: Tensor,
-    image_embeddings: Tensor,
-    pad_id: int,
-    model_config: FudokiConfig,
-) -> tuple[DiscretePath, DiscretePath] | tuple[None, None]:
-    """The text and image paths of ``config.path`` (shared by sampling and training).
-
-    metric: ``softmax(−β_t ‖ê_x − ê_y‖^p)`` over each table; masked: absorbing paths whose
-    masks are the pad token (text) and the extra image id ``K``; ar: none (no corruption).
-    """
-    if config.path == "ar":
-        return None, None
-    if config.path == "metric":
-        return tuple(
-            MetricPath.from_embeddings(t, config.metric_exponent, config.beta_a, config.beta_c)
-            for t in (text_embeddings, image_embeddings)
-        )
-    if not model_config.image_mask_token:
-        raise ValueError("the masked path needs a model built with image_mask_token=True")
-    K = model_config.gen_vision.codebook_size
-    return MaskedPath(model_config.language.vocab_size, pad_id), MaskedPath(K + 1, K)
+#: The options each task uses (see :class:`~kineflow.pipelines.base.Pipeline`).
+_SAMPLING = frozenset({"steps", "seed", "generator", "return_trajectory", "progress"})
 
 
 class _Clock:
@@ -169,8 +82,10 @@ class _Clock:
             torch.cuda.synchronize(self.device)
 
 
-class FudokiPipeline:
-    """A FUDOKI model with its text tokenizer and metric tables, ready to sample.
+@register
+class FudokiPipeline(FudokiCheckpoints, Pipeline):
+    """A FUDOKI model with its text tokenizer and metric tables, ready to sample (saving and
+    loading: :class:`~kineflow.pipelines.fudoki_checkpoints.FudokiCheckpoints`).
 
     Args:
         model: the network.
@@ -183,6 +98,17 @@ class FudokiPipeline:
     Raises:
         ValueError: a tokenizer / model vocabulary mismatch, or a table of the wrong size.
     """
+
+    kineflow_type = KIND
+    display_name = "FUDOKI"
+    task_options: ClassVar[Mapping[str, frozenset[str]]] = {
+        "text_to_image": _SAMPLING | {"cfg_scale", "temperature", "top_k"},
+        "answer": _SAMPLING | {"answer_tokens", "system_prompt"},
+        "generate_text": _SAMPLING | {"max_tokens", "chat", "system_prompt", "temperature",
+                                      "top_k"},
+    }  # fmt: skip
+    option_reasons: ClassVar[Mapping[str, str]] = {"beams": "they answer with the flow solver"}
+    foreign_formats: ClassVar[Mapping[str, str]] = {"multi_modality": "Janus / FUDOKI releases"}
 
     def __init__(
         self,
@@ -284,27 +210,17 @@ class FudokiPipeline:
             ValueError: an option out of range (see :mod:`kineflow.inputs.checks`), an
                 empty prompt or one too long for the model, before any sampling.
         """
-        o = check_options(steps=steps, cfg_scale=cfg_scale, temperature=temperature,
-                          top_k=top_k, seed=seed)  # fmt: skip
+        options = SamplingOptions(steps=steps, cfg_scale=cfg_scale, temperature=temperature,
+                                  top_k=top_k, seed=seed, generator=generator,
+                                  return_trajectory=return_trajectory,
+                                  progress=progress)  # fmt: skip
         prompts = [prompts] if isinstance(prompts, str) else prompts
         layout = text_to_image_layout(
             self.tokenizer, prompts, self.num_image_tokens, self.config.text_budget,
             max_positions=self.max_positions,
         ).to(self.device)  # fmt: skip
-        w = self.config.cfg_scale if cfg_scale is None else o["cfg_scale"]
-        run = self._solve(
-            layout,
-            "image",
-            w,
-            None,
-            o["steps"],
-            o["temperature"],
-            o["top_k"],
-            o["seed"],
-            generator,
-            return_trajectory,
-            progress,
-        )
+        w = self.config.cfg_scale if cfg_scale is None else options.cfg_scale
+        run = self._solve(layout, "image", options=options, cfg_scale=w)
         h, w_ = self.model.gen_vision_model.tokens_shape(self.model.config.gen_vision.image_size)
         start = time.perf_counter()
         codes = run["samples"].reshape(-1, h, w_)
@@ -343,7 +259,11 @@ class FudokiPipeline:
         every row that many slots. ``trajectory`` of the result is None unless
         ``return_trajectory=True``. The questions are checked before any picture is read.
         """
-        o = check_options(steps=steps, answer_tokens=answer_tokens, seed=seed)
+        o = check_options(answer_tokens=answer_tokens)
+        # Greedy targets (top-k = 1) at temperature 1, as FUDOKI.
+        options = SamplingOptions(steps=steps, temperature=1.0, top_k=1, seed=seed,
+                                  generator=generator, return_trajectory=return_trajectory,
+                                  progress=progress)  # fmt: skip
         if self.model.vision_model is None:
             raise ValueError("this model has no understanding encoder (config.vision is None)")
         images, questions = pair_images(images, questions, "question")
@@ -364,10 +284,7 @@ class FudokiPipeline:
         start = time.perf_counter()
         features = self.model.encode_images(pixels.to(self.device, self.dtype))
         encode_s = time.perf_counter() - start
-        result = self._generate_text(
-            layout, features, o["steps"], 1.0, 1, o["seed"], generator, return_trajectory,
-            progress,
-        )  # fmt: skip
+        result = self._generate_text(layout, options, features)
         result.timings["encode_s"] = encode_s  # SigLIP + aligner, once per call
         return result
 
@@ -394,8 +311,10 @@ class FudokiPipeline:
         :data:`~kineflow.inputs.layout.DEFAULT_TEXT_TOKENS` (64). ``trajectory`` of the
         result is None unless ``return_trajectory=True``.
         """
-        o = check_options(max_tokens=max_tokens, steps=steps, temperature=temperature,
-                          top_k=top_k, seed=seed)  # fmt: skip
+        o = check_options(max_tokens=max_tokens)
+        options = SamplingOptions(steps=steps, temperature=temperature, top_k=top_k, seed=seed,
+                                  generator=generator, return_trajectory=return_trajectory,
+                                  progress=progress)  # fmt: skip
         if not isinstance(system_prompt, str):
             raise TypeError(f"system_prompt must be a str, got {type(system_prompt).__name__}")
         prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -403,37 +322,14 @@ class FudokiPipeline:
             self.tokenizer, prompts, o["max_tokens"], self.config.text_budget, chat,
             system_prompt, max_positions=self.max_positions,
         ).to(self.device)  # fmt: skip
-        return self._generate_text(
-            layout, None, o["steps"], o["temperature"], o["top_k"], o["seed"], generator,
-            return_trajectory, progress,
-        )  # fmt: skip
+        return self._generate_text(layout, options)
 
     # -- shared machinery -----------------------------------------------------------------------
     def _generate_text(
-        self,
-        layout: Layout,
-        features: Tensor | None,
-        steps: int | None,
-        temperature: float,
-        top_k: int | None,
-        seed: int | None,
-        generator: torch.Generator | None,
-        return_trajectory: bool,
-        progress: bool,
+        self, layout: Layout, options: SamplingOptions, features: Tensor | None = None
     ) -> TextResult:
-        run = self._solve(
-            layout,
-            "text",
-            0.0,
-            features,
-            steps,
-            temperature,
-            top_k,
-            seed,
-            generator,
-            return_trajectory,
-            progress,
-        )
+        """Sample the layout's answer slots (no guidance) and cut each row at its EOS."""
+        run = self._solve(layout, "text", options=options, cfg_scale=0.0, features=features)
         start = time.perf_counter()
         lo = layout.window[0]
         # Each row's answer starts at its own column (its region), possibly after lo.
@@ -442,7 +338,7 @@ class FudokiPipeline:
         cut = [self._cut(row[s:]) for row, s in zip(rows, starts, strict=True)]
         texts, ids = [c[0] for c in cut], [c[1] for c in cut]
         trajectory = None
-        if return_trajectory:
+        if options.return_trajectory:
             trajectory = [
                 [self._cut(state[b].tolist()[s:])[0] for state in run["states"]]
                 for b, s in enumerate(starts)
@@ -512,95 +408,46 @@ class FudokiPipeline:
         self,
         layout: Layout,
         head: str,
+        *,
+        options: SamplingOptions,
         cfg_scale: float,
-        features: Tensor | None,
-        steps: int | None,
-        temperature: float,
-        top_k: int | None,
-        seed: int | None,
-        generator: torch.Generator | None,
-        return_trajectory: bool,
-        progress: bool,
+        features: Tensor | None = None,
     ) -> dict[str, Any]:
-        """Sample the layout's region with the ``head`` ("image" / "text") path and logits
-        (options already checked; ``temperature=None`` is 1)."""
-        temperature = 1.0 if temperature is None else temperature
-        if generator is None:
-            generator = torch.Generator(self.device)
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(int(seed))
-        elif seed is not None:
-            raise ValueError("pass seed or generator, not both")
+        """Sample the layout's region with the ``head`` ("image" / "text") path and logits,
+        guided with weight ``cfg_scale`` (0: off); ``options.temperature=None`` is 1,
+        ``options.steps=None`` the config's. Returns ``samples`` Long[B, W] (the window),
+        ``timings`` and, with ``options.return_trajectory``, ``states`` [n + 1, B, W]."""
+        if options.temperature is None:
+            options = replace(options, temperature=1.0)
+        generator = options.generator_on(self.device)
+        start = time.perf_counter()
         if self.config.path == "ar":
-            return self._decode_ar(
-                layout, head, cfg_scale, features, temperature, top_k, generator,
-                return_trajectory, progress,
+            run = decode_autoregressive(
+                self.model, layout, head, pad_id=self.tokenizer.pad_id, cfg_scale=cfg_scale,
+                features=features, stop_id=self.tokenizer.eos_id if head == "text" else None,
+                temperature=options.temperature, top_k=options.top_k, generator=generator,
+                return_trajectory=options.return_trajectory, progress=options.progress,
             )  # fmt: skip
-        path = self.image_path if head == "image" else self.text_path
-        fn, clock = self._model_fn(layout, head, cfg_scale, features)
-        steps = self.config.steps if steps is None else steps
-        lo, hi = layout.window
-        region = layout.region[:, lo:hi]
-        solver = EulerSolver(path)
-        start = time.perf_counter()
-        x0 = solver.init_state(layout.input_ids[:, lo:hi], region, generator)
-        result = solver.solve(
-            fn,
-            x0,
-            steps,
-            region,
-            generator,
-            temperature=temperature,
-            top_k=top_k,
-            return_trajectory=return_trajectory,
-            progress=progress,
-        )
-        clock.sync()
+            nfe, model_s = run["nfe"], run["model_s"]
+        else:
+            path = self.image_path if head == "image" else self.text_path
+            fn, clock = self._model_fn(layout, head, cfg_scale, features)
+            lo, hi = layout.window
+            region = layout.region[:, lo:hi]
+            solver = EulerSolver(path)
+            x0 = solver.init_state(layout.input_ids[:, lo:hi], region, generator)
+            result = solver.solve(
+                fn, x0, self.config.steps if options.steps is None else options.steps, region,
+                generator, temperature=options.temperature, top_k=options.top_k,
+                return_trajectory=options.return_trajectory, progress=options.progress,
+            )  # fmt: skip
+            clock.sync()
+            run = {"samples": result.samples, "states": result.states}
+            nfe, model_s = result.nfe, clock.model_s
         total = time.perf_counter() - start
-        timings = {
-            "nfe": float(result.nfe),
-            "model_s": clock.model_s,
-            "solver_s": total - clock.model_s,
-        }
-        out: dict[str, Any] = {"samples": result.samples, "timings": timings}
-        if return_trajectory:
-            out["states"] = result.states
-        return out
-
-    def _decode_ar(
-        self,
-        layout: Layout,
-        head: str,
-        cfg_scale: float,
-        features: Tensor | None,
-        temperature: float,
-        top_k: int | None,
-        generator: torch.Generator,
-        return_trajectory: bool,
-        progress: bool,
-    ) -> dict[str, Any]:
-        start = time.perf_counter()
-        run = decode_autoregressive(
-            self.model,
-            layout,
-            head,
-            pad_id=self.tokenizer.pad_id,
-            cfg_scale=cfg_scale,
-            features=features,
-            stop_id=self.tokenizer.eos_id if head == "text" else None,
-            temperature=temperature,
-            top_k=top_k,
-            generator=generator,
-            return_trajectory=return_trajectory,
-            progress=progress,
-        )
-        total = time.perf_counter() - start
-        timings = {"nfe": float(run["nfe"]), "model_s": run["model_s"]}
-        timings["solver_s"] = total - run["model_s"]
+        timings = {"nfe": float(nfe), "model_s": model_s, "solver_s": total - model_s}
         out: dict[str, Any] = {"samples": run["samples"], "timings": timings}
-        if return_trajectory:
+        if options.return_trajectory:
             out["states"] = run["states"]
         return out
 
@@ -614,78 +461,3 @@ class FudokiPipeline:
             cells = masked.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
             pixels = pixels.masked_fill(cells[:, None], 0.0)  # 0 in [-1, 1] is mid grey
         return [tensor_to_image(p.float().cpu()) for p in pixels]
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        """Write a kineflow FUDOKI folder: ``config.json`` (``kineflow_type: fudoki``, the model
-        and pipeline configs), ``model.safetensors`` (Janus key names), ``metric.safetensors``
-        (``text``, ``image`` tables) and the tokenizer files, swapped in whole: see
-        :func:`kineflow.io.save_pretrained_folder` (and its ValueErrors)."""
-
-        def tokenizer_and_tables(temp: Path) -> None:
-            self.tokenizer.save(temp)
-            atomic_save_safetensors(
-                temp / METRIC_FILE,
-                {"text": self.text_embeddings, "image": self.image_embeddings},
-                {"format": "pt"},
-            )
-
-        config = {"model": self.model.config.to_dict(), "pipeline": self.config.to_dict()}
-        return save_pretrained_folder(
-            folder, self.model.state_dict(), config, KIND, extra=tokenizer_and_tables
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name: str | os.PathLike[str],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> FudokiPipeline:
-        """:func:`kineflow.load` (a Janus / FUDOKI release, a kineflow folder or a hub id)."""
-        from kineflow.pipelines.loading import load
-
-        return load(name, device=device, dtype=dtype)
-
-    @classmethod
-    def from_kineflow_folder(cls, folder: str | os.PathLike[str]) -> FudokiPipeline:
-        """Read what :meth:`save_pretrained` wrote (see :func:`kineflow.load`)."""
-        folder = Path(folder)
-        config, weights = load_pretrained_folder(folder, KIND, "FUDOKI checkpoint")
-        check_config_keys(config, _SavedConfig, f"{folder / 'config.json'}")
-        try:
-            model_config = FudokiConfig.from_dict(config["model"])
-            pipeline_config = FudokiPipelineConfig.from_dict(config.get("pipeline", {}))
-        except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"{folder / 'config.json'}: {e}") from e
-        model = fudoki_model_from_janus(weights, model_config)
-        dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
-        if len(dtypes) == 1:  # a bfloat16 save loads as bfloat16 (exact: fp32 holds bf16)
-            model.to(dtypes.pop())
-        tables = _read_metric_tables(folder / METRIC_FILE)
-        tokenizer = TextTokenizer.load(folder)
-        provenance = {name: f"{folder / METRIC_FILE}[{name}]" for name in tables}
-        return cls(model, tokenizer, tables["text"], tables["image"], pipeline_config, provenance)
-
-
-def _read_metric_tables(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path.parent} has no {path.name} (the metric tables)")
-    try:
-        tables = load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    if set(tables) != {"text", "image"}:
-        raise ValueError(
-            f"{path} must hold exactly the tensors 'text' and 'image', got {sorted(tables)}"
-        )
-    return tables
-
-
-@dataclass
-class _SavedConfig:
-    """The keys of a kineflow FUDOKI ``config.json`` (for the unknown-key check)."""
-
-    model: dict
-    pipeline: dict | None = None

@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,10 +38,13 @@ from kineflow.inputs.images import (
     preprocess_understanding,
 )
 from kineflow.inputs.layout import understanding_layout
-from kineflow.io import load_pretrained_folder, save_pretrained_folder
+from kineflow.io import check_state_dict, load_pretrained_folder, save_pretrained_folder
 from kineflow.models.diffusion_head import add_identity_norms
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
+from kineflow.pipelines.base import Pipeline, register
+from kineflow.pipelines.checkpoints import load_checked
 from kineflow.pipelines.results import ImageResult, TextResult
+from kineflow.pipelines.sampling_options import SamplingOptions
 from kineflow.tokenizers.text import TextTokenizer
 
 __all__ = ["KIND", "UnifluidPipeline", "UnifluidPipelineConfig"]
@@ -49,6 +52,8 @@ __all__ = ["KIND", "UnifluidPipeline", "UnifluidPipelineConfig"]
 KIND = "unifluid"
 #: The colour of cells not generated yet in trajectory frames.
 NOT_YET = np.array([96, 96, 96], dtype=np.uint8)
+#: The options both image tasks use (see :class:`~kineflow.pipelines.base.Pipeline`).
+_IMAGES = frozenset({"temperature", "seed", "return_trajectory", "frames", "progress"})
 
 
 @dataclass
@@ -91,8 +96,25 @@ class UnifluidPipelineConfig:
         return cls(**d)
 
 
-class UnifluidPipeline:
+@register
+class UnifluidPipeline(Pipeline):
     """A UniFluid model with its text tokenizer (see the module docstring)."""
+
+    kineflow_type = KIND
+    display_name = "UniFluid"
+    # answer also accepts steps, seed and return_trajectory, for a common interface with
+    # FUDOKI, but uses none of them.
+    task_options: ClassVar[Mapping[str, frozenset[str]]] = {
+        "text_to_image": _IMAGES | {"cfg_scale", "order"},
+        "edit": _IMAGES,
+        "answer": frozenset({"max_tokens", "answer_tokens", "beams"}),
+        "caption": frozenset({"beams"}),
+    }
+    option_reasons: ClassVar[Mapping[str, str]] = {
+        "steps": "they take one backbone step per token",
+        "top_k": "their image tokens are continuous",
+        "return_trajectory": "they decode left to right",
+    }
 
     def __init__(
         self,
@@ -171,12 +193,8 @@ class UnifluidPipeline:
         return self.model.encode_images(pixels)
 
     def _generator(self, seed: int | None) -> torch.Generator:
-        g = torch.Generator()  # the head draws on the CPU and moves its noise
-        if seed is None:
-            g.seed()
-        else:
-            g.manual_seed(int(seed))
-        return g
+        """The generator of a sampling call: on the CPU (the head moves its noise), seeded."""
+        return SamplingOptions(seed=seed).generator_on(torch.device("cpu"))
 
     # -- tasks -----------------------------------------------------------------------------------
     def check_prompts(self, prompts: str | Sequence[str]) -> None:
@@ -217,15 +235,16 @@ class UnifluidPipeline:
         if steps is not None:
             raise ValueError("UniFluid has no solver steps (one backbone step per token): "
                              "leave steps=None")  # fmt: skip
-        o = check_options(cfg_scale=cfg_scale, temperature=temperature, seed=seed, frames=frames)
+        options = SamplingOptions(cfg_scale=cfg_scale, temperature=temperature, seed=seed,
+                                  return_trajectory=return_trajectory,
+                                  progress=progress)  # fmt: skip
+        frames = check_options(frames=frames)["frames"]
         rows = self._prompt_rows(prompts, "prompt", image=False)
         ids, mask = self._left_pad(rows)
         uncond = ids.clone()
         uncond[:, :-1] = torch.where(mask[:, :-1], self.tokenizer.pad_id, uncond[:, :-1])
         uncond[torch.arange(len(rows)), mask.float().argmax(1)] = self.tokenizer.bos_id
-        return self._images(ids, mask, uncond, o["cfg_scale"], o["temperature"], o["seed"],
-                            order, o["frames"] if return_trajectory else 0,
-                            progress=progress)  # fmt: skip
+        return self._images(ids, mask, uncond, options, order=order, frames=frames)
 
     @torch.no_grad()
     def encode(self, images: Sequence[Any] | Any) -> Tensor:
@@ -266,7 +285,11 @@ class UnifluidPipeline:
         trainer never blanks editing prompts. ``return_trajectory``, ``progress``: as in
         :meth:`text_to_image`. The options and instructions are checked (lengths included)
         before any picture is read or encoded."""
-        o = check_options(temperature=temperature, seed=seed, frames=frames)
+        # No guidance (cfg_scale 1): the trainer never blanks editing prompts.
+        options = SamplingOptions(cfg_scale=1.0, temperature=temperature, seed=seed,
+                                  return_trajectory=return_trajectory,
+                                  progress=progress)  # fmt: skip
+        frames = check_options(frames=frames)["frames"]
         if isinstance(images, Tensor):
             tokens = images.to(self.device)
             self.model.check_tokens(tokens, "source image tokens")
@@ -282,30 +305,43 @@ class UnifluidPipeline:
         if not isinstance(images, Tensor):
             tokens = self.encode(images)
         prompt = self.model.edit_embeds(ids, ids == self.tokenizer.image_id, tokens)
-        return self._images(prompt, mask, None, 1.0, o["temperature"], o["seed"], None,
-                            o["frames"] if return_trajectory else 0, source=tokens,
-                            progress=progress)  # fmt: skip
+        return self._images(prompt, mask, None, options, frames=frames, source=tokens)
 
     def _images(
-        self, prompt, mask, uncond, cfg_scale, temperature, seed, order, frames, source=None,
-        progress=False,
-    ) -> ImageResult:  # fmt: skip
+        self,
+        prompt: Tensor,
+        mask: Tensor,
+        uncond: Tensor | None,
+        options: SamplingOptions,
+        *,
+        frames: int,
+        order: Tensor | None = None,
+        source: Tensor | None = None,
+    ) -> ImageResult:
+        """Generate the image tokens after ``prompt`` (ids Long[B, N] or embeddings
+        Float[B, N, D], ``mask`` Bool[B, N]) and decode them; ``uncond``: the blanked prompt
+        for guidance (used when the weight is not 1); ``frames``: the trajectory's frames
+        when ``options.return_trajectory``; ``source``: the tokens an edit starts from."""
         c, model = self.config, self.model
-        w = c.cfg_scale if cfg_scale is None else cfg_scale
-        generator = self._generator(seed)
+        if options.temperature is None:
+            options = replace(options, temperature=c.temperature)
+        w = c.cfg_scale if options.cfg_scale is None else options.cfg_scale
+        generator = self._generator(options.seed)
         B, L = mask.shape[0], model.config.num_image_tokens
         if order is None:  # drawn here (as generate_tokens would) to draw the trajectory
             order = generation_order(B, L, model.config.order, generator)
         start = time.perf_counter()
         tokens = model.generate_tokens(
             prompt, mask, uncond=uncond if w != 1.0 else None, cfg_scale=w,
-            temperature=c.temperature if temperature is None else temperature,
-            order=order, generator=generator, clip_x0=c.clip_x0, source=source, progress=progress,
+            temperature=options.temperature, order=order, generator=generator, clip_x0=c.clip_x0,
+            source=source, progress=options.progress,
         )  # fmt: skip
         model_s = time.perf_counter() - start
         start = time.perf_counter()
         images = self.decode(tokens)
-        trajectory = self._trajectory(images, order, frames) if frames else None
+        trajectory = None
+        if options.return_trajectory:
+            trajectory = self._trajectory(images, order, frames)
         timings = {"model_s": model_s, "decode_s": time.perf_counter() - start,
                    "nfe": float(L)}  # fmt: skip
         return ImageResult(images, tokens.cpu(), trajectory, timings=timings)
@@ -417,6 +453,22 @@ class UnifluidPipeline:
         return save_pretrained_folder(folder, weights, config, KIND, extra=self.tokenizer.save)
 
     @classmethod
+    def load_checkpoint(
+        cls,
+        folder: Path,
+        config: Mapping[str, Any],
+        *,
+        max_bytes: int | None = None,
+        check_finite: bool | None = None,
+    ) -> UnifluidPipeline:
+        """:meth:`from_pretrained` after :func:`~kineflow.pipelines.checkpoints.load_checked`'s
+        checks (see :func:`kineflow.load`)."""
+        return load_checked(
+            folder, lambda: UnifluidConfig(**config["model"]), UnifluidModel, cls.from_pretrained,
+            max_bytes=max_bytes, check_finite=check_finite,
+        )  # fmt: skip
+
+    @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> UnifluidPipeline:
         """Read what :meth:`save_pretrained` wrote; every tensor must fit."""
         folder = Path(folder)
@@ -427,8 +479,6 @@ class UnifluidPipeline:
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{folder / 'config.json'}: {e}") from e
         model = UnifluidModel(model_config)
-        from kineflow.io import check_state_dict
-
         # Folders saved before the head's block norms became affine lack their identity values.
         weights = add_identity_norms(weights, "diffusion_head.net.")
         check_state_dict(model.state_dict(), weights, str(folder / "model.safetensors"))

@@ -25,16 +25,13 @@ def evaluate_run(name: str, out: Path, settings: EvalSettings, log: Callable) ->
     from kineflow.eval.benchmark import evaluate_model, summary
     from kineflow.eval.detector import detect
     from kineflow.eval.scores import contact_sheet
-    from kineflow.eval.self_correction import picture_corrections, token_revisions
-    from kineflow.inputs.images import save_gif, save_strip
-    from kineflow.pipelines.unifluid import UnifluidPipeline
 
     s = settings
     pipe = kineflow.load(out / name / "model")
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    unifluid = isinstance(pipe, UnifluidPipeline)
-    steps = None if unifluid else s.steps  # UniFluid: one backbone step per token
+    # UniFluid takes one backbone step per token: it has no steps option.
+    steps = s.steps if pipe.uses_option("text_to_image", "steps") else None
     start = time.perf_counter()
     report = evaluate_model(
         pipe,
@@ -42,7 +39,7 @@ def evaluate_run(name: str, out: Path, settings: EvalSettings, log: Callable) ->
         max_prompts_per_category=s.max_prompts_per_category,
         vqa_items=s.vqa_items,
         caption_items=s.caption_items,
-        edit_items=s.edit_items if unifluid else 0,
+        edit_items=s.edit_items if pipe.supports("edit") else 0,
         steps=steps,
         cfg_scale=s.cfg_scale,
         seed=s.seed,
@@ -66,11 +63,24 @@ def evaluate_run(name: str, out: Path, settings: EvalSettings, log: Callable) ->
     sheet = contact_sheet(pictures, verdicts, labels, columns=s.grid_samples * 2, scale=3)
     sheet.save(figures / f"{name}_samples.png")
     result["parameters"] = sum(p.numel() for p in pipe.model.parameters())
-    if unifluid:
-        result |= _unifluid_figures(pipe, name, figures, report, s)
-        log(f"eval  {name}: {json.dumps(result)}")
-        return result
+    result |= _FIGURES[pipe.kineflow_type](pipe, name, figures, report, s)
+    log(f"eval  {name}: {json.dumps({k: v for k, v in result.items() if k != 'self_correction'})}")
+    return result
 
+
+def _flow_figures(
+    pipe: Any, name: str, figures: Path, report: dict[str, Any], s: EvalSettings
+) -> dict[str, Any]:
+    """Refinement GIFs of solver trajectories and self-correction statistics (FUDOKI, masked
+    and AR runs); returns them with the run's path."""
+    import numpy as np
+
+    from kineflow.data.shapes.prompts import prompt_set
+    from kineflow.eval.self_correction import picture_corrections, token_revisions
+    from kineflow.inputs.images import save_gif, save_strip
+
+    test = prompt_set("test")
+    result: dict[str, Any] = {}
     # Refinement GIFs and self-correction on test prompts (trajectories of every sample).
     rng = np.random.default_rng(s.seed)
     traj_prompts = [test[i] for i in rng.choice(len(test), size=s.trajectories, replace=False)]
@@ -95,7 +105,6 @@ def evaluate_run(name: str, out: Path, settings: EvalSettings, log: Callable) ->
             save_strip(frames, figures / f"{name}_corrected.png", scale=3)
     result["self_correction"] = correction
     result["path"] = pipe.config.path
-    log(f"eval  {name}: {json.dumps({k: v for k, v in result.items() if k != 'self_correction'})}")
     return result
 
 
@@ -136,3 +145,7 @@ def _unifluid_figures(
     config = pipe.model.config
     return {"family": "unifluid", "text_loss_weight": config.text_loss_weight,
             "order": config.order}  # fmt: skip
+
+
+#: The figures of a run, by the loaded pipeline's ``kineflow_type``.
+_FIGURES = {"fudoki": _flow_figures, "unifluid": _unifluid_figures}
