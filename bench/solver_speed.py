@@ -12,7 +12,12 @@ is excluded simply by feeding precomputed logits.
   and ``path = MetricPath.from_embeddings(E)`` (exponent 4, a = 0.9, c = 3). ``rate="euler"``
   (clock increment ``h·β̇_t``) computes the same step as the reference and is the one the
   ``speedup`` and ``memory_ratio`` compare against; ``rate="integrated"`` (kineflow's default,
-  increment ``β_{t+h} − β_t``) is reported alongside.
+  increment ``β_{t+h} − β_t``) is reported alongside. Both use the *compact* strategy, the
+  CPU default.
+* ``kineflow_static_euler`` / ``kineflow_static_integrated``: the same steps with the
+  fixed-shape strategy and the exponential-race sampler (:mod:`kineflow.flow.static_step`),
+  the CUDA default: no host reads, one chunk unless memory asks for more.
+  ``speedup_static_euler`` / ``speedup_static_integrated`` compare them with the reference.
 * ``reference``: :func:`reference_step`, a straightforward implementation that does the math
   the way the official FUDOKI solver does it: softmax over the full [B, N, V] and
   ``torch.multinomial`` over all B·N rows for x_1; the whole embedding table re-normalised by
@@ -127,7 +132,13 @@ from memory import (
     rss_bytes,
 )
 
-IMPLEMENTATIONS = ("reference", "kineflow_euler", "kineflow_integrated")
+IMPLEMENTATIONS = (
+    "reference",
+    "kineflow_euler",
+    "kineflow_integrated",
+    "kineflow_static_euler",
+    "kineflow_static_integrated",
+)
 A, C, EXPONENT = 0.9, 3.0, 4.0
 STEP_H = 1.0 / 50
 HEADLINE_T = 0.5
@@ -242,11 +253,14 @@ def kineflow_step(
     t_next: Tensor,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """What ``solver`` does per step for one modality (temperature 1, no top-k); updates and
-    returns ``x_t``."""
-    solver._advance(
-        "tokens", path, x_t, logits, positions, t, t_next, False, 1.0, None, generator
-    )  # fmt: skip
+    """What ``solver`` does per step for one modality (temperature 1, no top-k) with the
+    strategy it plans for the device; updates and returns ``x_t``."""
+    strategy, sampler = solver.plan(x_t.device)
+    args = (path, x_t, logits, positions, t, t_next, False, 1.0, None, generator)
+    if strategy == "compact":
+        solver._advance("tokens", *args)
+    else:
+        solver._advance_static(*args, sampler)
     return x_t
 
 
@@ -447,7 +461,12 @@ def _make_step(
     if impl == "reference":
         return lambda x, g: reference_step(logits, x, E, t, h, g)
     assert path is not None
-    solver = EulerSolver(path, rate="euler" if impl == "kineflow_euler" else "integrated")
+    rate = "euler" if impl.endswith("_euler") else "integrated"
+    # kineflow_static_*: the fixed-shape step with the race sampler (what CUDA gets by default);
+    # the others: the compact step (what the CPU gets by default).
+    static = impl.startswith("kineflow_static")
+    solver = EulerSolver(path, rate=rate, strategy="static" if static else "compact",
+                         sampler="race" if static else "inverse_cdf")  # fmt: skip
     B, N = logits.shape[:2]
     positions = torch.ones(B, N, dtype=torch.bool, device=logits.device).nonzero(as_tuple=True)
     # float32 0-d times, as the solver's own time grid hands them to _advance.
@@ -589,6 +608,10 @@ def run_case(
         k: _ratio(v, ours["step_s_by_t"][k]) for k, v in ref["step_s_by_t"].items()
     }
     out["speedup_integrated"] = _ratio(ref["step_s"], integrated["step_s"])
+    out["speedup_static_euler"] = _ratio(ref["step_s"], out["kineflow_static_euler"]["step_s"])
+    out["speedup_static_integrated"] = _ratio(
+        ref["step_s"], out["kineflow_static_integrated"]["step_s"]
+    )
     out["memory_ratio"] = _ratio(ref["peak_step_mib"], ours["peak_step_mib"])
     out["rates_max_rel_err"] = max(c["max_rel_err"] for c in checks.values())
     out["rates_max_abs_err"] = max(c["max_abs_err"] for c in checks.values())
