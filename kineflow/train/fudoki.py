@@ -10,7 +10,9 @@ and the same loss for all: cross-entropy of the **shifted** logits (position i r
 hidden state i − 1) against x_1 on the generated region only: the image codes of a
 text-to-image sample, the answer slots (answer, then EOS up to the slot count) of a VQA or
 captioning sample. A sample's loss is the mean over its region; the batch loss is the mean
-over samples, so it averages exactly over processes (:mod:`kineflow.train.loop`).
+over samples, so it averages exactly over processes (:mod:`kineflow.train.loop`). The loss is
+:func:`kineflow.flow.loss.region_cross_entropy`; the model's forward returns the heads' logits
+on the region (``heads=``), so DDP / FSDP wrappers see every module that runs.
 
 A batch mixes generation and understanding samples (``data.understanding_ratio``), laid out
 with the inference layouts of :mod:`kineflow.inputs.layout`, so training and sampling see
@@ -33,7 +35,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
+from kineflow.flow.loss import region_cross_entropy
 from kineflow.inputs.images import preprocess_understanding
 from kineflow.inputs.layout import (
     Layout,
@@ -326,31 +328,27 @@ class FudokiTask:
         return path.sample(target, torch.full(target.shape, t), g)
 
     def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
+        """The shifted region cross-entropy (:func:`~kineflow.flow.loss.region_cross_entropy`):
+        image head on the regions of generation samples, text head on the others; the heads
+        run inside ``model``'s forward, so DDP / FSDP see them."""
         lay: Layout = batch["layout"]
-        hidden = model(
+        is_gen = batch["is_gen"].to(lay.region.device)
+        image_at = lay.region & is_gen[:, None]
+        text_at = lay.region & ~is_gen[:, None]
+        text_logits, image_logits = model(
             batch["xt"],
             image_mask=lay.image_mask,
             understanding_mask=lay.understanding_mask,
             pixel_values=batch["pixels"],
             attention_mask=lay.attention_mask,
             mask="causal" if self.obj.kind == "ar" else "full",
+            heads=(text_at, image_at),
         )
-        inner = model.module if hasattr(model, "module") else model
-        rows, cols = lay.region.nonzero(as_tuple=True)
-        h_prev = hidden[rows, cols - 1]  # shifted: position i is read from hidden i - 1
-        targets = batch["x1"][rows, cols]
-        gen_tok = batch["is_gen"][rows]
-        ce = torch.zeros(rows.numel(), device=hidden.device)
-        if gen_tok.any():
-            logits = inner.gen_head(h_prev[gen_tok])
-            ce[gen_tok] = F.cross_entropy(logits.float(), targets[gen_tok], reduction="none")
-        if (~gen_tok).any():
-            logits = inner.language_model.lm_head(h_prev[~gen_tok])
-            ce[~gen_tok] = F.cross_entropy(logits.float(), targets[~gen_tok], reduction="none")
-        B = lay.input_ids.shape[0]
-        per_sample = torch.zeros(B, device=ce.device).index_add_(0, rows, ce)
-        per_sample = per_sample / lay.region.sum(1).clamp(min=1)
-        is_gen = batch["is_gen"].to(ce.device)
+        per_sample = region_cross_entropy(
+            [image_logits, text_logits], [image_at, text_at], batch["x1"]
+        )
+        B = per_sample.shape[0]
+        is_gen = is_gen.to(per_sample.device)
         out = {"loss": per_sample.mean()}
         # Shares of the batch loss (they add up to it), exact under any data split.
         out["loss_gen"] = (per_sample * is_gen).sum() / B
