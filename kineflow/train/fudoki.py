@@ -48,7 +48,6 @@ from kineflow.inputs.layout import (
     Layout,
     stack_layouts,
     text_to_image_layout,
-    understanding_layout,
 )
 from kineflow.io import atomic_save_safetensors, atomic_write_json
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
@@ -56,9 +55,16 @@ from kineflow.pipelines.fudoki import FudokiPipeline, FudokiPipelineConfig, make
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.tokenizers.vq import VQModel
 from kineflow.train.checkpoint import has_checkpoint
-from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.common import (
+    ShapesData,
+    held_run,
+    language_with_vocab,
+    picture_tensor,
+    train_task,
+    understanding_sample,
+)
+from kineflow.train.loop import Optim, sample_generator
 from kineflow.train.run_config import TrainRunConfig
-from kineflow.train.run_folder import hold_run_folder
 from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = ["FudokiData", "FudokiTask", "FudokiTrainConfig", "Objective", "train_fudoki"]
@@ -67,29 +73,8 @@ OBJECTIVES = ("metric", "masked", "ar")
 
 
 @dataclass
-class FudokiData:
-    """ShapesWorld samples: ``understanding_ratio`` of them VQA or captioning (``caption_ratio``
-    of those captioning), the rest text-to-image."""
-
-    split: str = "train"
-    image_size: int = 32
-    seed: int = 0
-    understanding_ratio: float = 0.5
-    caption_ratio: float = 0.3
-    vqa_answer_tokens: int = 4
-    caption_tokens: int = 32
-    caption_instruction: str = "Describe the picture."
-    text_budget: int = 64
-    cfg_dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("understanding_ratio", "caption_ratio", "cfg_dropout"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        for name in ("vqa_answer_tokens", "caption_tokens", "text_budget", "image_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+class FudokiData(ShapesData):
+    """The ``data`` section: :class:`~kineflow.train.common.ShapesData` with its defaults."""
 
 
 @dataclass
@@ -188,21 +173,6 @@ def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiMo
     return model
 
 
-def language_with_vocab(
-    model: dict[str, Any], tokenizer: TextTokenizer, source: str
-) -> dict[str, Any]:
-    """``model["language"]`` with ``vocab_size`` defaulting to the tokenizer's (loaded from
-    ``source``); a different explicit size is an error naming both."""
-    language = dict(model.get("language", {}))
-    V = language.setdefault("vocab_size", tokenizer.vocab_size)
-    if tokenizer.vocab_size != V:
-        raise ValueError(
-            f"model.language.vocab_size={V} but the text tokenizer {source} has "
-            f"{tokenizer.vocab_size} tokens: the model and tokenizer vocabularies must match"
-        )
-    return language
-
-
 def _init_from(model: FudokiModel, folder: str) -> None:
     """Copy every shared tensor of a saved FUDOKI / AR model (same architecture) into ``model``."""
     weights = load_file(str(Path(folder) / "model.safetensors"))
@@ -272,22 +242,10 @@ class FudokiTask:
                 lay.input_ids = lay.input_ids.masked_fill(lay.prompt_span, tok.pad_id)
             picture = render(Scene.from_key(item.scene_key), d.image_size)
             return {"kind": "gen", "layout": lay, "picture": picture, "g": g}
-        caption = float(torch.rand((), generator=g)) < d.caption_ratio
-        task = "caption" if caption else "vqa"
-        item = draw_item(self.world, task, d.split, index)
-        question = d.caption_instruction if caption else item.texts["question"]
-        answer = item.texts["caption"] if caption else item.texts["answer"]
-        slots = d.caption_tokens if caption else d.vqa_answer_tokens
-        ids = tok.encode(answer)
-        if len(ids) >= slots:
-            raise ValueError(
-                f"a {task} answer of {len(ids)} tokens does not fit in {slots} slots (+ EOS): "
-                f"raise data.{'caption_tokens' if caption else 'vqa_answer_tokens'}"
-            )
-        lay = understanding_layout(tok, [question], self.num_patches, d.text_budget, slots, "")
-        target = torch.tensor(ids + [tok.eos_id] * (slots - len(ids)))
-        picture = render(Scene.from_key(item.scene_key), d.image_size)
-        return {"kind": "und", "layout": lay, "target": target, "picture": picture, "g": g}
+        und = understanding_sample(self.world, d, tok, index, g, self.num_patches)
+        target = torch.tensor(und.target)
+        return {"kind": "und", "layout": und.layout, "target": target, "picture": und.picture,
+                "g": g}  # fmt: skip
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
         samples = [self._sample(i) for i in indices]
@@ -314,9 +272,8 @@ class FudokiTask:
     @torch.no_grad()
     def _encode(self, pictures: list[np.ndarray]) -> Tensor:
         """uint8 [S, S, 3] pictures -> VQ ids Long[G, L] (pixels scaled to [-1, 1])."""
-        x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         vq = self.model.gen_vision_model
-        return vq.encode(x.to(next(vq.parameters()).device)).flatten(1).cpu()
+        return vq.encode(picture_tensor(pictures, next(vq.parameters()).device)).flatten(1).cpu()
 
     def _corrupt(self, target: Tensor, kind: str, g: torch.Generator) -> Tensor:
         if self.obj.kind == "ar":
@@ -366,10 +323,8 @@ def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, 
     :func:`kineflow.load` reads), ``out/model_step{s}`` for each of ``export_steps``, and
     returns the loop's summary. ``out`` is held for the whole run
     (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    with hold_run_folder(config.out):
-        return _train(config, Path(config.out), progress)
+    with held_run(config) as out:
+        return _train(config, out, progress)
 
 
 def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, Any]:
@@ -404,19 +359,7 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
 
     if config.export_steps and config.parallel == "fsdp":
         raise ValueError("export_steps needs whole weights on every process: not with FSDP")
-    summary = run_training(
-        task,
-        config.optim,
-        out,
-        config.to_dict(),
-        log_every=config.log_every,
-        ckpt_every=config.ckpt_every,
-        ckpt_minutes=config.ckpt_minutes,
-        parallel=config.parallel,
-        progress=progress,
-        desc=f"train {config.objective.kind}",
-        on_step=export,
-    )
+    summary = train_task(task, config, out, progress, f"train {config.objective.kind}", export)
     pipeline().save_pretrained(out / "model")
     atomic_write_json(out / "summary.json", summary)
     return summary
