@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import kineflow
 from kineflow.models.fudoki import FudokiModel
-from kineflow.pipelines import FudokiPipeline, checkpoints, loading
+from kineflow.pipelines import FudokiPipeline, checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,11 @@
 - :mod:`~kineflow.flow.solver` — the Euler CTMC sampler, one code path for all modalities.
 - :mod:`~kineflow.flow.guidance` — classifier-free guidance.
 - :mod:`~kineflow.flow.oracle` — exact posteriors and exact solver laws for small problems.
+- :mod:`~kineflow.flow.loss` — the training loss: cross-entropy against ``x_1`` on a region.
 """
 
 from kineflow.flow.guidance import GuidedModel, blank_span, classifier_free_guidance
+from kineflow.flow.loss import region_cross_entropy
 from kineflow.flow.masked_path import MaskedPath
 from kineflow.flow.metric import EmbeddingMetric, HammingMetric, Metric, make_metric
 from kineflow.flow.metric_path import MetricPath
@@ -38,6 +40,7 @@ __all__ = [
     "euler_law",
     "make_metric",
     "power_grid",
+    "region_cross_entropy",
     "sample_logits",
     "total_variation",
     "uniform_grid",

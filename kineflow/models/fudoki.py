@@ -334,13 +334,20 @@ class FudokiModel(nn.Module):
         prefix_lengths: Tensor | None = None,
         position_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> Tensor:
+        heads: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Final hidden states ``[B, N, D]`` of the backbone over :meth:`embed`'s inputs.
 
         ``attention_mask [B, N]`` marks real tokens; ``mask`` is ``"full"`` (FUDOKI,
         bidirectional), ``"causal"`` (Janus AR) or ``"prefix"`` (with ``prefix_lengths``).
         Feed the result to :meth:`text_logits` / :meth:`image_logits`. With ``kv_cache`` the
         inputs are the tokens after the cached ones (incremental AR decoding).
+
+        ``heads=(text_at, image_at)`` (bool ``[B, N]``) returns the heads' shifted logits at
+        the marked positions instead: ``(text_logits(h, at=text_at) [M_t, V],
+        image_logits(h, at=image_at) [M_i, K])``, what the training loss reads
+        (:func:`kineflow.flow.loss.region_cross_entropy`). The heads run inside ``forward`` so
+        that a DDP / FSDP wrapper sees them (a submodule called outside it bypasses its hooks).
         """
         embeds = self.embed(
             input_ids,
@@ -350,7 +357,7 @@ class FudokiModel(nn.Module):
             understanding_mask,
             understanding_features,
         )
-        return self.language_model.model(
+        hidden = self.language_model.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             mask=mask,
@@ -358,14 +365,40 @@ class FudokiModel(nn.Module):
             position_ids=position_ids,
             kv_cache=kv_cache,
         )
+        if heads is None:
+            return hidden
+        text_at, image_at = heads
+        return self.text_logits(hidden, at=text_at), self.image_logits(hidden, at=image_at)
 
-    def text_logits(self, hidden: Tensor, shift: bool = True) -> Tensor:
+    def text_logits(self, hidden: Tensor, shift: bool = True, at: Tensor | None = None) -> Tensor:
         """``[B, N, V]``: ``lm_head`` over ``hidden``, shifted one position right (position 0
-        is all zeros) unless ``shift=False``."""
-        logits = self.language_model.lm_head(hidden)
-        return shift_logits(logits) if shift else logits
+        is all zeros) unless ``shift=False``. With ``at`` (bool ``[B, N]``) only the marked
+        positions, row-major: ``[M, V]``, row ``m`` = ``lm_head(h[b, i − 1])`` for the ``m``-th
+        marked ``(b, i)`` (``h[b, i]`` unshifted); with no marked position the head does not
+        run (``[0, V]``: its weights get no gradient, as if the batch had no text)."""
+        V = self.config.language.vocab_size
+        return self._head(self.language_model.lm_head, V, hidden, shift, at)
 
-    def image_logits(self, hidden: Tensor, shift: bool = True) -> Tensor:
-        """``[B, N, K]``: ``gen_head`` over ``hidden``, shifted like :meth:`text_logits`."""
-        logits = self.gen_head(hidden)
-        return shift_logits(logits) if shift else logits
+    def image_logits(self, hidden: Tensor, shift: bool = True, at: Tensor | None = None) -> Tensor:
+        """``[B, N, K]``: ``gen_head`` over ``hidden``, shifted like :meth:`text_logits`;
+        ``[M, K]`` with ``at``."""
+        K = self.config.gen_vision.codebook_size
+        return self._head(self.gen_head, K, hidden, shift, at)
+
+    @staticmethod
+    def _head(
+        head: nn.Module, classes: int, hidden: Tensor, shift: bool, at: Tensor | None
+    ) -> Tensor:
+        if at is None:
+            logits = head(hidden)
+            return shift_logits(logits) if shift else logits
+        if tuple(at.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(
+                f"at must be [B, N] = {tuple(hidden.shape[:2])}, got {tuple(at.shape)}"
+            )
+        rows, cols = at.nonzero(as_tuple=True)
+        if shift and bool(at[:, 0].any()):
+            raise ValueError("at marks position 0, which has no hidden state to its left")
+        if rows.numel() == 0:
+            return hidden.new_zeros((0, classes))
+        return head(hidden[rows, cols - int(shift)])

@@ -10,7 +10,9 @@ and the same loss for all: cross-entropy of the **shifted** logits (position i r
 hidden state i − 1) against x_1 on the generated region only: the image codes of a
 text-to-image sample, the answer slots (answer, then EOS up to the slot count) of a VQA or
 captioning sample. A sample's loss is the mean over its region; the batch loss is the mean
-over samples, so it averages exactly over processes (:mod:`kineflow.train.loop`).
+over samples, so it averages exactly over processes (:mod:`kineflow.train.loop`). The loss is
+:func:`kineflow.flow.loss.region_cross_entropy`; the model's forward returns the heads' logits
+on the region (``heads=``), so DDP / FSDP wrappers see every module that runs.
 
 A batch mixes generation and understanding samples (``data.understanding_ratio``), laid out
 with the inference layouts of :mod:`kineflow.inputs.layout`, so training and sampling see
@@ -33,7 +35,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -41,22 +42,30 @@ from torch import Tensor, nn
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
+from kineflow.flow.loss import region_cross_entropy
 from kineflow.inputs.images import preprocess_understanding
 from kineflow.inputs.layout import (
     Layout,
     stack_layouts,
     text_to_image_layout,
-    understanding_layout,
 )
 from kineflow.io import atomic_save_safetensors, atomic_write_json
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
-from kineflow.pipelines.fudoki import FudokiPipeline, FudokiPipelineConfig, make_paths
+from kineflow.pipelines.fudoki import FudokiPipeline
+from kineflow.pipelines.fudoki_config import FudokiPipelineConfig, make_paths
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.tokenizers.vq import VQModel
 from kineflow.train.checkpoint import has_checkpoint
-from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.common import (
+    ShapesData,
+    held_run,
+    language_with_vocab,
+    picture_tensor,
+    train_task,
+    understanding_sample,
+)
+from kineflow.train.loop import Optim, sample_generator
 from kineflow.train.run_config import TrainRunConfig
-from kineflow.train.run_folder import hold_run_folder
 from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = ["FudokiData", "FudokiTask", "FudokiTrainConfig", "Objective", "train_fudoki"]
@@ -65,29 +74,8 @@ OBJECTIVES = ("metric", "masked", "ar")
 
 
 @dataclass
-class FudokiData:
-    """ShapesWorld samples: ``understanding_ratio`` of them VQA or captioning (``caption_ratio``
-    of those captioning), the rest text-to-image."""
-
-    split: str = "train"
-    image_size: int = 32
-    seed: int = 0
-    understanding_ratio: float = 0.5
-    caption_ratio: float = 0.3
-    vqa_answer_tokens: int = 4
-    caption_tokens: int = 32
-    caption_instruction: str = "Describe the picture."
-    text_budget: int = 64
-    cfg_dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("understanding_ratio", "caption_ratio", "cfg_dropout"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        for name in ("vqa_answer_tokens", "caption_tokens", "text_budget", "image_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+class FudokiData(ShapesData):
+    """The ``data`` section: :class:`~kineflow.train.common.ShapesData` with its defaults."""
 
 
 @dataclass
@@ -186,21 +174,6 @@ def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiMo
     return model
 
 
-def language_with_vocab(
-    model: dict[str, Any], tokenizer: TextTokenizer, source: str
-) -> dict[str, Any]:
-    """``model["language"]`` with ``vocab_size`` defaulting to the tokenizer's (loaded from
-    ``source``); a different explicit size is an error naming both."""
-    language = dict(model.get("language", {}))
-    V = language.setdefault("vocab_size", tokenizer.vocab_size)
-    if tokenizer.vocab_size != V:
-        raise ValueError(
-            f"model.language.vocab_size={V} but the text tokenizer {source} has "
-            f"{tokenizer.vocab_size} tokens: the model and tokenizer vocabularies must match"
-        )
-    return language
-
-
 def _init_from(model: FudokiModel, folder: str) -> None:
     """Copy every shared tensor of a saved FUDOKI / AR model (same architecture) into ``model``."""
     weights = load_file(str(Path(folder) / "model.safetensors"))
@@ -270,22 +243,10 @@ class FudokiTask:
                 lay.input_ids = lay.input_ids.masked_fill(lay.prompt_span, tok.pad_id)
             picture = render(Scene.from_key(item.scene_key), d.image_size)
             return {"kind": "gen", "layout": lay, "picture": picture, "g": g}
-        caption = float(torch.rand((), generator=g)) < d.caption_ratio
-        task = "caption" if caption else "vqa"
-        item = draw_item(self.world, task, d.split, index)
-        question = d.caption_instruction if caption else item.texts["question"]
-        answer = item.texts["caption"] if caption else item.texts["answer"]
-        slots = d.caption_tokens if caption else d.vqa_answer_tokens
-        ids = tok.encode(answer)
-        if len(ids) >= slots:
-            raise ValueError(
-                f"a {task} answer of {len(ids)} tokens does not fit in {slots} slots (+ EOS): "
-                f"raise data.{'caption_tokens' if caption else 'vqa_answer_tokens'}"
-            )
-        lay = understanding_layout(tok, [question], self.num_patches, d.text_budget, slots, "")
-        target = torch.tensor(ids + [tok.eos_id] * (slots - len(ids)))
-        picture = render(Scene.from_key(item.scene_key), d.image_size)
-        return {"kind": "und", "layout": lay, "target": target, "picture": picture, "g": g}
+        und = understanding_sample(self.world, d, tok, index, g, self.num_patches)
+        target = torch.tensor(und.target)
+        return {"kind": "und", "layout": und.layout, "target": target, "picture": und.picture,
+                "g": g}  # fmt: skip
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
         samples = [self._sample(i) for i in indices]
@@ -312,9 +273,8 @@ class FudokiTask:
     @torch.no_grad()
     def _encode(self, pictures: list[np.ndarray]) -> Tensor:
         """uint8 [S, S, 3] pictures -> VQ ids Long[G, L] (pixels scaled to [-1, 1])."""
-        x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         vq = self.model.gen_vision_model
-        return vq.encode(x.to(next(vq.parameters()).device)).flatten(1).cpu()
+        return vq.encode(picture_tensor(pictures, next(vq.parameters()).device)).flatten(1).cpu()
 
     def _corrupt(self, target: Tensor, kind: str, g: torch.Generator) -> Tensor:
         if self.obj.kind == "ar":
@@ -326,31 +286,27 @@ class FudokiTask:
         return path.sample(target, torch.full(target.shape, t), g)
 
     def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
+        """The shifted region cross-entropy (:func:`~kineflow.flow.loss.region_cross_entropy`):
+        image head on the regions of generation samples, text head on the others; the heads
+        run inside ``model``'s forward, so DDP / FSDP see them."""
         lay: Layout = batch["layout"]
-        hidden = model(
+        is_gen = batch["is_gen"].to(lay.region.device)
+        image_at = lay.region & is_gen[:, None]
+        text_at = lay.region & ~is_gen[:, None]
+        text_logits, image_logits = model(
             batch["xt"],
             image_mask=lay.image_mask,
             understanding_mask=lay.understanding_mask,
             pixel_values=batch["pixels"],
             attention_mask=lay.attention_mask,
             mask="causal" if self.obj.kind == "ar" else "full",
+            heads=(text_at, image_at),
         )
-        inner = model.module if hasattr(model, "module") else model
-        rows, cols = lay.region.nonzero(as_tuple=True)
-        h_prev = hidden[rows, cols - 1]  # shifted: position i is read from hidden i - 1
-        targets = batch["x1"][rows, cols]
-        gen_tok = batch["is_gen"][rows]
-        ce = torch.zeros(rows.numel(), device=hidden.device)
-        if gen_tok.any():
-            logits = inner.gen_head(h_prev[gen_tok])
-            ce[gen_tok] = F.cross_entropy(logits.float(), targets[gen_tok], reduction="none")
-        if (~gen_tok).any():
-            logits = inner.language_model.lm_head(h_prev[~gen_tok])
-            ce[~gen_tok] = F.cross_entropy(logits.float(), targets[~gen_tok], reduction="none")
-        B = lay.input_ids.shape[0]
-        per_sample = torch.zeros(B, device=ce.device).index_add_(0, rows, ce)
-        per_sample = per_sample / lay.region.sum(1).clamp(min=1)
-        is_gen = batch["is_gen"].to(ce.device)
+        per_sample = region_cross_entropy(
+            [image_logits, text_logits], [image_at, text_at], batch["x1"]
+        )
+        B = per_sample.shape[0]
+        is_gen = is_gen.to(per_sample.device)
         out = {"loss": per_sample.mean()}
         # Shares of the batch loss (they add up to it), exact under any data split.
         out["loss_gen"] = (per_sample * is_gen).sum() / B
@@ -368,10 +324,8 @@ def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, 
     :func:`kineflow.load` reads), ``out/model_step{s}`` for each of ``export_steps``, and
     returns the loop's summary. ``out`` is held for the whole run
     (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    with hold_run_folder(config.out):
-        return _train(config, Path(config.out), progress)
+    with held_run(config) as out:
+        return _train(config, out, progress)
 
 
 def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, Any]:
@@ -406,19 +360,7 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
 
     if config.export_steps and config.parallel == "fsdp":
         raise ValueError("export_steps needs whole weights on every process: not with FSDP")
-    summary = run_training(
-        task,
-        config.optim,
-        out,
-        config.to_dict(),
-        log_every=config.log_every,
-        ckpt_every=config.ckpt_every,
-        ckpt_minutes=config.ckpt_minutes,
-        parallel=config.parallel,
-        progress=progress,
-        desc=f"train {config.objective.kind}",
-        on_step=export,
-    )
+    summary = train_task(task, config, out, progress, f"train {config.objective.kind}", export)
     pipeline().save_pretrained(out / "model")
     atomic_write_json(out / "summary.json", summary)
     return summary

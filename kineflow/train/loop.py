@@ -199,7 +199,10 @@ def _wrap(model: nn.Module, parallel: str) -> nn.Module:
             "'torchrun --nproc-per-node 2 -m kineflow train ...')"
         )
     if parallel == "ddp":
-        return nn.parallel.DistributedDataParallel(model)
+        # A rank's share may lack a kind of sample (FUDOKI: no image or no text positions),
+        # so a head can go unused there; DDP must then not wait for its gradient. Unused on
+        # every rank, its grad stays None, as in one process.
+        return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     # Like DDP, every rank starts from rank 0's weights (FSDP's sync_module_states refuses

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,15 +32,21 @@ from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.inputs.images import preprocess_understanding
-from kineflow.inputs.layout import stack_layouts, understanding_layout
+from kineflow.inputs.layout import stack_layouts
 from kineflow.io import atomic_write_json
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
-from kineflow.train.fudoki import FudokiData, language_with_vocab
-from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.common import (
+    ShapesData,
+    held_run,
+    language_with_vocab,
+    picture_tensor,
+    train_task,
+    understanding_sample,
+)
+from kineflow.train.loop import Optim, sample_generator
 from kineflow.train.run_config import TrainRunConfig
-from kineflow.train.run_folder import hold_run_folder
 from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = [
@@ -54,8 +59,8 @@ __all__ = [
 
 
 @dataclass
-class UnifluidData(FudokiData):
-    """:class:`~kineflow.train.fudoki.FudokiData` plus ``edit_ratio``: shares of the batch are
+class UnifluidData(ShapesData):
+    """:class:`~kineflow.train.common.ShapesData` plus ``edit_ratio``: shares of the batch are
     ``understanding_ratio`` VQA / captioning (``caption_ratio`` of those captioning),
     ``edit_ratio`` editing, the rest text-to-image."""
 
@@ -124,11 +129,9 @@ def _calibration_latents(vae: AutoencoderKL, data: UnifluidData, pictures: int =
     """The VAE's posterior means (unscaled) of the first ``pictures`` training pictures (the
     text-to-image items of ``data.split``): deterministic, so a resumed run sees the same."""
     world = ShapesWorld()
-    batch = np.stack([render(Scene.from_key(draw_item(world, "t2i", data.split, i).scene_key),
-                             data.image_size) for i in range(pictures)])  # fmt: skip
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    x = x.to(next(vae.parameters()).device)
-    return vae.encode(x).mode().float()
+    items = (draw_item(world, "t2i", data.split, i) for i in range(pictures))
+    batch = [render(Scene.from_key(item.scene_key), data.image_size) for item in items]
+    return vae.encode(picture_tensor(batch, next(vae.parameters()).device)).mode().float()
 
 
 def _unit_variance_scale(vae: AutoencoderKL, data: UnifluidData) -> float:
@@ -189,19 +192,8 @@ class UnifluidTask:
             g = sample_generator(d.seed, index)
             kind = self._kind(g)
             if kind == "und":
-                caption = float(torch.rand((), generator=g)) < d.caption_ratio
-                task = "caption" if caption else "vqa"
-                item = draw_item(self.world, task, d.split, index)
-                question = d.caption_instruction if caption else item.texts["question"]
-                answer = item.texts["caption" if caption else "answer"]
-                slots = d.caption_tokens if caption else d.vqa_answer_tokens
-                ids = tok.encode(answer)
-                if len(ids) >= slots:
-                    raise ValueError(f"a {task} answer of {len(ids)} tokens needs > {slots} slots")
-                lay = understanding_layout(tok, [question], self.num_patches, d.text_budget, slots)
-                target = ids + [tok.eos_id] * (slots - len(ids))
-                picture = render(Scene.from_key(item.scene_key), d.image_size)
-                groups["und"].append({"layout": lay, "target": target, "picture": picture})
+                und = understanding_sample(self.world, d, tok, index, g, self.num_patches)
+                groups["und"].append(und._asdict())
                 continue
             L = self.model.config.num_image_tokens
             order = generation_order(1, L, self.model.config.order, g)[0]
@@ -253,9 +245,8 @@ class UnifluidTask:
 
     @torch.no_grad()
     def _tokens(self, pictures: list[np.ndarray]) -> Tensor:
-        x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         vae = self.model.vae
-        return vae.images_to_tokens(x.to(next(vae.parameters()).device)).cpu()
+        return vae.images_to_tokens(picture_tensor(pictures, next(vae.parameters()).device)).cpu()
 
     def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
         g = sample_generator(self.data.seed + 1, batch["first"])
@@ -271,18 +262,12 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
     """Run (or resume) a UniFluid training run; writes ``out/model`` (a pipeline folder that
     :func:`kineflow.load` reads) and ``out/summary.json``; ``out`` is held for the whole run
     (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(config.out)
-    with hold_run_folder(out):
+    with held_run(config) as out:
         tokenizer = TextTokenizer.load(config.text_tokenizer)
         torch.manual_seed(config.optim.seed)
         model = build_unifluid(config, tokenizer)
         task = UnifluidTask(model, tokenizer, config)
-        summary = run_training(task, config.optim, out, config.to_dict(),
-                               log_every=config.log_every, ckpt_every=config.ckpt_every,
-                               ckpt_minutes=config.ckpt_minutes, parallel=config.parallel,
-                               progress=progress, desc="train unifluid")  # fmt: skip
+        summary = train_task(task, config, out, progress, "train unifluid")
         from kineflow.pipelines.unifluid import UnifluidPipeline, UnifluidPipelineConfig
 
         pipeline_config = UnifluidPipelineConfig(
