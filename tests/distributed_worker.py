@@ -1,6 +1,6 @@
 """A tiny deterministic training task, and a script running it through ``run_training``.
 
-Used by ``tests/test_distributed.py``: the test imports :class:`TinyTask` / :func:`train` for
+Used by ``tests/train/test_distributed.py``: the test imports :class:`TinyTask` / :func:`train` for
 single-process runs, and launches this file under ``torchrun`` for DDP / FSDP runs::
 
     torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT PARALLEL [...]

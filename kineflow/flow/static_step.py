@@ -26,7 +26,7 @@ Two exact samplers for the categorical draws:
   one elementwise pass and one ``argmax``, no prefix sums or searches; more random numbers, but
   on a GPU those are cheap and the kernels few.
 
-Both give the same next-state law as the CPU step (``tests/test_static_step.py`` checks it
+Both give the same next-state law as the CPU step (``tests/flow/test_static_step.py`` checks it
 against the exact transition).
 """
 

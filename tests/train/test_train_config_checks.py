@@ -19,7 +19,7 @@ from kineflow.train.fudoki import FudokiTrainConfig
 from kineflow.train.loop import Optim, run_training
 from kineflow.train.tokenizer import build_tokenizer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def run_cli(capsys, *args: str) -> tuple[int, list[str], str]:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from kineflow.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FUDOKI = str(ROOT / "checkpoints" / "fudoki-shapes")
 UNIFLUID = str(ROOT / "checkpoints" / "unifluid-shapes")
 LONG = "red circle " * 300  # ~600 tokens: past the shipped models' 256 positions

@@ -40,7 +40,7 @@ from kineflow.train.loop import run_training
 from kineflow.train.run_folder import RunFolderInUseError, hold_run_folder
 from kineflow.train.stop import CheckpointClock, TrainingInterrupted
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = {"model": {"name": "tiny-mlp"}}
 SIBLINGS = ("checkpoint.tmp", "checkpoint.old", "checkpoint.trash", "checkpoint.broken")
 

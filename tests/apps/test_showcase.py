@@ -12,10 +12,10 @@ from PIL import Image
 
 from kineflow.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "checkpoints"
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "showcase.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "showcase.json"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

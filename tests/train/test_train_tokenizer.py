@@ -164,7 +164,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.parametrize("name", ["vq_shapes.yaml", "kl_shapes.yaml"])
 def test_shipped_configs_build(name):
-    config = TokenizerTrainConfig.from_yaml(Path(__file__).parents[1] / "configs" / name)
+    config = TokenizerTrainConfig.from_yaml(Path(__file__).parents[2] / "configs" / name)
     model = build_tokenizer(config.model)
     assert sum(p.numel() for p in model.parameters()) > 0
 

@@ -21,7 +21,7 @@ from kineflow.pipelines.unifluid import UnifluidPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EMBED = "language_model.model.embed_tokens.weight"
 
 

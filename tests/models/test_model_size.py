@@ -29,7 +29,7 @@ from kineflow.tokenizers.autoencoder import AutoencoderConfig, Decoder, Encoder
 from kineflow.tokenizers.kl_vae import AutoencoderKL, KLConfig
 from kineflow.tokenizers.vq import VQConfig, VQModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "checkpoints"
 
 

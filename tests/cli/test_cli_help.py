@@ -12,7 +12,7 @@ import pytest
 
 from kineflow.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def help_text(capsys, argv: list[str]) -> str:

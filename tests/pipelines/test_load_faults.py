@@ -32,7 +32,7 @@ from kineflow.tokenizers.text import TextTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "checkpoints"
 EMBED = "language_model.model.embed_tokens.weight"
 DEEP = 100_000  # far past Python's recursion limit (1000)

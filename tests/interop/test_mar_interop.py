@@ -22,7 +22,7 @@ from kineflow.models.diffusion_head import DiffusionHead, DiffusionHeadConfig, a
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 C, DZ, W, DEPTH, FREQ = 4, 6, 16, 2, 256  # token, condition, width, blocks, MAR's t-embedding
 
 

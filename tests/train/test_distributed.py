@@ -19,7 +19,7 @@ from distributed_worker import BATCH, TinyTask, optim, train
 
 from kineflow.train.loop import run_training
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "distributed_worker.py"
 REPO = WORKER.parent.parent
 STEPS = 6
 RTOL = 1e-5

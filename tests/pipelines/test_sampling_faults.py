@@ -17,7 +17,7 @@ from kineflow.inputs.layout import DEFAULT_TEXT_TOKENS, text_layout
 from kineflow.pipelines import FudokiPipelineConfig
 from kineflow.pipelines.unifluid import UnifluidPipelineConfig
 
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"
 PICTURE = Image.new("RGB", (32, 32), "white")
 pytestmark = pytest.mark.usefixtures("one_thread")
 

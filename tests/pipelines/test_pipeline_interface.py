@@ -22,7 +22,7 @@ from kineflow.pipelines import (
 from kineflow.pipelines import base as base_module
 from kineflow.pipelines.base import pipeline_for_config, registered
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_the_registry_has_no_isinstance_fallbacks() -> None:
 
     assert pipeline_class("unifluid") is UnifluidPipeline
     # Callers ask the interface, not the class.
-    root = Path(__file__).resolve().parents[1] / "kineflow"
+    root = Path(__file__).resolve().parents[2] / "kineflow"
     for path in ("cli/sampling.py", "apps/showcase.py", "eval/benchmark.py"):
         text = (root / path).read_text()
         assert "isinstance(pipe" not in text and "hasattr(pipe" not in text, path

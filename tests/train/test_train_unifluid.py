@@ -385,7 +385,7 @@ def test_edit_refuses_a_fudoki_checkpoint(tmp_path, capsys) -> None:
 
     picture = tmp_path / "p.png"
     Image.new("RGB", (32, 32), "white").save(picture)
-    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "fudoki-shapes"
+    shipped = Path(__file__).resolve().parents[2] / "checkpoints" / "fudoki-shapes"
     assert main(["edit", "--model", str(shipped), "--image", str(picture), "make it red."]) == 2
     assert "not a UniFluid checkpoint" in capsys.readouterr().out
 

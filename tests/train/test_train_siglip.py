@@ -196,7 +196,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_shipped_config_builds(tokenizer):
-    path = Path(__file__).parents[1] / "configs" / "siglip_shapes.yaml"
+    path = Path(__file__).parents[2] / "configs" / "siglip_shapes.yaml"
     config = SiglipTrainConfig.from_yaml(path)
     model = SiglipPretrainModel(config.pretrain_config(), tokenizer)
     assert model.vision.config.image_size == config.data.image_size == 32

@@ -18,7 +18,7 @@ from kineflow.flow.solver import jump_probability
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 A, C = 0.9, 3.0  # FUDOKI's schedule β_t = c (t / (1 − t))^a
 V, D = 5, 3
 
