@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
+from kineflow.interop.siglip import JANUS_PREFIX as SIGLIP_JANUS_PREFIX
 from kineflow.io import check_state_dict
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.models.llama import LlamaConfig
@@ -44,7 +45,6 @@ JANUS_SKIPPED_PREFIXES: tuple[str, ...] = (
     "gen_vision_model.quantize.codebook_used",
     "vision_model.vision_tower.attn_pool.",
 )
-_VISION_PREFIX = "vision_model.vision_tower."
 #: Where the generation tokenizer lives in a Janus / FUDOKI state dict.
 JANUS_VQ_PREFIX = "gen_vision_model."
 #: Janus tensors (after :data:`JANUS_VQ_PREFIX`) with no counterpart in
@@ -316,7 +316,7 @@ def fudoki_model_from_janus(state_dict: Mapping[str, Tensor], config: FudokiConf
 
     Every key must be consumed except :data:`JANUS_SKIPPED_PREFIXES` and the vision-tower
     blocks past the configured depth (the same keys
-    :meth:`~kineflow.models.siglip.SiglipVisionModel.from_janus_state_dict` and
+    :func:`~kineflow.interop.siglip.siglip_from_janus` and
     :func:`vq_model_from_janus` skip).
 
     Raises:
@@ -328,8 +328,8 @@ def fudoki_model_from_janus(state_dict: Mapping[str, Tensor], config: FudokiConf
     for key, value in state_dict.items():
         if any(key.startswith(p) for p in JANUS_SKIPPED_PREFIXES):
             continue
-        if used is not None and key.startswith(_VISION_PREFIX):
-            m = re.match(r"blocks\.(\d+)\.", key[len(_VISION_PREFIX) :])
+        if used is not None and key.startswith(SIGLIP_JANUS_PREFIX):
+            m = re.match(r"blocks\.(\d+)\.", key[len(SIGLIP_JANUS_PREFIX) :])
             if m and int(m.group(1)) >= used:
                 continue
         loaded[key] = value

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kineflow.models.siglip import (
+from kineflow.interop.siglip import (
     JANUS_PREFIX,
-    SiglipConfig,
-    SiglipVisionModel,
     hf_to_janus_state_dict,
     janus_to_hf_state_dict,
+    load_siglip_from_janus,
+    siglip_from_janus,
 )
+from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,7 +93,7 @@ def test_select_layer_truncates_depth_then_applies_final_norm() -> None:
     ours = SiglipVisionModel(SiglipConfig(**TINY, select_layer=-2)).eval()
     assert len(ours.blocks) == 1
     sd = hf_to_janus_state_dict(hf.state_dict())
-    ours.load_janus_state_dict({JANUS_PREFIX + k: v for k, v in sd.items()})
+    load_siglip_from_janus(ours, {JANUS_PREFIX + k: v for k, v in sd.items()})
     x = _pixels()
     with torch.no_grad():
         out = hf(pixel_values=x, output_hidden_states=True)
@@ -129,16 +130,16 @@ def test_janus_loader_skips_head_and_unused_blocks_and_names_bad_keys() -> None:
     sd = {JANUS_PREFIX + k: v for k, v in full.state_dict().items()}
     sd[JANUS_PREFIX + "attn_pool.latent"] = torch.zeros(1, 1, 64)
     sd["language_model.model.norm.weight"] = torch.zeros(8)
-    loaded = SiglipVisionModel.from_janus_state_dict(sd, SiglipConfig(**TINY, select_layer=-2))
+    loaded = siglip_from_janus(sd, SiglipConfig(**TINY, select_layer=-2))
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, full.blocks[0].attn.qkv.weight)
-    ours.load_janus_state_dict(sd)
+    load_siglip_from_janus(ours, sd)
 
     bad = dict(sd)
     del bad[JANUS_PREFIX + "norm.weight"]
     bad[JANUS_PREFIX + "cls_token"] = torch.zeros(1, 1, 64)
     bad[JANUS_PREFIX + "pos_embed"] = torch.zeros(1, 17, 64)
     with pytest.raises(ValueError) as err:
-        ours.load_janus_state_dict(bad)
+        load_siglip_from_janus(ours, bad)
     msg = str(err.value)
     assert "missing: vision_model.vision_tower.norm.weight" in msg
     assert "unexpected: vision_model.vision_tower.cls_token" in msg
