@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kineflow.flow import EmbeddingMetric, MetricPath
+from kineflow.flow import EmbeddingMetric, ExactPosterior, MaskedPath, MetricPath
 
 
 @pytest.fixture
@@ -17,6 +17,29 @@ def random_metric_path(V: int = 7, D: int = 3, exponent: float = 4.0, seed: int 
     """A metric path over random float64 embeddings (float64 so finite differences are exact)."""
     E = torch.randn(V, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return MetricPath(EmbeddingMetric(E, exponent=exponent, dtype=torch.float64))
+
+
+def text_and_image_problem(B: int) -> tuple[ExactPosterior, object, dict, int]:
+    """Text (metric path, V=5) at positions 0 and 2, image (masked path, 3 codes + mask) at
+    position 1, and a prompt token at position 3 that is in neither vocabulary: the exact
+    posterior ``oracle`` over a coupled joint, a ``model`` that pads its logits for the prompt
+    position, the ``region`` masks and the prompt id."""
+    text, image = random_metric_path(V=5, D=3, seed=4), MaskedPath(4, mask_id=3)
+    support = torch.cartesian_prod(torch.arange(5), torch.arange(3), torch.arange(5))
+    w = torch.rand(len(support), generator=torch.Generator().manual_seed(7)) ** 4
+    w[support[:, 0] == support[:, 2]] *= 5  # couple the two text tokens
+    w[(support[:, 1] == 0) & (support[:, 0] < 2)] *= 5  # and image with text
+    oracle = ExactPosterior(support, w, {"text": text, "image": image}, ["text", "image", "text"])
+
+    def model(x, t):
+        out = oracle(x[:, :3], t)
+        return {k: torch.cat([v, torch.zeros(B, 1, v.shape[-1])], 1) for k, v in out.items()}
+
+    region = {
+        "text": torch.tensor([True, False, True, False]).expand(B, 4),
+        "image": torch.tensor([False, True, False, False]).expand(B, 4),
+    }
+    return oracle, model, region, 12345
 
 
 class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):

@@ -151,7 +151,8 @@ def train_task(
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`~kineflow.train.loop.run_training` with the run settings of ``config``
-    (``optim``, ``log_every``, ``ckpt_every``, ``ckpt_minutes``, ``parallel``); its summary."""
+    (``optim``, ``log_every``, ``ckpt_every``, ``ckpt_minutes``, ``parallel``); its summary.
+    Configs without ``parallel`` (tokenizer and SigLIP runs) train in one process."""
     return run_training(
         task,
         config.optim,
@@ -160,7 +161,7 @@ def train_task(
         log_every=config.log_every,
         ckpt_every=config.ckpt_every,
         ckpt_minutes=config.ckpt_minutes,
-        parallel=config.parallel,
+        parallel=getattr(config, "parallel", "none"),
         progress=progress,
         desc=desc,
         on_step=on_step,

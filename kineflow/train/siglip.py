@@ -34,7 +34,6 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -44,9 +43,9 @@ from torch import Tensor, nn
 from kineflow.io import atomic_write_json, load_pretrained, save_pretrained_folder
 from kineflow.models.siglip import SiglipConfig, SiglipVisionModel
 from kineflow.tokenizers.text import TextTokenizer
-from kineflow.train.loop import Optim, run_training, sample_generator
+from kineflow.train.common import held_run, train_task
+from kineflow.train.loop import Optim, sample_generator
 from kineflow.train.run_config import TrainRunConfig
-from kineflow.train.run_folder import hold_run_folder
 
 __all__ = [
     "VISION_KIND",
@@ -414,23 +413,10 @@ def train_siglip(
     ``text_tokenizer`` must be the same on a resumed run. ``out`` is held for the whole run
     (:func:`~kineflow.train.run_folder.hold_run_folder`).
     """
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(config.out)
-    with hold_run_folder(out):
+    with held_run(config) as out:
         torch.manual_seed(config.optim.seed)
         model = SiglipPretrainModel(config.pretrain_config(), text_tokenizer)
-        summary = run_training(
-            _SiglipTask(model, config.data),
-            config.optim,
-            out,
-            config.to_dict(),
-            log_every=config.log_every,
-            ckpt_every=config.ckpt_every,
-            ckpt_minutes=config.ckpt_minutes,
-            progress=progress,
-            desc="train siglip",
-        )
+        summary = train_task(_SiglipTask(model, config.data), config, out, progress, "train siglip")
         vision_config = model.config.vision.to_dict()
         save_pretrained_folder(
             out / "vision",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,9 +30,9 @@ import torch
 from torch import nn
 
 from kineflow.io import atomic_write_json
-from kineflow.train.loop import Optim, run_training
+from kineflow.train.common import held_run, train_task
+from kineflow.train.loop import Optim
 from kineflow.train.run_config import TrainRunConfig
-from kineflow.train.run_folder import hold_run_folder
 
 
 @dataclass
@@ -173,23 +172,11 @@ def train_tokenizer(config: TokenizerTrainConfig, progress: bool = True) -> dict
     """Run (or resume) the training described by ``config``; returns the final eval report
     (with the loop's ``resumed_from`` and ``already_complete_at``). ``out`` is held for the
     whole run (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(config.out)
-    with hold_run_folder(out):
+    with held_run(config) as out:
         torch.manual_seed(config.optim.seed)
         model = build_tokenizer(config.model)
-        summary = run_training(
-            _TokenizerTask(model, PictureStream(config.data)),
-            config.optim,
-            out,
-            config.to_dict(),
-            log_every=config.log_every,
-            ckpt_every=config.ckpt_every,
-            ckpt_minutes=config.ckpt_minutes,
-            progress=progress,
-            desc=f"train {config.model['type']}",
-        )
+        task = _TokenizerTask(model, PictureStream(config.data))
+        summary = train_task(task, config, out, progress, f"train {config.model['type']}")
         model.save_pretrained(out / "model")
         from kineflow.eval.reconstruction import evaluate_reconstruction
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LargestAllocation, random_metric_path
+from conftest import LargestAllocation, random_metric_path, text_and_image_problem
 
 import kineflow.flow.solver as solver_module
 from kineflow.flow import (
@@ -186,27 +186,11 @@ def test_oracle_refuses_paths_it_has_no_formulas_for() -> None:
 
 
 def test_several_modalities_in_one_sequence() -> None:
-    """Text (metric path, V=5) at positions 0 and 2, image (masked path, 3 codes + mask) at
-    position 1, and a prompt token at position 3 that is in neither vocabulary."""
-    text = random_metric_path(V=5, D=3, seed=4)
-    image = MaskedPath(4, mask_id=3)
-    support = torch.cartesian_prod(torch.arange(5), torch.arange(3), torch.arange(5))
-    g = torch.Generator().manual_seed(7)
-    w = torch.rand(len(support), generator=g) ** 4
-    w[support[:, 0] == support[:, 2]] *= 5  # couple the two text tokens
-    w[(support[:, 1] == 0) & (support[:, 0] < 2)] *= 5  # and image with text
-    oracle = ExactPosterior(support, w, {"text": text, "image": image}, ["text", "image", "text"])
-    B, prompt = 20000, 12345
-
-    def model(x, t):
-        out = oracle(x[:, :3], t)
-        return {k: torch.cat([v, torch.zeros(B, 1, v.shape[-1])], 1) for k, v in out.items()}
-
-    region = {
-        "text": torch.tensor([True, False, True, False]).expand(B, 4),
-        "image": torch.tensor([False, True, False, False]).expand(B, 4),
-    }
-    solver = EulerSolver({"text": text, "image": image})
+    """Text (metric path) at positions 0 and 2, image (masked path) at position 1, and a
+    prompt token at position 3 that is in neither vocabulary (conftest.text_and_image_problem)."""
+    B = 20000
+    oracle, model, region, prompt = text_and_image_problem(B)
+    solver = EulerSolver(oracle.paths)
     gen = torch.Generator().manual_seed(0)
     x0 = solver.init_state(torch.full((B, 4), prompt), region, gen)
     assert (x0[:, 1] == 3).all() and (x0[:, 3] == prompt).all()

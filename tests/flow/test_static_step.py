@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_metric_path
+from conftest import random_metric_path, text_and_image_problem
 
 from kineflow.flow import (
     EulerSolver,
@@ -57,25 +57,11 @@ def test_one_static_step_follows_the_exact_transition(path, h, rate, sampler) ->
 
 @pytest.mark.parametrize("sampler", ["inverse_cdf", "race"])
 def test_a_whole_static_solve_with_text_and_image_regions_follows_the_exact_law(sampler) -> None:
-    """Text (metric path) at positions 0 and 2, image (masked path) at 1, a prompt token at 3
-    that is in neither vocabulary and must never change."""
-    text, image = random_metric_path(V=5, D=3, seed=4), MaskedPath(4, mask_id=3)
-    support = torch.cartesian_prod(torch.arange(5), torch.arange(3), torch.arange(5))
-    w = torch.rand(len(support), generator=torch.Generator().manual_seed(7)) ** 4
-    w[support[:, 0] == support[:, 2]] *= 5
-    w[(support[:, 1] == 0) & (support[:, 0] < 2)] *= 5
-    oracle = ExactPosterior(support, w, {"text": text, "image": image}, ["text", "image", "text"])
-    B, prompt = 20000, 12345
-
-    def model(x, t):
-        out = oracle(x[:, :3], t)
-        return {k: torch.cat([v, torch.zeros(B, 1, v.shape[-1])], 1) for k, v in out.items()}
-
-    region = {
-        "text": torch.tensor([True, False, True, False]).expand(B, 4),
-        "image": torch.tensor([False, True, False, False]).expand(B, 4),
-    }
-    solver = EulerSolver({"text": text, "image": image}, strategy="static", sampler=sampler)
+    """conftest.text_and_image_problem: text (metric path) at positions 0 and 2, image (masked
+    path) at 1, a prompt token at 3 that must never change."""
+    B = 20000
+    oracle, model, region, prompt = text_and_image_problem(B)
+    solver = EulerSolver(oracle.paths, strategy="static", sampler=sampler)
     g = torch.Generator().manual_seed(0)
     x0 = solver.init_state(torch.full((B, 4), prompt), region, g)
     result = solver.solve(model, x0, 24, region, g)
