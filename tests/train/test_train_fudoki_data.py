@@ -83,7 +83,7 @@ def test_bad_shards_are_named(assets, tmp_path) -> None:  # noqa: F811
     with pytest.raises(ValueError, match="is not a folder"):
         make_task(assets, tmp_path, shards=str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="has no index.json"):
+    with pytest.raises(ValueError, match=r"has no index\.json"):
         make_task(assets, tmp_path, shards=str(tmp_path / "empty"))
     encode_shards(make_task(assets, tmp_path), tmp_path / "s", 4)
     with pytest.raises(ValueError, match=r"data\.seed=0 but this run has data\.seed=3"):
