@@ -136,6 +136,77 @@ def _run_data_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_encode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="a FUDOKI or UniFluid training YAML (its data, tokenizer, vq / vae)",
+    )
+    parser.add_argument("--out", type=output_dir, required=True, help="shard folder")
+    parser.add_argument(
+        "--samples",
+        type=int_in_range(1, 10**9),
+        required=True,
+        help="samples 0 .. N-1 of the run's data",
+    )
+    parser.add_argument("--shard-size", type=int_in_range(1, 10**7), default=1024,
+                        help="samples per shard file")  # fmt: skip
+
+
+def _run_data_encode(args: argparse.Namespace) -> int:
+    """Build the run's task (tokenizer, frozen encoder) and write its first ``--samples``
+    samples as shards (:func:`kineflow.train.common.encode_shards`)."""
+    import json
+
+    import yaml
+
+    if not args.config.is_file():
+        print(f"error: {args.config}: no such config file")
+        return 2
+    try:
+        raw = yaml.safe_load(args.config.read_text())
+    except yaml.YAMLError:
+        raw = None
+    if not isinstance(raw, dict) or not ({"vq", "vae"} & set(raw)):
+        print(f"error: {args.config}: not a FUDOKI (vq:) or UniFluid (vae:) training config")
+        return 2
+    try:
+        index = _encode(args, raw)
+    except (TypeError, ValueError, FileNotFoundError) as err:
+        print(f"error: {args.config}: {err}".splitlines()[0])
+        return 2
+    summary = {k: index[k] for k in ("kind", "samples")} | {"shards": len(index["shards"])}
+    print(json.dumps({"out": str(args.out), **summary}))
+    return 0
+
+
+def _encode(args: argparse.Namespace, raw: dict) -> dict:
+    import torch
+
+    from kineflow.tokenizers.text import TextTokenizer
+    from kineflow.train.common import encode_shards
+
+    raw = {**raw, "data": {**raw.get("data", {}), "shards": None}}
+    if "vq" in raw:
+        from kineflow.train.fudoki import FudokiTask, FudokiTrainConfig, build_model
+
+        config = FudokiTrainConfig.from_dict(raw)
+        tok = TextTokenizer.load(config.text_tokenizer)
+        model = build_model(config, tok)
+        # The metric tables only shape the corruption, which shards do not hold.
+        text, image = model.language_model.model.embed_tokens.weight, model.gen_embed.weight
+        task = FudokiTask(model, tok, config, text.detach(), image.detach())
+    else:
+        from kineflow.train.unifluid import UnifluidTask, UnifluidTrainConfig, build_unifluid
+
+        config = UnifluidTrainConfig.from_dict(raw)
+        tok = TextTokenizer.load(config.text_tokenizer)
+        task = UnifluidTask(build_unifluid(config, tok), tok, config)
+    with torch.no_grad():
+        return encode_shards(task, args.out, args.samples, args.shard_size)
+
+
 COMMANDS: list[Command] = [
     group(
         "data",
@@ -160,6 +231,12 @@ COMMANDS: list[Command] = [
                 "train a byte-level BPE text tokenizer (tokenizer.json)",
                 _data_tokenizer_options,
                 _run_data_tokenizer,
+            ),
+            Command(
+                "encode",
+                "pre-tokenise a training config's data into safetensors shards",
+                _data_encode_options,
+                _run_data_encode,
             ),
             Command(
                 "reference",

@@ -91,10 +91,24 @@ class DiscretePath(nn.Module):
         return self.log_probs(x1, t).exp()
 
     def sample(
-        self, x1: Tensor, t: Tensor | float, generator: torch.Generator | None = None
+        self,
+        x1: Tensor,
+        t: Tensor | float,
+        generator: torch.Generator | None = None,
+        u: Tensor | None = None,
     ) -> Tensor:
-        """Draw ``x_t ~ p_t(·|x1)`` independently per coordinate: Long[...] -> Long[...]."""
-        return categorical(self.probs(x1, t), generator)
+        """Draw ``x_t ~ p_t(·|x1)`` independently per coordinate: Long[...] -> Long[...].
+
+        ``u``: Float64[x1.numel(), 1], the uniforms of the draws (row-major over ``x1``),
+        drawn beforehand (:func:`~kineflow.flow.sampling.uniforms`) instead of from
+        ``generator``. With the uniforms a sample's generator would have given, one call over
+        many samples' coordinates draws exactly what one call per sample draws.
+        """
+        if u is not None and tuple(u.shape) != (x1.numel(), 1):
+            raise ValueError(
+                f"u must be [{x1.numel()}, 1] (one per coordinate), got {list(u.shape)}"
+            )
+        return categorical(self.probs(x1, t), generator, u=u)
 
     def unit_rates(self, x_t: Tensor, x1: Tensor, t: Tensor | float) -> Tensor:
         """Rates per unit clock ``r_t(x, x_t | x1) ≥ 0`` to every state x (0 at ``x_t``)."""

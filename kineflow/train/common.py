@@ -10,11 +10,12 @@ are its answer slots, the answer's ids then EOS up to the slot count (docs/desig
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
+from kineflow.data.shards import ShardReader, file_digest, write_shards
 from kineflow.inputs.layout import Layout, understanding_layout
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.loop import Task, run_training
@@ -30,11 +32,18 @@ from kineflow.train.run_config import TrainRunConfig
 from kineflow.train.run_folder import hold_run_folder
 
 __all__ = [
+    "EncodableTask",
     "ShapesData",
     "UnderstandingSample",
+    "data_meta",
+    "encode_shards",
+    "frozen_copy",
     "held_run",
     "language_with_vocab",
+    "layout_record",
+    "open_shards",
     "picture_tensor",
+    "record_layout",
     "train_task",
     "understanding_sample",
 ]
@@ -55,6 +64,9 @@ class ShapesData:
     caption_instruction: str = "Describe the picture."
     text_budget: int = 64
     cfg_dropout: float = 0.1
+    #: A folder of ``kineflow data encode`` shards to read samples from (None: ShapesWorld
+    #: rendered and encoded on the fly, unbounded).
+    shards: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("understanding_ratio", "caption_ratio", "cfg_dropout"):
@@ -166,3 +178,83 @@ def train_task(
         desc=desc,
         on_step=on_step,
     )
+
+
+# -- pre-tokenised shards ------------------------------------------------------------------------
+def layout_record(layout: Layout) -> dict[str, Tensor]:
+    """A one-row layout as record tensors (masks it lacks become all-False rows)."""
+    no = torch.zeros_like(layout.input_ids[0], dtype=torch.bool)
+    return {
+        "input_ids": layout.input_ids[0], "attention_mask": layout.attention_mask[0],
+        "region": layout.region[0], "prompt_span": layout.prompt_span[0],
+        "image_mask": no if layout.image_mask is None else layout.image_mask[0],
+        "understanding_mask": (no if layout.understanding_mask is None
+                               else layout.understanding_mask[0]),
+        "window": torch.tensor(layout.window), "prompt_length": torch.tensor(layout.prompt_lengths),
+    }  # fmt: skip
+
+
+def record_layout(record: dict[str, Tensor]) -> Layout:
+    """The one-row layout of :func:`layout_record` (all-False masks stay rows:
+    :func:`~kineflow.inputs.layout.stack_layouts` drops a mask no row has)."""
+    row = {k: record[k][None] for k in ("input_ids", "attention_mask", "region", "prompt_span",
+                                         "image_mask", "understanding_mask")}  # fmt: skip
+    window = tuple(int(w) for w in record["window"])
+    return Layout(**row, window=window, prompt_lengths=record["prompt_length"].tolist())
+
+
+def data_meta(data: ShapesData, text_tokenizer: str, encoder: str, **shapes: Any) -> dict:
+    """What a run's samples depend on, recorded in a shard index and checked when training
+    reads it: the ``data`` section (but ``shards``), the text tokenizer's and the frozen image
+    encoder's file digests, and the model sizes that shape a sample (``shapes``)."""
+    tok = Path(text_tokenizer)
+    tok_files = [tok / "tokenizer.json"] if tok.is_dir() else [tok]
+    return {
+        "data": {k: v for k, v in asdict(data).items() if k != "shards"},
+        "text_tokenizer_sha256": file_digest(tok_files),
+        "encoder_sha256": file_digest([Path(encoder) / "model.safetensors"]),
+        "shapes": shapes,
+    }
+
+
+class EncodableTask(Protocol):
+    """A trainer's task that can write its samples as shards (``kineflow data encode``)."""
+
+    KIND: str
+
+    def record(self, index: int) -> dict[str, Tensor]:
+        """Sample ``index`` as a record, its pictures still pixels (no frozen encoder)."""
+        ...
+
+    def encode_records(self, records: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """The records with their pictures run through the frozen encoder (codes / latents)."""
+        ...
+
+    def shard_meta(self) -> dict[str, Any]: ...
+
+
+def open_shards(task: EncodableTask, folder: str) -> ShardReader:
+    """The shard folder ``data.shards`` of a run, checked against ``task``'s data."""
+    return ShardReader(folder, task.KIND, task.shard_meta())
+
+
+def encode_shards(
+    task: EncodableTask, out: str | Path, samples: int, shard_size: int = 1024
+) -> dict[str, Any]:
+    """Write samples ``0 .. samples − 1`` of ``task`` as shards of ``shard_size`` samples in
+    ``out`` (:mod:`kineflow.data.shards`); returns the index."""
+    if samples < 1 or shard_size < 1:
+        raise ValueError(f"need samples >= 1 and shard_size >= 1, got {samples}, {shard_size}")
+    starts = range(0, samples, shard_size)
+    chunks = (
+        task.encode_records([task.record(i) for i in range(s, min(s + shard_size, samples))])
+        for s in starts
+    )
+    return write_shards(out, chunks, task.KIND, task.shard_meta())
+
+
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A frozen, evaluation-mode copy of a (frozen) image encoder for the task's own use: the
+    model's own copy may be sharded by FSDP outside its forward."""
+    encoder = copy.deepcopy(module).eval()
+    return encoder.requires_grad_(False)

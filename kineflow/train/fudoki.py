@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -43,6 +42,7 @@ from kineflow.data.shapes.dataset import draw_item
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.flow.loss import region_cross_entropy
+from kineflow.flow.sampling import uniforms
 from kineflow.inputs.images import preprocess_understanding
 from kineflow.inputs.layout import (
     Layout,
@@ -58,9 +58,14 @@ from kineflow.tokenizers.vq import VQModel
 from kineflow.train.checkpoint import has_checkpoint
 from kineflow.train.common import (
     ShapesData,
+    data_meta,
+    frozen_copy,
     held_run,
     language_with_vocab,
+    layout_record,
+    open_shards,
     picture_tensor,
+    record_layout,
     train_task,
     understanding_sample,
 )
@@ -190,7 +195,15 @@ def _init_from(model: FudokiModel, folder: str) -> None:
 
 # -- the task -----------------------------------------------------------------------------------
 class FudokiTask:
-    """Batches and losses of :func:`train_fudoki` (see the module docstring)."""
+    """Batches and losses of :func:`train_fudoki` (see the module docstring).
+
+    ``batch`` is CPU work only (layouts, targets, each sample's draws); ``losses`` runs on the
+    training device: the frozen VQ encoder on on-the-fly pictures, the batched corruption,
+    the model. With ``data.shards`` the samples come from a ``kineflow data encode`` folder
+    (no renderer, tokenizer or VQ per step) and the training draws stay the same.
+    """
+
+    KIND = "fudoki"
 
     def __init__(
         self,
@@ -211,7 +224,11 @@ class FudokiTask:
             pcfg, text_table, image_table, tokenizer.pad_id, model.config
         )
         self.num_image_tokens = model.config.image_token_count
-        self.num_patches = model.config.vision.num_patches if model.config.vision else 0
+        vision = model.config.vision
+        self.num_patches = vision.num_patches if vision else 0
+        self.understanding_size = vision.image_size if vision else 0
+        self.encoder: nn.Module | None = None  # the frozen VQ's copy, made when first needed
+        self.shards = open_shards(self, self.data.shards) if self.data.shards else None
 
     def pipeline_config(self) -> FudokiPipelineConfig:
         o = self.obj
@@ -227,10 +244,16 @@ class FudokiTask:
             path=o.kind,  # the objective names its sampler: metric / masked / ar
         )
 
-    # One sample: (layout row, target ids of its region, kind, picture or None, generator).
-    def _sample(self, index: int) -> dict[str, Any]:
+    # -- the data of a sample (CPU, deterministic in the index) ----------------------------------
+    def _draw(self, index: int) -> tuple[dict[str, Tensor], torch.Generator]:
+        """Sample ``index`` as a record (:mod:`kineflow.data.shards`) and its generator after the
+        data draws: ``kind`` (0 generation, 1 understanding), the layout row, the answer ids
+        ``target`` (understanding), the picture uint8 ``[S, S, 3]`` (to be VQ-encoded for
+        generation, the SigLIP input for understanding) and ``draws``, the uniforms consumed."""
         g = sample_generator(self.data.seed, index)
         d, tok = self.data, self.tokenizer
+        # One draw for the task (with an understanding tower), one for CFG dropout or caption.
+        draws = 1 + (self.num_patches > 0)
         understanding = self.num_patches > 0 and float(torch.rand((), generator=g)) < (
             d.understanding_ratio
         )
@@ -242,48 +265,110 @@ class FudokiTask:
             if float(torch.rand((), generator=g)) < d.cfg_dropout:
                 lay.input_ids = lay.input_ids.masked_fill(lay.prompt_span, tok.pad_id)
             picture = render(Scene.from_key(item.scene_key), d.image_size)
-            return {"kind": "gen", "layout": lay, "picture": picture, "g": g}
-        und = understanding_sample(self.world, d, tok, index, g, self.num_patches)
-        target = torch.tensor(und.target)
-        return {"kind": "und", "layout": und.layout, "target": target, "picture": und.picture,
-                "g": g}  # fmt: skip
+            extra = {"kind": torch.tensor([0])}
+        else:
+            und = understanding_sample(self.world, d, tok, index, g, self.num_patches)
+            lay, picture = und.layout, und.picture
+            extra = {"kind": torch.tensor([1]), "target": torch.tensor(und.target)}
+        record = {**layout_record(lay), **extra, "picture": torch.from_numpy(picture),
+                  "draws": torch.tensor([draws])}  # fmt: skip
+        return record, g
+
+    def record(self, index: int) -> dict[str, Tensor]:
+        """Sample ``index`` computed on the fly (see :meth:`_draw`)."""
+        return self._draw(index)[0]
+
+    def encode_records(self, records: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Generation records with their picture replaced by its VQ codes ``target``."""
+        gen = [r for r in records if int(r["kind"]) == 0]
+        if gen:
+            codes = self._encode(torch.stack([r.pop("picture") for r in gen]))
+            for r, c in zip(gen, codes.cpu(), strict=True):
+                r["target"] = c
+        return records
+
+    def shard_meta(self) -> dict[str, Any]:
+        return data_meta(self.data, self.config.text_tokenizer, self.config.vq,
+                         image_tokens=self.num_image_tokens, patches=self.num_patches)  # fmt: skip
+
+    def _sample(self, index: int) -> tuple[dict[str, Tensor], torch.Generator]:
+        """The record of ``index`` (from the shards when the run has them) and its generator
+        after the data draws, ready for the training draws (``t``, the corruption)."""
+        if self.shards is None:
+            return self._draw(index)
+        record = self.shards.get(index)
+        g = sample_generator(self.data.seed, index)
+        for _ in range(int(record["draws"])):
+            torch.rand((), generator=g)
+        return record, g
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
+        """CPU work only: the layouts, the clean targets ``x1`` (the VQ codes of on-the-fly
+        pictures come in :meth:`losses`, from ``pictures`` at rows ``encode_rows``), the SigLIP
+        pixels, and each sample's training draws from its own generator: ``t`` Float[B] and
+        ``u`` Float64[B, N], the uniforms of its region's corruption (0 elsewhere)."""
         samples = [self._sample(i) for i in indices]
-        lay = stack_layouts([s["layout"] for s in samples], self.tokenizer.pad_id)
-        gen = [s for s in samples if s["kind"] == "gen"]
-        if gen:
-            codes = self._encode([s["picture"] for s in gen])  # [G, L]
-            for s, c in zip(gen, codes, strict=True):
-                s["target"] = c
-        und = [Image.fromarray(s["picture"]) for s in samples if s["kind"] == "und"]
-        pixels = None
-        if und:
-            size = self.model.config.vision.image_size
-            pixels = preprocess_understanding(und, size)
+        records = [r for r, _ in samples]
+        lay = stack_layouts([record_layout(r) for r in records], self.tokenizer.pad_id)
+        is_gen = torch.tensor([int(r["kind"]) == 0 for r in records])
         x1 = lay.input_ids.clone()
-        xt = lay.input_ids.clone()
-        is_gen = torch.tensor([s["kind"] == "gen" for s in samples])
-        for b, s in enumerate(samples):
-            cols = lay.region[b].nonzero().flatten()
-            x1[b, cols] = s["target"]
-            xt[b, cols] = self._corrupt(s["target"], s["kind"], s["g"])
-        return {"layout": lay, "x1": x1, "xt": xt, "pixels": pixels, "is_gen": is_gen}
+        for b, r in enumerate(records):
+            if "target" in r:
+                x1[b, lay.region[b]] = r["target"]
+        encode = [b for b, r in enumerate(records) if "target" not in r]
+        und = [Image.fromarray(r["picture"].numpy()) for r in records if int(r["kind"]) == 1]
+        pixels = preprocess_understanding(und, self.understanding_size) if und else None
+        B, N = x1.shape
+        t, u = torch.zeros(B), torch.zeros(B, N, dtype=torch.float64)
+        if self.obj.kind != "ar":  # teacher forcing draws nothing
+            o = self.obj
+            for b, (_, g) in enumerate(samples):
+                hi = o.t_max if is_gen[b] or o.text_t_max is None else o.text_t_max
+                t[b] = o.t_min + (hi - o.t_min) * float(torch.rand((), generator=g))
+                u[b, lay.region[b]] = uniforms(int(lay.region[b].sum()), g, "cpu")[:, 0]
+        pictures = torch.stack([records[b]["picture"] for b in encode]) if encode else None
+        rows = torch.tensor(encode, dtype=torch.long)
+        return {"layout": lay, "x1": x1, "is_gen": is_gen, "pixels": pixels, "t": t, "u": u,
+                "pictures": pictures, "encode_rows": rows}  # fmt: skip
 
     @torch.no_grad()
-    def _encode(self, pictures: list[np.ndarray]) -> Tensor:
-        """uint8 [S, S, 3] pictures -> VQ ids Long[G, L] (pixels scaled to [-1, 1])."""
-        vq = self.model.gen_vision_model
-        return vq.encode(picture_tensor(pictures, next(vq.parameters()).device)).flatten(1).cpu()
+    def _encode(self, pictures: Tensor) -> Tensor:
+        """uint8 [G, S, S, 3] pictures -> VQ ids Long[G, L] (pixels scaled to [-1, 1]), in
+        float32 even under autocast (codes are an argmin: they must not depend on precision)."""
+        if self.encoder is None:
+            self.encoder = frozen_copy(self.model.gen_vision_model)
+        vq = self.encoder.to(pictures.device)
+        with torch.autocast(pictures.device.type, enabled=False):
+            return vq.encode(picture_tensor(pictures, pictures.device)).flatten(1)
 
-    def _corrupt(self, target: Tensor, kind: str, g: torch.Generator) -> Tensor:
+    def targets(self, batch: dict[str, Any]) -> Tensor:
+        """``x1`` with the on-the-fly pictures' VQ codes on their regions (on their device)."""
+        x1 = batch["x1"]
+        if batch["pictures"] is None:
+            return x1
+        at = torch.zeros_like(batch["layout"].region)
+        rows = batch["encode_rows"].to(at.device)
+        at[rows] = batch["layout"].region[rows]
+        x1 = x1.clone()
+        x1[at] = self._encode(batch["pictures"]).flatten()  # rows ascending, row-major
+        return x1
+
+    def corrupt(self, batch: dict[str, Any], x1: Tensor) -> Tensor:
+        """``x_t``: one path call per modality over every region position of the batch, each
+        with its sample's ``t`` and pre-drawn uniform, so the same tokens as a call per sample
+        with its generator (:meth:`DiscretePath.sample`)."""
         if self.obj.kind == "ar":
-            return target
-        o = self.obj
-        hi = o.t_max if kind == "gen" or o.text_t_max is None else o.text_t_max
-        t = o.t_min + (hi - o.t_min) * float(torch.rand((), generator=g))
-        path = self.image_path if kind == "gen" else self.text_path
-        return path.sample(target, torch.full(target.shape, t), g)
+            return x1
+        lay: Layout = batch["layout"]
+        is_gen = batch["is_gen"].to(x1.device)
+        t = batch["t"].to(x1.device)[:, None].expand(x1.shape)
+        xt = x1.clone()
+        for path, at in ((self.image_path, lay.region & is_gen[:, None]),
+                         (self.text_path, lay.region & ~is_gen[:, None])):  # fmt: skip
+            if at.any():
+                path.to(x1.device)
+                xt[at] = path.sample(x1[at], t[at], u=batch["u"].to(x1.device)[at][:, None])
+        return xt
 
     def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
         """The shifted region cross-entropy (:func:`~kineflow.flow.loss.region_cross_entropy`):
@@ -293,8 +378,9 @@ class FudokiTask:
         is_gen = batch["is_gen"].to(lay.region.device)
         image_at = lay.region & is_gen[:, None]
         text_at = lay.region & ~is_gen[:, None]
+        x1 = self.targets(batch)
         text_logits, image_logits = model(
-            batch["xt"],
+            self.corrupt(batch, x1),
             image_mask=lay.image_mask,
             understanding_mask=lay.understanding_mask,
             pixel_values=batch["pixels"],
@@ -302,9 +388,7 @@ class FudokiTask:
             mask="causal" if self.obj.kind == "ar" else "full",
             heads=(text_at, image_at),
         )
-        per_sample = region_cross_entropy(
-            [image_logits, text_logits], [image_at, text_at], batch["x1"]
-        )
+        per_sample = region_cross_entropy([image_logits, text_logits], [image_at, text_at], x1)
         B = per_sample.shape[0]
         is_gen = is_gen.to(per_sample.device)
         out = {"loss": per_sample.mean()}

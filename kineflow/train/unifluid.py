@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -39,9 +38,14 @@ from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.common import (
     ShapesData,
+    data_meta,
+    frozen_copy,
     held_run,
     language_with_vocab,
+    layout_record,
+    open_shards,
     picture_tensor,
+    record_layout,
     train_task,
     understanding_sample,
 )
@@ -150,7 +154,14 @@ def token_range(model: UnifluidModel, data: UnifluidData) -> float:
 
 
 class UnifluidTask:
-    """Batches and losses of :func:`train_unifluid` (see the module docstring)."""
+    """Batches and losses of :func:`train_unifluid` (see the module docstring).
+
+    ``batch`` is CPU work only; ``losses`` runs the frozen KL-VAE on on-the-fly pictures on
+    the training device. With ``data.shards`` the samples (kind, prompt, order, latents) come
+    from a ``kineflow data encode`` folder: no renderer, tokenizer or KL-VAE per step.
+    """
+
+    KIND = "unifluid"
 
     def __init__(self, model: UnifluidModel, tokenizer: TextTokenizer, config: UnifluidTrainConfig):
         self.model = model
@@ -160,6 +171,8 @@ class UnifluidTask:
         self.world = ShapesWorld()
         vision = model.config.vision
         self.num_patches = vision.num_patches if vision is not None else 0
+        self.encoder: nn.Module | None = None  # the frozen KL-VAE's copy, made when needed
+        self.shards = open_shards(self, self.data.shards) if self.data.shards else None
 
     def _kind(self, g: torch.Generator) -> str:
         u = float(torch.rand((), generator=g))
@@ -185,28 +198,60 @@ class UnifluidTask:
             ids = ids[:1] + [tok.pad_id] * (len(ids) - 1)
         return [*ids, tok.boi_id]
 
-    def batch(self, indices: list[int]) -> dict[str, Any]:
+    def record(self, index: int) -> dict[str, Tensor]:
+        """Sample ``index`` on the fly as a record (:mod:`kineflow.data.shards`): ``kind`` (0
+        gen, 1 edit, 2 und); gen / edit: the prompt ``ids``, the generation ``order``, the
+        target ``picture`` (uint8 ``[S, S, 3]``) and, editing, the ``source_picture``; und: the
+        layout row, the answer ``target`` and the ``picture``."""
         d, tok = self.data, self.tokenizer
+        g = sample_generator(d.seed, index)
+        kind = self._kind(g)
+        if kind == "und":
+            und = understanding_sample(self.world, d, tok, index, g, self.num_patches)
+            return {**layout_record(und.layout), "kind": torch.tensor([2]),
+                    "target": torch.tensor(und.target),
+                    "picture": torch.from_numpy(und.picture)}  # fmt: skip
+        L = self.model.config.num_image_tokens
+        order = generation_order(1, L, self.model.config.order, g)[0]
+        item = draw_item(self.world, "t2i" if kind == "gen" else "edit", d.split, index)
+        if kind == "gen":
+            ids = self._prompt(item.texts["caption"], False, g)
+            return {"kind": torch.tensor([0]), "ids": torch.tensor(ids), "order": order,
+                    "picture": self._picture(item.scene_key)}  # fmt: skip
+        ids = self._prompt(item.texts["instruction"], True, g)
+        return {"kind": torch.tensor([1]), "ids": torch.tensor(ids), "order": order,
+                "picture": self._picture(item.target_key),
+                "source_picture": self._picture(item.scene_key)}  # fmt: skip
+
+    def _picture(self, scene_key: Any) -> Tensor:
+        return torch.from_numpy(render(Scene.from_key(scene_key), self.data.image_size))
+
+    def encode_records(self, records: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Generation / editing records with their pictures replaced by KL-VAE tokens
+        (``tokens``, ``source``: ``[L, C]``)."""
+        for name, key in (("picture", "tokens"), ("source_picture", "source")):
+            rows = [r for r in records if int(r["kind"]) < 2 and name in r]
+            if rows:
+                tokens = self._tokens(torch.stack([r.pop(name) for r in rows])).cpu()
+                for r, z in zip(rows, tokens, strict=True):
+                    r[key] = z
+        return records
+
+    def shard_meta(self) -> dict[str, Any]:
+        c = self.model.config
+        return data_meta(self.data, self.config.text_tokenizer, self.config.vae,
+                         image_tokens=c.num_image_tokens, patches=self.num_patches,
+                         order=c.order, token_scale=c.vae.scaling_factor)  # fmt: skip
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        """CPU work only. The gen / edit parts carry the KL-VAE tokens when read from shards,
+        else the uint8 ``pictures`` (and ``source_pictures``) that :meth:`losses` encodes on
+        the training device."""
+        get = self.shards.get if self.shards is not None else self.record
         groups: dict[str, list[dict]] = {"gen": [], "edit": [], "und": []}
         for index in indices:
-            g = sample_generator(d.seed, index)
-            kind = self._kind(g)
-            if kind == "und":
-                und = understanding_sample(self.world, d, tok, index, g, self.num_patches)
-                groups["und"].append(und._asdict())
-                continue
-            L = self.model.config.num_image_tokens
-            order = generation_order(1, L, self.model.config.order, g)[0]
-            if kind == "gen":
-                item = draw_item(self.world, "t2i", d.split, index)
-                ids = self._prompt(item.texts["caption"], False, g)
-                groups["gen"].append({"ids": ids, "scene": item.scene_key, "order": order})
-            else:
-                item = draw_item(self.world, "edit", d.split, index)
-                ids = self._prompt(item.texts["instruction"], True, g)
-                source = render(Scene.from_key(item.scene_key), d.image_size)
-                groups["edit"].append({"ids": ids, "scene": item.target_key, "order": order,
-                                       "source": source})  # fmt: skip
+            r = get(index)
+            groups[("gen", "edit", "und")[int(r["kind"])]].append(r)
         batch = {name: self._collate(name, rows) for name, rows in groups.items()}
         batch["first"] = indices[0]  # seeds the diffusion (t, ε) draws of this batch
         return batch
@@ -214,14 +259,14 @@ class UnifluidTask:
     def _collate(self, name: str, rows: list[dict]) -> dict[str, Tensor] | None:
         if not rows:
             return None
-        tok, d = self.tokenizer, self.data
+        tok = self.tokenizer
         if name == "und":
             size = self.model.config.vision.image_size
-            lay = stack_layouts([r["layout"] for r in rows], tok.pad_id)
+            lay = stack_layouts([record_layout(r) for r in rows], tok.pad_id)
             targets = lay.input_ids.clone()
             for b, r in enumerate(rows):
-                targets[b, lay.region[b]] = torch.tensor(r["target"])
-            pictures = [Image.fromarray(r["picture"]) for r in rows]
+                targets[b, lay.region[b]] = r["target"]
+            pictures = [Image.fromarray(r["picture"].numpy()) for r in rows]
             prefix = (lay.attention_mask & ~lay.region).sum(1)
             # Teacher forcing: the answer slots hold the answer (the shifted logits at slot i
             # are read from slot i − 1), not the layout's placeholder pads.
@@ -233,24 +278,47 @@ class UnifluidTask:
         ids = torch.full((len(rows), N), tok.pad_id)
         mask = torch.zeros(len(rows), N, dtype=torch.bool)
         for b, r in enumerate(rows):  # left padding: every prompt ends in <boi> at column N - 1
-            ids[b, N - len(r["ids"]) :] = torch.tensor(r["ids"])
+            ids[b, N - len(r["ids"]) :] = r["ids"]
             mask[b, N - len(r["ids"]) :] = True
-        pictures = [render(Scene.from_key(r["scene"]), d.image_size) for r in rows]
-        out = {"ids": ids, "mask": mask, "tokens": self._tokens(pictures),
-               "order": torch.stack([r["order"] for r in rows])}  # fmt: skip
+        out = {"ids": ids, "mask": mask, "order": torch.stack([r["order"] for r in rows])}
+        for key, pixels in (("tokens", "picture"), ("source", "source_picture")):
+            if key == "source" and name != "edit":
+                continue
+            if key in rows[0]:
+                out[key] = torch.stack([r[key] for r in rows])
+            else:
+                out[f"{key}_pictures"] = torch.stack([r[pixels] for r in rows])
         if name == "edit":
             out["image_mask"] = ids == tok.image_id
-            out["source"] = self._tokens([r["source"] for r in rows])
         return out
 
     @torch.no_grad()
-    def _tokens(self, pictures: list[np.ndarray]) -> Tensor:
-        vae = self.model.vae
-        return vae.images_to_tokens(picture_tensor(pictures, next(vae.parameters()).device)).cpu()
+    def _tokens(self, pictures: Tensor) -> Tensor:
+        """uint8 ``[G, S, S, 3]`` -> the KL-VAE tokens ``[G, L, C]`` on the pictures' device
+        (float32 even under autocast, as in the shards)."""
+        if self.encoder is None:
+            self.encoder = frozen_copy(self.model.vae)
+        vae = self.encoder.to(pictures.device)
+        with torch.autocast(pictures.device.type, enabled=False):
+            return vae.images_to_tokens(picture_tensor(pictures, pictures.device))
+
+    def encoded(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with the on-the-fly pictures of its gen / edit parts encoded."""
+        out = dict(batch)
+        for name in ("gen", "edit"):
+            part = batch.get(name)
+            if part is None:
+                continue
+            part = dict(part)
+            for key in ("tokens", "source"):
+                if f"{key}_pictures" in part:
+                    part[key] = self._tokens(part.pop(f"{key}_pictures"))
+            out[name] = part
+        return out
 
     def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
         g = sample_generator(self.data.seed + 1, batch["first"])
-        out = model(batch, g)
+        out = model(self.encoded(batch), g)
         lam = (model.module if hasattr(model, "module") else model).config.text_loss_weight
         per_sample = torch.cat([out["image"], lam * out["text"]])
         B = per_sample.shape[0]

@@ -84,9 +84,17 @@ def make_task(assets, tmp_path, kind="metric", **data) -> FudokiTask:
     )
 
 
+def prepared(task: FudokiTask, indices: list[int]) -> dict:
+    """``task.batch(indices)`` with what ``losses`` adds on the device: the clean targets
+    ``x1`` (VQ codes of the pictures) and the corrupted input ``xt``."""
+    batch = task.batch(indices)
+    x1 = task.targets(batch)
+    return {**batch, "x1": x1, "xt": task.corrupt(batch, x1), "pictures": None}
+
+
 def test_loss_is_the_shifted_region_cross_entropy(assets, tmp_path) -> None:
     task = make_task(assets, tmp_path)
-    batch = task.batch(list(range(8)))
+    batch = prepared(task, list(range(8)))
     lay = batch["layout"]
     assert batch["is_gen"].any() and (~batch["is_gen"]).any()  # a mixed batch
     # Only the region is corrupted; prompts, placeholders and padding are untouched.
@@ -121,19 +129,19 @@ def test_loss_is_the_shifted_region_cross_entropy(assets, tmp_path) -> None:
 
 def test_samples_do_not_depend_on_their_batch(assets, tmp_path) -> None:
     task = make_task(assets, tmp_path)
-    together = task.batch([3, 4, 5])
+    together = prepared(task, [3, 4, 5])
     for k, index in enumerate([3, 4, 5]):
-        alone = task.batch([index])
+        alone = prepared(task, [index])
         region = together["layout"].region[k]
         assert torch.equal(together["xt"][k][region], alone["xt"][0][alone["layout"].region[0]])
         assert torch.equal(together["x1"][k][region], alone["x1"][0][alone["layout"].region[0]])
 
 
 def test_objectives_corrupt_as_documented(assets, tmp_path) -> None:
-    ar = make_task(assets, tmp_path, "ar").batch(list(range(6)))
+    ar = prepared(make_task(assets, tmp_path, "ar"), list(range(6)))
     assert torch.equal(ar["xt"], ar["x1"])  # teacher forcing
     task = make_task(assets, tmp_path, "masked")
-    masked = task.batch(list(range(6)))
+    masked = prepared(task, list(range(6)))
     K = task.model.config.gen_vision.codebook_size
     pad = task.tokenizer.pad_id
     for b in range(6):
@@ -143,7 +151,7 @@ def test_objectives_corrupt_as_documented(assets, tmp_path) -> None:
         assert ((xt == x1) | (xt == mask_id)).all()
     assert task.model.gen_embed.weight.shape[0] == K + 1  # the image mask is an input id
     # CFG dropout: with probability 1 every generation prompt is blanked with pad.
-    dropped = make_task(assets, tmp_path, cfg_dropout=1.0).batch(list(range(6)))
+    dropped = prepared(make_task(assets, tmp_path, cfg_dropout=1.0), list(range(6)))
     lay = dropped["layout"]
     for b in range(6):
         if dropped["is_gen"][b]:
@@ -218,19 +226,10 @@ def test_config_errors(assets, tmp_path) -> None:
 def test_text_samples_draw_t_from_their_own_range(assets, tmp_path) -> None:
     task = make_task(assets, tmp_path, vqa_answer_tokens=4)
     task.obj.text_t_max = 0.2
-    seen: dict[str, list[float]] = {"text": [], "image": []}
-    for name in seen:
-        path = getattr(task, f"{name}_path")
-        original = path.sample
-
-        def spy(x1, t, g, original=original, name=name):
-            seen[name].append(float(t.flatten()[0]))
-            return original(x1, t, g)
-
-        path.sample = spy
-    task.batch(list(range(40)))
-    assert seen["text"] and seen["image"]
-    assert max(seen["text"]) <= 0.2 < max(seen["image"])
+    batch = task.batch(list(range(40)))  # t is drawn per sample in batch(), used in losses()
+    seen = {"text": batch["t"][~batch["is_gen"]].tolist(), "image": batch["t"][batch["is_gen"]]}
+    assert len(seen["text"]) and len(seen["image"])
+    assert max(seen["text"]) <= 0.2 < float(seen["image"].max())
     with pytest.raises(ValueError, match="need 0 <= t_min < text_t_max <= 1"):
         FudokiTrainConfig.from_dict({**make_config(assets, tmp_path).to_dict(),
                                      "objective": {"text_t_max": 1.5}})  # fmt: skip

@@ -62,7 +62,7 @@ def make_task(assets, out) -> UnifluidTask:
 def test_batches_mix_generation_editing_and_understanding(assets, tmp_path) -> None:
     task = make_task(assets, tmp_path)
     tok, model = task.tokenizer, task.model
-    batch = task.batch(list(range(24)))
+    batch = task.encoded(task.batch(list(range(24))))  # the KL-VAE runs in losses()
     gen, edit, und = batch["gen"], batch["edit"], batch["und"]
     assert gen is not None and edit is not None and und is not None
     L, C = model.config.num_image_tokens, model.config.vae.token_dim
@@ -393,7 +393,7 @@ def test_edit_refuses_a_fudoki_checkpoint(tmp_path, capsys) -> None:
 def test_tokens_are_scaled_to_unit_variance(assets, tmp_path) -> None:
     task = make_task(assets, tmp_path)
     config, tok, model = task.config, task.tokenizer, task.model
-    batch = task.batch(list(range(256)))
+    batch = task.encoded(task.batch(list(range(256))))
     std = float(batch["gen"]["tokens"].std())
     assert 0.7 < std < 1.3, std  # the generation samples of the first 256 indices
     # The pipeline clamps x0 to the range of the calibration tokens, which these are among.

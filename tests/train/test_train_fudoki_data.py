@@ -1,0 +1,92 @@
+"""FUDOKI's data path: the batched device-side corruption draws exactly the tokens of the
+per-sample corruption, and samples read from shards equal those made on the fly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train_fudoki import assets, make_config, make_task  # noqa: F401 (the fixture)
+
+from kineflow.train.common import encode_shards
+from kineflow.train.fudoki import train_fudoki
+from kineflow.train.loop import sample_generator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("kind", ["metric", "masked"])
+def test_batched_corruption_is_the_per_sample_one(assets, tmp_path, kind) -> None:  # noqa: F811
+    task = make_task(assets, tmp_path, kind)
+    indices = list(range(5, 15))
+    batch = task.batch(indices)
+    x1 = task.targets(batch)
+    xt = task.corrupt(batch, x1)
+    assert batch["is_gen"].any() and (~batch["is_gen"]).any()
+    lay, o = batch["layout"], task.obj
+    for b, index in enumerate(indices):
+        # Today's path: the sample's own generator, past its data draws, draws t and then the
+        # corruption of its region in one path.sample call.
+        _, g = task._draw(index)
+        assert torch.equal(g.get_state(), task._sample(index)[1].get_state())
+        t = o.t_min + (o.t_max - o.t_min) * float(torch.rand((), generator=g))
+        target = x1[b, lay.region[b]]
+        path = task.image_path if batch["is_gen"][b] else task.text_path
+        want = path.sample(target, torch.full(target.shape, t), g)
+        assert torch.equal(xt[b, lay.region[b]], want), (kind, index)
+    assert torch.equal(xt[~lay.region], x1[~lay.region])  # prompts and padding untouched
+    assert (xt != x1).any()
+
+
+def test_batch_is_cpu_work_with_the_draws_of_its_samples(assets, tmp_path) -> None:  # noqa: F811
+    task = make_task(assets, tmp_path)
+    together = task.batch([3, 4, 5])
+    assert together["pictures"].dtype == torch.uint8  # the VQ runs in losses, on the device
+    for k, index in enumerate([3, 4, 5]):
+        alone = task.batch([index])
+        assert together["t"][k] == alone["t"][0]
+        reg, reg1 = together["layout"].region[k], alone["layout"].region[0]
+        assert torch.equal(together["u"][k][reg], alone["u"][0][reg1])
+        g = sample_generator(task.data.seed, index)
+        assert 0 < float(together["t"][k]) < 1 and g is not None
+
+
+def test_shards_round_trip_and_train_the_same(assets, tmp_path) -> None:  # noqa: F811
+    task = make_task(assets, tmp_path)
+    index = encode_shards(task, tmp_path / "shards", 13, shard_size=5)
+    assert [s["samples"] for s in index["shards"]] == [5, 5, 3]
+    assert index["samples"] == 13 and (tmp_path / "shards" / "index.json").is_file()
+    from_shards = make_task(assets, tmp_path, shards=str(tmp_path / "shards"))
+    for i in (0, 4, 5, 12):
+        want = task.encode_records([task.record(i)])[0]
+        got = from_shards.shards.get(i)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (i, key)
+    fly, read = task.batch(list(range(8))), from_shards.batch(list(range(8)))
+    assert read["pictures"] is None
+    torch.testing.assert_close(from_shards.targets(read), task.targets(fly), rtol=0, atol=0)
+    for key in ("t", "u", "is_gen", "pixels"):
+        torch.testing.assert_close(read[key], fly[key], rtol=0, atol=0)
+    # Training: 3 steps of 4 samples from the shards = 3 steps on the fly.
+    losses = {}
+    for name, data in (("fly", {}), ("shards", {"shards": str(tmp_path / "shards")})):
+        out = tmp_path / name
+        train_fudoki(make_config(assets, out, steps=3, **data), progress=False)
+        losses[name] = [json.loads(r)["loss"] for r in (out / "metrics.jsonl").open()]
+    assert len(losses["fly"]) == 3
+    assert losses["shards"] == pytest.approx(losses["fly"], rel=1e-6)
+
+
+def test_bad_shards_are_named(assets, tmp_path) -> None:  # noqa: F811
+    with pytest.raises(ValueError, match="is not a folder"):
+        make_task(assets, tmp_path, shards=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"has no index\.json"):
+        make_task(assets, tmp_path, shards=str(tmp_path / "empty"))
+    encode_shards(make_task(assets, tmp_path), tmp_path / "s", 4)
+    with pytest.raises(ValueError, match=r"data\.seed=0 but this run has data\.seed=3"):
+        make_task(assets, tmp_path, shards=str(tmp_path / "s"), seed=3)
+    with pytest.raises(ValueError, match="holds 4 samples, training asked for sample 4"):
+        make_task(assets, tmp_path, shards=str(tmp_path / "s")).batch([2, 3, 4])
