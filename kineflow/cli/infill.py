@@ -8,7 +8,9 @@ does not use) print one ``error: ...`` line and exit 2; torch is imported by the
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+from typing import Any
 
 from kineflow.cli.args import finite_float, int_in_range, output_dir
 from kineflow.cli.command import Command
@@ -23,8 +25,9 @@ def _infill_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="the picture (square)")
     parser.add_argument(
         "--mask", required=True,
-        help="a picture of the same size: white pixels (luminance >= 128) are regenerated; a "
-        "token is regenerated when any of its pixels is white",
+        help="a picture of the same size whose white pixels (luminance >= 128) are regenerated, "
+        "or a box X0,Y0,X1,Y1 in pixels (end exclusive); a token is regenerated when any of "
+        "its pixels is",
     )  # fmt: skip
     parser.add_argument(
         "--cfg", type=finite_float(0.0), default=None,
@@ -40,15 +43,31 @@ def _infill_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gif", action="store_true", help="skip the refinement GIF")
 
 
+def _box(text: str, height: int, width: int) -> Any:
+    """The Bool[H, W] mask of a box ``X0,Y0,X1,Y1`` (None when ``text`` is not one)."""
+    import numpy as np
+
+    if not re.fullmatch(r"\d+,\d+,\d+,\d+", text):
+        return None
+    x0, y0, x1, y1 = map(int, text.split(","))
+    mask = np.zeros((height, width), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
 def _run_infill(args: argparse.Namespace) -> int:
     try:
-        for what, path in (("--image", args.image), ("--mask", args.mask)):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{what} {path}: no such file")
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image}: no such file")
         from kineflow.inputs.images import load_image
         from kineflow.pipelines.infill import load_mask
 
-        picture, mask = load_image(args.image), load_mask(args.mask)
+        picture = load_image(args.image)
+        mask = _box(args.mask, picture.height, picture.width)
+        if mask is None:
+            if not Path(args.mask).is_file():
+                raise FileNotFoundError(f"--mask {args.mask}: no such file (nor a box X0,Y0,X1,Y1)")
+            mask = load_mask(args.mask)
         if mask.shape != (picture.height, picture.width):
             raise ValueError(
                 f"the mask is {mask.shape[1]}x{mask.shape[0]} but the picture is "

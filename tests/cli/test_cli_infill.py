@@ -54,17 +54,30 @@ def test_infill_writes_the_picture_and_its_gif(files, tmp_path, capsys, model, g
     assert str(out / "infill_0.png") in capsys.readouterr().out
 
 
+def test_a_box_is_a_mask(files, tmp_path) -> None:
+    from kineflow.cli.infill import _box
+
+    box = _box("11,0,21,11", 32, 32)
+    assert box.sum() == 110 and box[0, 11] and box[10, 20] and not box[11, 11]
+    assert _box(files["m"], 32, 32) is None
+    out = tmp_path / "box"
+    args = ["infill", "--model", FUDOKI, "--image", files["p"], "--mask", "11,0,21,11", "a",
+            "--out", str(out), "--steps", "1", "--no-gif", "--no-progress"]  # fmt: skip
+    assert main(args) == 0 and (out / "infill_0.png").exists()
+
+
 @pytest.mark.parametrize(
     ("mask", "extra", "message"),
     [
         ("empty", [], "is empty (no white pixel): nothing to regenerate"),
         ("small", [], "the mask is 16x16 but the picture is 32x32"),
         ("missing", [], "--mask {missing}: no such file"),
+        ("box0", [], "is empty (no white pixel)"),
         ("m", ["--steps", "2", "--model", UNIFLUID], "--steps is not supported by UniFluid"),
     ],
 )
 def test_infill_errors_are_one_line(files, tmp_path, capsys, mask, extra, message) -> None:
-    files["missing"] = str(tmp_path / "nope.png")
+    files["missing"], files["box0"] = str(tmp_path / "nope.png"), "4,4,4,9"
     args = ["infill", "--model", FUDOKI, "--image", files["p"], "--mask", files[mask], "a",
             "--out", str(tmp_path / "o"), *extra]  # fmt: skip
     assert main(args) == 2
