@@ -6,6 +6,7 @@ is one module exposing ``COMMANDS``, and :data:`COMMANDS` here puts them in the 
 ``kineflow --help`` lists them:
 
 - :mod:`kineflow.cli.sampling`: ``showcase``, ``generate``, ``answer``, ``edit``;
+- :mod:`kineflow.cli.infill`: ``infill``;
 - :mod:`kineflow.cli.demo`: ``demo``;
 - :mod:`kineflow.cli.data`: ``data shapes / validate / tokenizer / reference``;
 - :mod:`kineflow.cli.train`: ``train tokenizer / siglip / fudoki / unifluid``;
@@ -22,14 +23,15 @@ import argparse
 from collections.abc import Sequence
 
 from kineflow import __version__
-from kineflow.cli import data, demo, evaluate, sampling, train
+from kineflow.cli import data, demo, evaluate, infill, sampling, train
 from kineflow.cli.command import Command, add_commands
 
 __all__ = ["COMMANDS", "ORDER", "Command", "build_parser", "main"]
 
 #: The command names in the order ``kineflow --help`` lists them.
 ORDER = (
-    "showcase", "demo", "generate", "answer", "edit", "data", "train", "reproduce", "plot", "eval",
+    "showcase", "demo", "generate", "answer", "edit", "infill", "data", "train", "reproduce",
+    "plot", "eval",
 )  # fmt: skip
 
 
@@ -44,7 +46,14 @@ def _in_order(groups: Sequence[Sequence[Command]]) -> tuple[Command, ...]:
 
 #: The subcommands, in the order ``--help`` lists them.
 COMMANDS: tuple[Command, ...] = _in_order(
-    (sampling.COMMANDS, demo.COMMANDS, data.COMMANDS, train.COMMANDS, evaluate.COMMANDS)
+    (
+        sampling.COMMANDS,
+        infill.COMMANDS,
+        demo.COMMANDS,
+        data.COMMANDS,
+        train.COMMANDS,
+        evaluate.COMMANDS,
+    )
 )
 
 

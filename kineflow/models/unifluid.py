@@ -274,11 +274,17 @@ class UnifluidModel(nn.Module):
         clip_x0: float | None = None,
         source: Tensor | None = None,
         progress: bool = False,
+        given: Tensor | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Image tokens ``[B, L, C]`` (grid order) for prompts (ids or embeddings, see
         :meth:`prompt_embeds`) ending in ``<boi>``, one incremental backbone step per token
         (KV cache); ``source [B, L, C]`` when editing (see :meth:`generation_hidden`).
         ``progress``: a tqdm bar over the ``L`` tokens.
+
+        Infilling: ``given [B, L, C]`` tokens with ``keep Bool[B, L]`` (grid order) are fed in
+        instead of sampled (teacher forcing) and returned unchanged; the order should put them
+        first so the others are generated conditioned on them.
 
         With ``uncond`` (the prompts blanked, same mask) the ε of the diffusion head is guided
         with a weight rising linearly from 1 to ``cfg_scale`` over the generated tokens.
@@ -314,6 +320,10 @@ class UnifluidModel(nn.Module):
                 cond.to(dtype), z_uncond=None if uncond is None else uncond.to(dtype),
                 cfg_scale=w, temperature=temperature, generator=generator, clip_x0=clip_x0,
             )  # fmt: skip
+            if keep is not None:
+                rows_j = torch.arange(B, device=device)
+                kept = keep.to(device)[rows_j, order[:, j]][:, None]
+                x = torch.where(kept, given.to(device, x.dtype)[rows_j, order[:, j]], x)
             out[torch.arange(B), order[:, j]] = x
             if j == L - 1:
                 break

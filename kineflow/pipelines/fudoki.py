@@ -54,6 +54,7 @@ from kineflow.pipelines.fudoki_config import (
     FudokiPipelineConfig,
     make_paths,
 )
+from kineflow.pipelines.infill import FudokiInfill
 from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.pipelines.sampling_options import SamplingOptions
 from kineflow.tokenizers.text import TextTokenizer
@@ -83,7 +84,7 @@ class _Clock:
 
 
 @register
-class FudokiPipeline(FudokiCheckpoints, Pipeline):
+class FudokiPipeline(FudokiInfill, FudokiCheckpoints, Pipeline):
     """A FUDOKI model with its text tokenizer and metric tables, ready to sample (saving and
     loading: :class:`~kineflow.pipelines.fudoki_checkpoints.FudokiCheckpoints`).
 
@@ -103,6 +104,8 @@ class FudokiPipeline(FudokiCheckpoints, Pipeline):
     display_name = "FUDOKI"
     task_options: ClassVar[Mapping[str, frozenset[str]]] = {
         "text_to_image": _SAMPLING | {"cfg_scale", "temperature", "top_k"},
+        "infill": _SAMPLING | {"cfg_scale", "temperature", "top_k"},
+        "infill_text": _SAMPLING | {"blank_tokens", "temperature", "top_k"},
         "answer": _SAMPLING | {"answer_tokens", "system_prompt"},
         "generate_text": _SAMPLING | {"max_tokens", "chat", "system_prompt", "temperature",
                                       "top_k"},
@@ -220,13 +223,16 @@ class FudokiPipeline(FudokiCheckpoints, Pipeline):
             max_positions=self.max_positions,
         ).to(self.device)  # fmt: skip
         w = self.config.cfg_scale if cfg_scale is None else options.cfg_scale
-        run = self._solve(layout, "image", options=options, cfg_scale=w)
+        return self._image_result(self._solve(layout, "image", options=options, cfg_scale=w))
+
+    def _image_result(self, run: dict[str, Any]) -> ImageResult:
+        """The pictures of an image ``_solve`` run (its window is the whole image span): the
+        codes Long[B, h, w], and with ``run["states"]`` every state decoded as a frame."""
         h, w_ = self.model.gen_vision_model.tokens_shape(self.model.config.gen_vision.image_size)
         start = time.perf_counter()
         codes = run["samples"].reshape(-1, h, w_)
-        trajectory = states = None
-        if return_trajectory:
-            states = run["states"]  # [n + 1, B, L]; the last state is the result
+        trajectory = states = run.get("states")  # [n + 1, B, L]; the last state is the result
+        if states is not None:
             frames = [self._decode_images(s.reshape(-1, h, w_)) for s in states]
             images = frames[-1]
             trajectory = [[frames[k][b] for k in range(len(frames))] for b in range(len(images))]

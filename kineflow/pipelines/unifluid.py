@@ -43,6 +43,7 @@ from kineflow.models.diffusion_head import add_identity_norms
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.pipelines.base import Pipeline, register
 from kineflow.pipelines.checkpoints import load_checked
+from kineflow.pipelines.infill import UnifluidInfill
 from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.pipelines.sampling_options import SamplingOptions
 from kineflow.tokenizers.text import TextTokenizer
@@ -97,7 +98,7 @@ class UnifluidPipelineConfig:
 
 
 @register
-class UnifluidPipeline(Pipeline):
+class UnifluidPipeline(UnifluidInfill, Pipeline):
     """A UniFluid model with its text tokenizer (see the module docstring)."""
 
     kineflow_type = KIND
@@ -107,6 +108,7 @@ class UnifluidPipeline(Pipeline):
     task_options: ClassVar[Mapping[str, frozenset[str]]] = {
         "text_to_image": _IMAGES | {"cfg_scale", "order"},
         "edit": _IMAGES,
+        "infill": _IMAGES | {"cfg_scale"},
         "answer": frozenset({"max_tokens", "answer_tokens", "beams"}),
         "caption": frozenset({"beams"}),
     }
@@ -241,10 +243,15 @@ class UnifluidPipeline(Pipeline):
         frames = check_options(frames=frames)["frames"]
         rows = self._prompt_rows(prompts, "prompt", image=False)
         ids, mask = self._left_pad(rows)
+        return self._images(ids, mask, self._blank(ids, mask), options, order=order,
+                            frames=frames)  # fmt: skip
+
+    def _blank(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """The unconditional prompts of guidance: every token but BOS and ``<boi>`` := pad."""
         uncond = ids.clone()
         uncond[:, :-1] = torch.where(mask[:, :-1], self.tokenizer.pad_id, uncond[:, :-1])
-        uncond[torch.arange(len(rows)), mask.float().argmax(1)] = self.tokenizer.bos_id
-        return self._images(ids, mask, uncond, options, order=order, frames=frames)
+        uncond[torch.arange(len(ids)), mask.float().argmax(1)] = self.tokenizer.bos_id
+        return uncond
 
     @torch.no_grad()
     def encode(self, images: Sequence[Any] | Any) -> Tensor:
@@ -317,11 +324,13 @@ class UnifluidPipeline(Pipeline):
         frames: int,
         order: Tensor | None = None,
         source: Tensor | None = None,
+        keep: tuple[Tensor, Tensor] | None = None,
     ) -> ImageResult:
         """Generate the image tokens after ``prompt`` (ids Long[B, N] or embeddings
         Float[B, N, D], ``mask`` Bool[B, N]) and decode them; ``uncond``: the blanked prompt
         for guidance (used when the weight is not 1); ``frames``: the trajectory's frames
-        when ``options.return_trajectory``; ``source``: the tokens an edit starts from."""
+        when ``options.return_trajectory``; ``source``: the tokens an edit starts from;
+        ``keep``: ``(given [B, L, C], Bool[B, L])``, tokens fed in, not sampled (infilling)."""
         c, model = self.config, self.model
         if options.temperature is None:
             options = replace(options, temperature=c.temperature)
@@ -334,7 +343,8 @@ class UnifluidPipeline(Pipeline):
         tokens = model.generate_tokens(
             prompt, mask, uncond=uncond if w != 1.0 else None, cfg_scale=w,
             temperature=options.temperature, order=order, generator=generator, clip_x0=c.clip_x0,
-            source=source, progress=options.progress,
+            source=source, progress=options.progress, given=None if keep is None else keep[0],
+            keep=None if keep is None else keep[1],
         )  # fmt: skip
         model_s = time.perf_counter() - start
         start = time.perf_counter()

@@ -28,8 +28,16 @@ CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 @pytest.mark.parametrize(
     ("name", "cls", "tasks"),
     [
-        ("fudoki-shapes", FudokiPipeline, {"text_to_image", "answer", "generate_text"}),
-        ("unifluid-shapes", UnifluidPipeline, {"text_to_image", "answer", "caption", "edit"}),
+        (
+            "fudoki-shapes",
+            FudokiPipeline,
+            {"text_to_image", "answer", "generate_text", "infill", "infill_text"},
+        ),
+        (
+            "unifluid-shapes",
+            UnifluidPipeline,
+            {"text_to_image", "answer", "caption", "edit", "infill"},
+        ),
     ],
 )
 def test_shipped_checkpoints_load_through_the_registry(name, cls, tasks) -> None:
