@@ -71,10 +71,12 @@ def hold_run_folder(out: str | os.PathLike[str]) -> Iterator[None]:
             when it started).
     """
     out = Path(out)
+    # Every rank: the others write into ``out`` too (e.g. FUDOKI's metric tables, each rank's
+    # own atomic write of the same bytes) and may get there before rank 0 has created it.
+    out.mkdir(parents=True, exist_ok=True)
     if fcntl is None or _rank() != 0:
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
     key = out.resolve()
     if key in _HELD:
         _HELD[key][1] += 1
