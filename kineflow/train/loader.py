@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["PieceLayout", "step_batches"]
+__all__ = ["Batches", "PieceLayout", "step_batches"]
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,38 @@ class _Pieces(Dataset):
         return self.build(self.layout.indices(p))
 
 
+def _as_built(batch: Any) -> Any:
+    """The batch as ``task.batch`` built it (DataLoader's default would turn tuples into
+    lists and NumPy arrays into tensors)."""
+    return batch
+
+
 def _quiet_worker(worker_id: int) -> None:
     """Loader workers leave SIGINT / SIGTERM to the training process (which stops them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class Batches:
+    """An iterator over a run's batches that :meth:`close` ends, stopping the loader workers
+    at once: not when the iterator is garbage-collected, which an exception's traceback can
+    put off, while a forked worker keeps the run folder's lock (an inherited file
+    descriptor) held."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self._it = iter(batches)
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._it)
+
+    def close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)  # DataLoader's iterator
+        if shutdown is not None:
+            shutdown()
+        self._it = iter(())
 
 
 def step_batches(
@@ -87,13 +115,13 @@ def step_batches(
     workers: int = 0,
     prefetch_factor: int = 2,
     pin_memory: bool = False,
-) -> Iterator[Any]:
+) -> Batches:
     """The batches ``build(layout.indices(p))`` of pieces ``p = start·A … steps·A − 1``, in
     order (``A = layout.accum``); ``workers`` loader processes build them ahead (0: built here,
-    one at a time, when asked for)."""
+    one at a time, when asked for). Close it when done."""
     pieces = range(start * layout.accum, steps * layout.accum)
     if workers == 0:
-        return (build(layout.indices(p)) for p in pieces)
+        return Batches(build(layout.indices(p)) for p in pieces)
     # fork: the workers share the task (and its frozen encoders) without pickling them; the
     # model's parameters may sit on CUDA but a worker never uses them. Elsewhere the
     # platform's default method is used (the task must then pickle).
@@ -102,6 +130,7 @@ def step_batches(
     loader = DataLoader(
         _Pieces(build, layout),
         batch_size=None,  # each item already is a batch: no collation
+        collate_fn=_as_built,
         sampler=pieces,  # in order, from the resume step
         num_workers=workers,
         prefetch_factor=prefetch_factor,
@@ -110,4 +139,4 @@ def step_batches(
         worker_init_fn=_quiet_worker,
         multiprocessing_context=context,
     )
-    return iter(loader)
+    return Batches(loader)

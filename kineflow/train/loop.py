@@ -457,7 +457,8 @@ def _run(
                     bar.update(1)  # tqdm counts a step when the next one starts: count it now
                     break
     finally:
-        batches = None  # stops the loader workers, if any
+        if batches is not None:
+            batches.close()  # stops the loader workers (before the run folder is let go)
         bar.close()
         if metrics is not None:
             metrics.close()
