@@ -9,7 +9,10 @@ What is measured
   Each run is measured twice in the same invocation: with ``optim.loader_workers`` =
   ``--baseline-workers`` (default 0: the in-process data path every run used before loader
   workers existed) and = ``--workers``. For FUDOKI the ``ar`` objective runs too (the DFM /
-  AR step ratio, same data path, same model).
+  AR step ratio, same data path, same model). On the CPU the loader workers share the cores
+  with the training process, whose threads are cut to ``--threads − workers`` in those runs
+  (``--oversubscribe`` keeps them: OpenMP threads competing with the workers for the cores
+  can make a step several times slower).
 * ``--real`` (CUDA): a FUDOKI model of Janus-1.3B's shapes (random weights, VQ and SigLIP
   frozen), B = 8 sequences of 64 text + 576 image tokens, bf16 autocast, fused AdamW: the
   model step alone (synthetic ids), with ``mask="full"`` (DFM) and ``mask="causal"`` (AR).
@@ -228,6 +231,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="loader workers of the new path")
     p.add_argument("--baseline-workers", type=int, default=0,
                    help="loader workers of the baseline (0: the old in-process path)")  # fmt: skip
+    p.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="CPU: keep --threads with workers (default: threads - workers)",
+    )
     p.add_argument("--no-ar", action="store_true", help="skip the FUDOKI AR objective run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
@@ -276,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, workers, objective in variants:
                 log(f"{model}: {name}")
                 spec = {**base, "model": model, "workers": workers, "objective": objective}
+                if workers and args.device == "cpu" and not args.oversubscribe:
+                    spec["threads"] = max(1, args.threads - workers)  # the cores are shared
                 runs[name] = r = fresh(spec)
                 r["mfu"] = mfu(r, r["tokens_per_s"], args.peak_tflops)
+                r["threads"] = spec["threads"]
             new, old = runs[f"workers_{args.workers}"], runs[f"workers_{args.baseline_workers}"]
             runs["speedup_samples_per_s"] = round(new["samples_per_s"] / old["samples_per_s"], 3)
             if "ar_workers_" + str(args.workers) in runs:
