@@ -88,9 +88,10 @@ class Optim:
     ``loader_workers`` processes build the batches ahead of the loop, ``prefetch_factor``
     each (0: in the training process, one at a time; the run is the same either way, see
     :mod:`kineflow.train.loader`; on a CPU-only run give them spare cores: OpenMP training
-    threads competing with them can make steps several times slower). ``activation_checkpointing`` recomputes each transformer
-    block in the backward pass instead of keeping its activations, and ``compile`` runs the
-    (wrapped) model through ``torch.compile`` (:mod:`kineflow.train.fsdp`).
+    threads competing with them can make steps several times slower).
+    ``activation_checkpointing`` recomputes each transformer block in the backward pass instead
+    of keeping its activations; ``compile`` runs the (wrapped) model through ``torch.compile``
+    (:mod:`kineflow.train.fsdp`).
     """
 
     steps: int = 2000
