@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from kineflow.models.llama import LlamaConfig, LlamaModel
 from kineflow.train.loop import Optim, run_training, sample_generator
 
 DIM = 6
@@ -30,15 +32,18 @@ BATCH = 8  # the global batch
 class TinyTask:
     """A 2-layer MLP regressing ``sin`` of a masked, noisy input; loss = mean over samples.
 
-    ``fail_at``: :meth:`batch` raises on any sample index >= it (a simulated crash).
+    ``fail_at``: :meth:`batch` raises on any sample index >= it (a simulated crash);
+    ``delay``: seconds :meth:`batch` sleeps (a slow data path).
     """
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, delay: float = 0.0) -> None:
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, 1))
         self.fail_at = fail_at
+        self.delay = delay
 
     def batch(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        time.sleep(self.delay)
         xs, ys = [], []
         for i in indices:
             if self.fail_at is not None and i >= self.fail_at:
@@ -57,10 +62,39 @@ class TinyTask:
         return {"loss": err.square().mean(), "mae": err.abs().mean()}
 
 
-def optim(grad_accum: int = 1, steps: int = 6) -> Optim:
+class TinyLlama(nn.Module):
+    """Two Llama decoder layers (FSDP units, checkpointable blocks) and a regression head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=24,
+                             num_hidden_layers=2, num_attention_heads=2,
+                             max_position_embeddings=16)  # fmt: skip
+        self.body = LlamaModel(config)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.body(ids, mask="full").mean(1))
+
+
+class TinyLlamaTask(TinyTask):
+    """:class:`TinyTask`'s per-sample draws turned into token ids (``DIM`` per sample, in
+    [0, 11)) for :class:`TinyLlama`."""
+
+    def __init__(self, fail_at: int | None = None, delay: float = 0.0) -> None:
+        super().__init__(fail_at, delay)
+        torch.manual_seed(0)
+        self.model = TinyLlama()
+
+    def batch(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        x, y = super().batch(indices)
+        return (x * 2 + 5).round().clamp(0, 10).long(), y
+
+
+def optim(grad_accum: int = 1, steps: int = 6, **extra: object) -> Optim:
     # grad_clip is small enough to clip on most steps, so the clipping path matters.
     return Optim(steps=steps, batch_size=BATCH, lr=3e-2, warmup=2, grad_clip=0.5,
-                 grad_accum=grad_accum, ema=0.5, seed=1)  # fmt: skip
+                 grad_accum=grad_accum, ema=0.5, seed=1, **extra)  # fmt: skip
 
 
 def train(
@@ -70,15 +104,19 @@ def train(
     fail_at: int | None = None,
     steps: int = 6,
     skew_init: bool = False,
+    llama: bool = False,
+    delay: float = 0.0,
+    **extra: object,
 ) -> dict[str, Tensor]:
-    """Train :class:`TinyTask`; returns the final (EMA) weights of ``task.model``."""
-    task = TinyTask(fail_at)
+    """Train :class:`TinyTask` (:class:`TinyLlamaTask` with ``llama``); returns the final
+    (EMA) weights of ``task.model``. ``extra``: more :class:`Optim` settings."""
+    task = (TinyLlamaTask if llama else TinyTask)(fail_at, delay)
     if skew_init and int(os.environ.get("RANK", "0")) != 0:
         with torch.no_grad():
             for p in task.model.parameters():
                 p.add_(1.0)
     config = {"model": {"name": "tiny-mlp", "dim": DIM}}
-    run_training(task, optim(grad_accum, steps), out, config, log_every=1, ckpt_every=2,
+    run_training(task, optim(grad_accum, steps, **extra), out, config, log_every=1, ckpt_every=2,
                  parallel=parallel, progress=False)  # fmt: skip
     return {k: v.detach().clone() for k, v in task.model.state_dict().items()}
 
@@ -95,6 +133,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--skew-init", action="store_true")
     # As `torchrun -m kineflow train ...`: nobody but run_training joins the process group.
     p.add_argument("--loop-joins", action="store_true")
+    p.add_argument("--llama", action="store_true")  # TinyLlamaTask
+    p.add_argument("--workers", type=int, default=0)  # optim.loader_workers
+    p.add_argument("--checkpointing", action="store_true")  # optim.activation_checkpointing
+    p.add_argument("--delay", type=float, default=0.0)  # seconds per batch
     args = p.parse_args(argv)
     import torch.distributed as dist
 
@@ -111,7 +153,8 @@ def main(argv: list[str]) -> None:
             else:
                 raise AssertionError("parallel='none' under torchrun was not refused")
         weights = train(args.out, args.parallel, args.grad_accum, args.fail_at, args.steps,
-                        args.skew_init)  # fmt: skip
+                        args.skew_init, args.llama, args.delay, loader_workers=args.workers,
+                        activation_checkpointing=args.checkpointing)  # fmt: skip
         if dist.is_initialized():
             # Tearing gloo down while the peer is still in its last collective aborts the
             # process ("terminate called without an active exception"): meet first.

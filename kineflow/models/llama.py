@@ -52,6 +52,7 @@ from kineflow.models.masking import (
     KVCache,
     build_attention_mask,
     default_position_ids,
+    plain_attention,
 )
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -256,9 +257,12 @@ class LlamaAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | str,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """``mask``: a boolean ``[B, 1, N, N_k]`` tensor (True = may attend), or ``"causal"`` /
+        ``"full"`` when nothing is padded (:func:`~kineflow.models.masking.plain_attention`):
+        then SDPA gets ``is_causal`` or no mask, which lets it pick its fused kernels."""
         B, N, _ = x.shape
         q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -274,10 +278,17 @@ class LlamaAttention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         if self.softcap is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            plain = isinstance(mask, str)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if plain else mask, is_causal=plain and mask == "causal",
+                scale=self.scale,
+            )  # fmt: skip
         else:  # soft-capped scores: SDPA cannot apply tanh before the softmax
             scores = softcap(q @ k.transpose(-1, -2) * self.scale, self.softcap)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            if isinstance(mask, str) and mask == "causal":
+                mask = torch.ones(N, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            if not isinstance(mask, str):
+                scores = scores.masked_fill(~mask, float("-inf"))
             out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
@@ -326,7 +337,7 @@ class LlamaDecoderLayer(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | str,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
@@ -447,7 +458,10 @@ class LlamaModel(nn.Module):
                 )
 
         key_mask = attention_mask if kv_cache is None else kv_cache.append_mask(attention_mask)
-        attn_mask = build_attention_mask(key_mask, N, mask, prefix_lengths)
+        # No padding: "causal" / "full" instead of a tensor (SDPA's fused kernels).
+        attn_mask = plain_attention(key_mask, N, mask) or build_attention_mask(
+            key_mask, N, mask, prefix_lengths
+        )
         window_mask = None
         if "sliding_attention" in self.config.layer_types:
             window = self.config.sliding_window

@@ -5,15 +5,24 @@ either side. :func:`build_attention_mask` turns it into a boolean ``[B, 1, N, N_
 one of three modes, ``"causal"`` (autoregressive), ``"full"`` (bidirectional, FUDOKI) or
 ``"prefix"`` (PaliGemma / UniFluid prefix-LM), optionally restricted to a sliding window.
 Position ids (:func:`default_position_ids`) are the running count of real tokens, so a
-left-padded row gets the same positions as the same row unpadded. :class:`KVCache` keeps the
-keys and values of earlier tokens so that causal decoding costs one step per new token.
+left-padded row gets the same positions as the same row unpadded. When nothing is padded the
+mask is often plain causal or none at all (:func:`plain_attention`): then no mask tensor is
+built and attention can use SDPA's fused kernels (``is_causal``, or no mask).
+:class:`KVCache` keeps the keys and values of earlier tokens so that causal decoding costs one
+step per new token.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["MASK_MODES", "KVCache", "build_attention_mask", "default_position_ids"]
+__all__ = [
+    "MASK_MODES",
+    "KVCache",
+    "build_attention_mask",
+    "default_position_ids",
+    "plain_attention",
+]
 
 MASK_MODES = ("causal", "full", "prefix")
 
@@ -136,6 +145,33 @@ def build_attention_mask(
     empty = ~allowed.any(dim=-1, keepdim=True)  # [B, N, 1]
     allowed = allowed | (empty & (k_pos == q_pos)[None])
     return allowed[:, None]
+
+
+def plain_attention(
+    key_mask: torch.Tensor,
+    num_queries: int | None = None,
+    mode: str = "causal",
+    window: int | None = None,
+) -> str | None:
+    """``"causal"`` or ``"full"`` when :func:`build_attention_mask` would give the plain
+    causal mask (query ``i`` attends to keys ``0..i``, ``N = N_k``) or attend-to-everything,
+    None otherwise (some padding, a prefix mode, a window, or causal queries after a cache).
+
+    Every key must be real (``key_mask`` all True: one device sync on a GPU). Then
+    ``"full"`` is ``"full"``, and ``"causal"`` is ``"causal"`` when the queries are all the
+    keys, ``"full"`` when there is one query (the newest token sees every key). Causal
+    queries appended after a KV cache (``1 < N < N_k``) keep the tensor: SDPA's
+    ``is_causal`` aligns its triangle to the top-left corner, not to the last key.
+    """
+    if window is not None or mode == "prefix" or key_mask.device.type == "meta":
+        return None
+    N_k = key_mask.shape[1]
+    N = N_k if num_queries is None else num_queries
+    if not bool(key_mask.all()):
+        return None
+    if mode == "full" or N == 1:
+        return "full"
+    return "causal" if N_k == N else None
 
 
 def default_position_ids(

@@ -47,6 +47,13 @@ from kineflow.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from kineflow.train.fsdp import (
+    activation_checkpointing,
+    join_process_group,
+    unwrap_fsdp,
+    wrap_model,
+)
+from kineflow.train.loader import PieceLayout, step_batches
 from kineflow.train.parallel_state import (
     Ema,
     full_ema,
@@ -77,6 +84,14 @@ class Optim:
     optimizer stay float32). ``device``: where the model trains: ``"cpu"``, ``"cuda"``
     (``cuda:LOCAL_RANK`` under torchrun), ``"cuda:1"``…, or ``"auto"`` (CUDA when there is one).
     Batches are built on the CPU and moved there.
+
+    ``loader_workers`` processes build the batches ahead of the loop, ``prefetch_factor``
+    each (0: in the training process, one at a time; the run is the same either way, see
+    :mod:`kineflow.train.loader`; on a CPU-only run give them spare cores: OpenMP training
+    threads competing with them can make steps several times slower).
+    ``activation_checkpointing`` recomputes each transformer block in the backward pass instead
+    of keeping its activations; ``compile`` runs the (wrapped) model through ``torch.compile``
+    (:mod:`kineflow.train.fsdp`).
     """
 
     steps: int = 2000
@@ -92,6 +107,10 @@ class Optim:
     precision: str = "fp32"
     seed: int = 0
     device: str = "cpu"
+    loader_workers: int = 0
+    prefetch_factor: int = 2
+    activation_checkpointing: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -114,6 +133,13 @@ class Optim:
             raise ValueError("optim.warmup, grad_clip must be >= 0 and min_lr_ratio in [0, 1]")
         if not self.weight_decay >= 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for name, low in (("loader_workers", 0), ("prefetch_factor", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"optim.{name} must be an integer >= {low}, got {value!r}")
+        for name in ("activation_checkpointing", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"optim.{name} must be true or false, got {getattr(self, name)!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
@@ -153,15 +179,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """``batch`` with every tensor (in dicts, lists, tuples, or objects with ``.to``) on
-    ``device``; anything else is returned as it is."""
-    if isinstance(batch, Tensor) or (hasattr(batch, "to") and not isinstance(batch, type)):
+    ``device``; anything else is returned as it is. ``non_blocking`` copies tensors
+    asynchronously (from pinned memory)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if hasattr(batch, "to") and not isinstance(batch, type):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
     return batch
 
 
@@ -176,43 +205,6 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _join_process_group(parallel: str) -> bool:
-    """Under torchrun (``WORLD_SIZE`` set) join its process group if nobody has yet, as
-    ``kineflow train ... `` launched by torchrun needs: gloo on CPU, NCCL with CUDA. Returns
-    whether this call created the group (then :func:`run_training` also ends it)."""
-    if parallel == "none" or "WORLD_SIZE" not in os.environ:
-        return False
-    if not dist.is_available() or dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
-def _wrap(model: nn.Module, parallel: str) -> nn.Module:
-    if parallel == "none":
-        return model
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            f"parallel={parallel!r} needs torch.distributed: launch with torchrun (e.g. "
-            "'torchrun --nproc-per-node 2 -m kineflow train ...')"
-        )
-    if parallel == "ddp":
-        # A rank's share may lack a kind of sample (FUDOKI: no image or no text positions),
-        # so a head can go unused there; DDP must then not wait for its gradient. Unused on
-        # every rank, its grad stays None, as in one process.
-        return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    # Like DDP, every rank starts from rank 0's weights (FSDP's sync_module_states refuses
-    # CPU modules, hence the explicit broadcast).
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, src=0)
-    # FSDP computes on the device the weights are on (without ``device_id`` it refuses CPU).
-    device = next(model.parameters()).device
-    return FullyShardedDataParallel(model, use_orig_params=True, device_id=device)
 
 
 def run_training(
@@ -256,7 +248,7 @@ def run_training(
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     check_intervals(log_every, ckpt_every, ckpt_minutes)
-    owns_group = _join_process_group(parallel)
+    owns_group = join_process_group(parallel)
     try:
         with hold_run_folder(out):
             result = _run(task, optim, Path(out), config, log_every, ckpt_every, ckpt_minutes,
@@ -333,7 +325,9 @@ def _run(
     state = _resume(ckpt, model, config, world, device)
     saved_step = int(state["step"]) if state is not None else None  # the last checkpoint
     start = saved_step or 0
-    wrapped = _wrap(model, parallel)
+    wrapped = wrap_model(model, parallel, optim.precision)
+    # The compiled module shares wrapped's parameters; no_sync / clip_grad_norm_ stay on it.
+    runner = torch.compile(wrapped) if optim.compile else wrapped
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -364,23 +358,39 @@ def _run(
     stopped_by: int | None = None
     clock = CheckpointClock(ckpt_minutes)
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
+    layout = PieceLayout(optim.batch_size, share, piece, rank)
+    pin = device.type == "cuda"
+    data_seconds = 0.0  # building batches, or waiting for the loader workers to
+    batches = None
     bar = tqdm(range(start, optim.steps), initial=start, total=optim.steps,
                disable=not progress or rank != 0, desc=desc)  # fmt: skip
     try:
         wrapped.train()
-        with StopSignals() as signals:
+        with (
+            StopSignals() as signals,
+            activation_checkpointing(model, optim.activation_checkpointing),
+        ):
+            batches = step_batches(
+                task.batch,
+                layout,
+                start,
+                optim.steps,
+                workers=optim.loader_workers,
+                prefetch_factor=optim.prefetch_factor,
+                pin_memory=pin,
+            )
             for step in bar:
-                first = step * optim.batch_size + rank * share
                 sums: dict[str, Tensor] = {}
                 opt.zero_grad(set_to_none=True)
                 for k in range(optim.grad_accum):
-                    indices = list(range(first + k * piece, first + (k + 1) * piece))
-                    batch = task.batch(indices)
+                    waited = time.perf_counter()
+                    batch = next(batches)
                     if device.type != "cpu":
-                        batch = to_device(batch, device)
+                        batch = to_device(batch, device, non_blocking=pin)
+                    data_seconds += time.perf_counter() - waited
                     sync = k == optim.grad_accum - 1 or parallel != "ddp"
                     with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
-                        losses = task.losses(batch, wrapped)
+                        losses = task.losses(batch, runner)
                     loss = losses["loss"]
                     (loss / optim.grad_accum).backward()
                     for name, value in losses.items():
@@ -425,6 +435,7 @@ def _run(
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                 stop, due = agreed or (signals.signum is not None, clock.due())
                 if done % ckpt_every == 0 or done == optim.steps or due or stop:
+                    # Under FSDP only rank 0, which writes, gathers the whole state.
                     trainer_state = {
                         "optimizer": optim_state(model, wrapped, opt, parallel),
                         "scheduler": sched.state_dict(),
@@ -448,16 +459,20 @@ def _run(
                     bar.update(1)  # tqdm counts a step when the next one starts: count it now
                     break
     finally:
+        if batches is not None:
+            batches.close()  # stops the loader workers (before the run folder is let go)
         bar.close()
         if metrics is not None:
             metrics.close()
     if stopped_by is not None:
         raise TrainingInterrupted(stopped_by, done, ckpt)
     wrapped.eval()
-    final_ema = full_ema(ema, model, wrapped, parallel) if ema is not None else None
+    final_ema = full_ema(ema, model, wrapped, parallel, False) if ema is not None else None
     if parallel == "fsdp":
-        # FSDP leaves each rank's parameters holding its shard: give task.model whole weights.
-        full = full_state_dict(model, wrapped, parallel)
+        # FSDP leaves each rank's parameters holding its shard, and its units in place of the
+        # blocks: give task.model its blocks back, with whole weights, on every rank.
+        full = full_state_dict(model, wrapped, parallel, rank0_only=False)
+        unwrap_fsdp(model)
         for n, p in model.named_parameters():
             p.data, p.grad = full[n].detach().clone(), None
     if final_ema is not None:
@@ -473,6 +488,7 @@ def _run(
         "steps_this_run": done - start,
         "already_complete_at": start if complete else None,
         "seconds_this_run": round(time.perf_counter() - t0, 1),
+        "data_seconds": round(data_seconds, 3),
         "last": last_metrics(out / "metrics.jsonl", start) if complete else last,
         "optim": asdict(optim),
     }

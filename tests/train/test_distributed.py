@@ -51,7 +51,9 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "final.pt", weights_only=True)
 
 
-def assert_same_run(rows: list[dict], weights: dict, ref_rows: list[dict], ref_weights: dict):
+def assert_same_run(
+    rows: list[dict], weights: dict, ref_rows: list[dict], ref_weights: dict, atol: float = 1e-6
+):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for row, ref in zip(rows, ref_rows, strict=True):
         assert row["lr"] == pytest.approx(ref["lr"], rel=1e-12), row["step"]
@@ -60,7 +62,7 @@ def assert_same_run(rows: list[dict], weights: dict, ref_rows: list[dict], ref_w
     assert weights.keys() == ref_weights.keys()
     for name, ref in ref_weights.items():
         assert weights[name].shape == ref.shape, name
-        torch.testing.assert_close(weights[name], ref, rtol=RTOL, atol=1e-6, msg=name)
+        torch.testing.assert_close(weights[name], ref, rtol=RTOL, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,30 @@ def test_parallel_without_process_group_names_torchrun(tmp_path, parallel):
         run_training(TinyTask(), optim(), tmp_path, {"model": {}}, parallel=parallel,
                      progress=False)  # fmt: skip
     assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.fixture(scope="module")
+def llama_reference(tmp_path_factory) -> tuple[list[dict], dict]:
+    """One process training TinyLlamaTask (two decoder layers: two FSDP units)."""
+    out = tmp_path_factory.mktemp("llama_single")
+    weights = train(out, "none", steps=STEPS, llama=True)
+    return metrics(out), weights
+
+
+@needs_gloo
+@pytest.mark.slow  # torchrun launches of two processes: end to end
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_per_block_fsdp_with_workers_and_resume_match_one_process(
+    tmp_path, parallel, llama_reference
+):
+    """Decoder layers as their own FSDP units, loader workers, activation checkpointing, and a
+    crash + resume (rank-0-only checkpoint gathers): the single-process run again."""
+    args = ("--steps", str(STEPS), "--llama", "--workers", "2", "--checkpointing")
+    crashed = torchrun(tmp_path, parallel, *args, "--fail-at", str(5 * BATCH))
+    assert crashed.returncode != 0
+    assert "simulated crash at sample 40" in crashed.stdout + crashed.stderr
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    run_ok(tmp_path, parallel, *args, "--skew-init")
+    # AdamW turns the rounding of near-zero gradients into updates of their own (the
+    # weights differ by up to ~1e-5 at a scale of 0.15 after 6 steps; the losses by ~1e-7).
+    assert_same_run(metrics(tmp_path), final_weights(tmp_path), *llama_reference, atol=3e-5)
