@@ -9,7 +9,11 @@ What is measured
   Each run is measured twice in the same invocation: with ``optim.loader_workers`` =
   ``--baseline-workers`` (default 0: the in-process data path every run used before loader
   workers existed) and = ``--workers``. For FUDOKI the ``ar`` objective runs too (the DFM /
-  AR step ratio, same data path, same model). On the CPU the loader workers share the cores
+  AR step ratio, same data path, same model). ``--baseline-repo DIR`` also times an older
+  checkout's data path (``baseline_repo``: e.g. the commit before batches were corrupted on the
+  device), ``--shards DIR`` encodes the runs' samples (``kineflow data encode``) and times
+  training from them (``shards_workers_N``: no renderer or frozen encoder per step); both
+  report their samples/s over the older checkout's. On the CPU the loader workers share the cores
   with the training process, whose threads are cut to ``--threads − workers`` in those runs
   (``--oversubscribe`` keeps them: OpenMP threads competing with the workers for the cores
   can make a step several times slower).
@@ -114,6 +118,8 @@ def measure_tiny(spec: dict[str, Any]) -> dict[str, Any]:
             o.batch_size = spec["batch_size"]
         if spec.get("objective"):
             config.objective.kind = spec["objective"]
+        if spec.get("shards"):
+            config.data.shards = spec["shards"]
         for name in ("vq", "vae", "vision", "text_tokenizer"):
             if isinstance(getattr(config, name, None), str):
                 setattr(config, name, str(REPO / getattr(config, name)))
@@ -129,7 +135,10 @@ def measure_tiny(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_step": per_step_tokens,
         "tokens_per_s": round(per_step_tokens / step_s, 1),
         "trainable_params": params["params"],
-        "data_wait_share": round(summary["data_seconds"] / summary["seconds_this_run"], 3),
+        # None for a checkout from before the loop timed its data (--baseline-repo).
+        "data_wait_share": round(summary["data_seconds"] / summary["seconds_this_run"], 3)
+        if "data_seconds" in summary
+        else None,
         "seconds_per_step_all": round(summary["seconds_this_run"] / spec["steps"], 4),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "batch_size": o.batch_size,
@@ -206,9 +215,10 @@ def measure_real(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def fresh(spec: dict[str, Any]) -> dict[str, Any]:
-    """``spec`` measured in a new process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def fresh(spec: dict[str, Any], repo: Path = REPO) -> dict[str, Any]:
+    """``spec`` measured in a new process importing kineflow from ``repo`` (this checkout, or
+    an older one for ``--baseline-repo``)."""
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO, check=False)
     if done.returncode != 0:
@@ -229,6 +239,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     p.add_argument("--batch-size", type=int, default=None, help="override optim.batch_size")
     p.add_argument("--workers", type=int, default=2, help="loader workers of the new path")
+    p.add_argument(
+        "--baseline-repo",
+        default=None,
+        help="a checkout of an older kineflow: also time its data path (0 workers)",
+    )
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="a folder: encode the runs' samples there and time training from shards",
+    )
     p.add_argument("--baseline-workers", type=int, default=0,
                    help="loader workers of the baseline (0: the old in-process path)")  # fmt: skip
     p.add_argument(
@@ -251,6 +271,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warmup < 1 or args.steps <= args.warmup:
         p.error("--warmup must be >= 1 and below --steps")
     return args
+
+
+def _encode_shards(model: str, args: argparse.Namespace) -> Path:
+    """``kineflow data encode`` the samples the measured run reads (once per model)."""
+    import yaml
+
+    out = Path(args.shards) / model
+    if (out / "index.json").is_file():
+        return out
+    config = yaml.safe_load((REPO / CONFIGS[model]).read_text())
+    batch = args.batch_size or config["optim"]["batch_size"]
+    for name in ("vq", "vae", "vision", "text_tokenizer"):
+        if isinstance(config.get(name), str):
+            config[name] = str(REPO / config[name])
+    config_file = Path(args.shards) / f"{model}.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "kineflow", "data", "encode", "--config", str(config_file),
+           "--out", str(out), "--samples", str(batch * args.steps)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,18 +321,30 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, Any] = {}
             variants = [(f"workers_{args.baseline_workers}", args.baseline_workers, None),
                         (f"workers_{args.workers}", args.workers, None)]  # fmt: skip
+            if args.baseline_repo:
+                variants.insert(0, ("baseline_repo", 0, None))
+            if args.shards:
+                variants.append((f"shards_workers_{args.workers}", args.workers, None))
             if model == "fudoki" and not args.no_ar:
                 variants.append((f"ar_workers_{args.workers}", args.workers, "ar"))
             for name, workers, objective in variants:
                 log(f"{model}: {name}")
                 spec = {**base, "model": model, "workers": workers, "objective": objective}
+                if name.startswith("shards_"):
+                    spec["shards"] = str(_encode_shards(model, args))
                 if workers and args.device == "cpu" and not args.oversubscribe:
                     spec["threads"] = max(1, args.threads - workers)  # the cores are shared
-                runs[name] = r = fresh(spec)
+                repo = Path(args.baseline_repo) if name == "baseline_repo" else REPO
+                runs[name] = r = fresh(spec, repo)
                 r["mfu"] = mfu(r, r["tokens_per_s"], args.peak_tflops)
                 r["threads"] = spec["threads"]
             new, old = runs[f"workers_{args.workers}"], runs[f"workers_{args.baseline_workers}"]
             runs["speedup_samples_per_s"] = round(new["samples_per_s"] / old["samples_per_s"], 3)
+            for name in ("baseline_repo", f"shards_workers_{args.workers}"):
+                if name in runs and "baseline_repo" in runs:
+                    runs[f"{name}_over_baseline_repo"] = round(
+                        runs[name]["samples_per_s"] / runs["baseline_repo"]["samples_per_s"], 3
+                    )
             if "ar_workers_" + str(args.workers) in runs:
                 ar = runs[f"ar_workers_{args.workers}"]
                 runs["dfm_over_ar_step"] = round(
