@@ -75,7 +75,8 @@ def check_options(**options: Any) -> dict[str, Any]:
 
     Rules: ``steps``, ``top_k``, ``answer_tokens``, ``max_tokens``, ``beams``, ``frames``,
     ``best_of``: integers >= 1; ``temperature`` and ``cfg_scale``: finite numbers >= 0
-    (temperature 0 is greedy); ``seed``: an integer in ``[0, 2**64 − 1]``. None passes through (the default).
+    (temperature 0 is greedy); ``seed``: an integer in ``[0, 2**64 − 1]``. None passes
+    through (the default).
 
     Raises:
         ValueError: naming the option, the rule and the value given.

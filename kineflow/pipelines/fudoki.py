@@ -47,8 +47,8 @@ from kineflow.inputs.layout import (
 from kineflow.models.fudoki import FudokiModel
 from kineflow.pipelines.autoregressive import decode_autoregressive
 from kineflow.pipelines.base import Pipeline, register
-from kineflow.pipelines.fudoki_checkpoints import FudokiCheckpoints
 from kineflow.pipelines.first_answer import FudokiFirstAnswer
+from kineflow.pipelines.fudoki_checkpoints import FudokiCheckpoints
 from kineflow.pipelines.fudoki_config import (
     JANUS_SYSTEM_PROMPT,
     KIND,

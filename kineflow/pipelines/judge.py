@@ -107,6 +107,12 @@ def keep_best(result: ImageResult, scores: Tensor) -> ImageResult:
     )  # fmt: skip
 
 
+_BEST_OF_DOC = """
+        ``best_of=N`` (``judge="self"``): draw N candidates per prompt and keep the one the
+        model itself rates likeliest to show the prompt (:mod:`kineflow.pipelines.judge`).
+"""
+
+
 def self_judged(method: Callable[..., ImageResult]) -> Callable[..., ImageResult]:
     """Decorator of a pipeline's ``text_to_image``: adds ``best_of`` (default 1) and ``judge``
     (default ``"self"``) as in the module docstring; every other option goes to the sampling
@@ -146,9 +152,5 @@ def self_judged(method: Callable[..., ImageResult]) -> Callable[..., ImageResult
         inspect.Parameter("judge", inspect.Parameter.KEYWORD_ONLY, default="self", annotation=str),
     ]
     text_to_image.__signature__ = signature.replace(parameters=params + extra)  # type: ignore[attr-defined]
-    text_to_image.__doc__ = (method.__doc__ or "") + (
-        '\n        ``best_of=N`` (``judge="self"``): draw N candidates per prompt and keep the one '
-        "the model\n        itself rates likeliest to show the prompt "
-        "(:mod:`kineflow.pipelines.judge`).\n"
-    )
+    text_to_image.__doc__ = (method.__doc__ or "") + _BEST_OF_DOC
     return text_to_image
