@@ -33,6 +33,7 @@ _FLAGS = {
     "top_k": "--top-k",
     "return_trajectory": "--trajectory",
     "beams": "--beams",
+    "best_of": "--best-of",
 }
 
 
@@ -86,6 +87,12 @@ def _generate_options(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int_in_range(1, 4096), default=8, help="prompts sampled together"
     )
     parser.add_argument(
+        "--best-of", type=int_in_range(1, 64), default=None,
+        help="draw N candidates per prompt and keep the one the model itself rates likeliest "
+        "to show the prompt (its yes/no answer to 'Does the picture show: PROMPT?'); "
+        "default: 1 (one picture, no judging)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=output_dir, default=Path("outputs/generate"),
         help="folder for the PNGs and GIFs",
     )  # fmt: skip
@@ -105,7 +112,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     try:
         pipe = _load_for_cli(args)
-        pipe.refuse_options("text_to_image", {"steps": args.steps, "top_k": args.top_k}, _FLAGS)
+        given = {"steps": args.steps, "top_k": args.top_k, "best_of": args.best_of}
+        pipe.refuse_options("text_to_image", given, _FLAGS)
         # Every prompt is checked before the first batch is sampled (and with its own index).
         pipe.check_prompts(args.prompts)
         written, records = [], []
@@ -119,11 +127,15 @@ def _run_generate(args: argparse.Namespace) -> int:
                 "progress": not args.no_progress,
                 "steps": args.steps,
                 "top_k": args.top_k,
+                "best_of": args.best_of or 1,
             }
             result = pipe.text_to_image(prompts, **pipe.select_options("text_to_image", options))
             # File names number the prompts across batches: sample_{index}.
             written += result.save(args.out, scale=args.scale, first_index=start)
-            records += [{"index": start + i, "prompt": p} for i, p in enumerate(prompts)]
+            for i, p in enumerate(prompts):
+                records.append({"index": start + i, "prompt": p})
+                if result.scores is not None:  # --best-of N > 1: the kept candidate
+                    records[-1].update(score=result.scores[i], candidate=result.chosen[i])
     except CLI_ERRORS as err:
         print(f"error: {err}")
         return 2
@@ -321,7 +333,8 @@ COMMANDS: list[Command] = [
         "family is read from it), e.g. 'kineflow generate --model ckpt \"a red circle above a "
         "blue square\"'. Writes sample_{i}.png, sample_{i}_refine.gif and a strip of it (FUDOKI: "
         "every solver step; UniFluid: the tokens arriving in generation order). --steps and "
-        "--top-k apply to FUDOKI only; --cfg and --temperature to both.",
+        "--top-k apply to FUDOKI only; --cfg, --temperature and --best-of (keep the best of N "
+        "candidates as the model itself judges them) to both.",
         options=_generate_options,
         handler=_run_generate,
     ),

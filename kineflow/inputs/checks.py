@@ -66,15 +66,17 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "max_tokens": lambda n, v: _integer(n, v, 1),
     "beams": lambda n, v: _integer(n, v, 1),
     "frames": lambda n, v: _integer(n, v, 1),
+    "best_of": lambda n, v: _integer(n, v, 1),
 }
 
 
 def check_options(**options: Any) -> dict[str, Any]:
     """Validate sampling options by name; returns them normalised (``int`` / ``float``).
 
-    Rules: ``steps``, ``top_k``, ``answer_tokens``, ``max_tokens``, ``beams``, ``frames``:
-    integers >= 1; ``temperature`` and ``cfg_scale``: finite numbers >= 0 (temperature 0 is
-    greedy); ``seed``: an integer in ``[0, 2**64 − 1]``. None passes through (the default).
+    Rules: ``steps``, ``top_k``, ``answer_tokens``, ``max_tokens``, ``beams``, ``frames``,
+    ``best_of``: integers >= 1; ``temperature`` and ``cfg_scale``: finite numbers >= 0
+    (temperature 0 is greedy); ``seed``: an integer in ``[0, 2**64 − 1]``. None passes
+    through (the default).
 
     Raises:
         ValueError: naming the option, the rule and the value given.

@@ -47,6 +47,7 @@ from kineflow.inputs.layout import (
 from kineflow.models.fudoki import FudokiModel
 from kineflow.pipelines.autoregressive import decode_autoregressive
 from kineflow.pipelines.base import Pipeline, register
+from kineflow.pipelines.first_answer import FudokiFirstAnswer
 from kineflow.pipelines.fudoki_checkpoints import FudokiCheckpoints
 from kineflow.pipelines.fudoki_config import (
     JANUS_SYSTEM_PROMPT,
@@ -55,6 +56,7 @@ from kineflow.pipelines.fudoki_config import (
     make_paths,
 )
 from kineflow.pipelines.infill import FudokiInfill
+from kineflow.pipelines.judge import self_judged
 from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.pipelines.sampling_options import SamplingOptions
 from kineflow.tokenizers.text import TextTokenizer
@@ -84,7 +86,7 @@ class _Clock:
 
 
 @register
-class FudokiPipeline(FudokiInfill, FudokiCheckpoints, Pipeline):
+class FudokiPipeline(FudokiFirstAnswer, FudokiInfill, FudokiCheckpoints, Pipeline):
     """A FUDOKI model with its text tokenizer and metric tables, ready to sample (saving and
     loading: :class:`~kineflow.pipelines.fudoki_checkpoints.FudokiCheckpoints`).
 
@@ -103,7 +105,7 @@ class FudokiPipeline(FudokiInfill, FudokiCheckpoints, Pipeline):
     kineflow_type = KIND
     display_name = "FUDOKI"
     task_options: ClassVar[Mapping[str, frozenset[str]]] = {
-        "text_to_image": _SAMPLING | {"cfg_scale", "temperature", "top_k"},
+        "text_to_image": _SAMPLING | {"cfg_scale", "temperature", "top_k", "best_of", "judge"},
         "infill": _SAMPLING | {"cfg_scale", "temperature", "top_k"},
         "infill_text": _SAMPLING | {"blank_tokens", "temperature", "top_k"},
         "answer": _SAMPLING | {"answer_tokens", "system_prompt"},
@@ -189,6 +191,7 @@ class FudokiPipeline(FudokiInfill, FudokiCheckpoints, Pipeline):
         text_to_image_layout(self.tokenizer, prompts, self.num_image_tokens,
                              self.config.text_budget, max_positions=self.max_positions)  # fmt: skip
 
+    @self_judged
     @torch.no_grad()
     def text_to_image(
         self,

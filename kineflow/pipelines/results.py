@@ -26,7 +26,12 @@ class ImageResult:
             in token by token). None unless the call had ``return_trajectory=True``.
         states: FUDOKI only: Long[steps + 1, B, h·w], the ids at every grid time; None unless
             ``return_trajectory=True``.
-        timings: seconds spent in the model, in the solver and in decoding, and the NFE.
+        timings: seconds spent in the model, in the solver and in decoding, and the NFE
+            (with ``best_of`` > 1 also ``judge_s`` and ``candidates``).
+        scores: with ``best_of`` > 1 (:mod:`kineflow.pipelines.judge`): per prompt, the kept
+            candidate's self-judge score (yes − no logit); else None.
+        chosen: with ``best_of`` > 1: per prompt, the kept candidate's index among its N.
+        candidate_scores: with ``best_of`` > 1: Float[B, N], every candidate's score.
     """
 
     images: list[Image.Image]
@@ -34,6 +39,9 @@ class ImageResult:
     trajectory: list[list[Image.Image]] | None = None
     states: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    scores: list[float] | None = None
+    chosen: list[int] | None = None
+    candidate_scores: Tensor | None = None
 
     def save(
         self,

@@ -43,7 +43,9 @@ from kineflow.models.diffusion_head import add_identity_norms
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.pipelines.base import Pipeline, register
 from kineflow.pipelines.checkpoints import load_checked
+from kineflow.pipelines.first_answer import UnifluidFirstAnswer
 from kineflow.pipelines.infill import UnifluidInfill
+from kineflow.pipelines.judge import self_judged
 from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.pipelines.sampling_options import SamplingOptions
 from kineflow.tokenizers.text import TextTokenizer
@@ -98,7 +100,7 @@ class UnifluidPipelineConfig:
 
 
 @register
-class UnifluidPipeline(UnifluidInfill, Pipeline):
+class UnifluidPipeline(UnifluidFirstAnswer, UnifluidInfill, Pipeline):
     """A UniFluid model with its text tokenizer (see the module docstring)."""
 
     kineflow_type = KIND
@@ -106,7 +108,7 @@ class UnifluidPipeline(UnifluidInfill, Pipeline):
     # answer also accepts steps, seed and return_trajectory, for a common interface with
     # FUDOKI, but uses none of them.
     task_options: ClassVar[Mapping[str, frozenset[str]]] = {
-        "text_to_image": _IMAGES | {"cfg_scale", "order"},
+        "text_to_image": _IMAGES | {"cfg_scale", "order", "best_of", "judge"},
         "edit": _IMAGES,
         "infill": _IMAGES | {"cfg_scale"},
         "answer": frozenset({"max_tokens", "answer_tokens", "beams"}),
@@ -205,6 +207,7 @@ class UnifluidPipeline(UnifluidInfill, Pipeline):
         prompt first, each named by its index in the whole list."""
         self._prompt_rows(prompts, "prompt", image=False)
 
+    @self_judged
     @torch.no_grad()
     def text_to_image(
         self,
