@@ -85,7 +85,9 @@ def _count_params() -> dict[str, int]:
     import kineflow.train.loop as loop
 
     seen = {"params": 0}
-    wrap = loop.wrap_model
+    wrap = getattr(loop, "wrap_model", None)
+    if wrap is None:  # an older checkout (--baseline-repo): its loop wraps the model inline
+        return seen
 
     def counting(model, *args, **kwargs):
         seen["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["threads"] = spec["threads"]
             new, old = runs[f"workers_{args.workers}"], runs[f"workers_{args.baseline_workers}"]
             runs["speedup_samples_per_s"] = round(new["samples_per_s"] / old["samples_per_s"], 3)
-            for name in ("baseline_repo", f"shards_workers_{args.workers}"):
+            for name in (f"workers_{args.workers}", f"shards_workers_{args.workers}"):
                 if name in runs and "baseline_repo" in runs:
                     runs[f"{name}_over_baseline_repo"] = round(
                         runs[name]["samples_per_s"] / runs["baseline_repo"]["samples_per_s"], 3
