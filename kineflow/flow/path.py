@@ -69,6 +69,17 @@ class DiscretePath(nn.Module):
         default the same code, which subclasses override where theirs branches on the data."""
         return self._unit_rates(x_t, x1, t)
 
+    def without_invalid_targets(self, logits: Tensor) -> Tensor:
+        """``logits`` (Float[..., V]) with −inf at :attr:`invalid_targets`, out of place. The
+        mask is filled slice by slice, so no index tensor is copied from the host (a GPU
+        step stays free of host transfers)."""
+        if not self.invalid_targets:
+            return logits
+        valid = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        for state in self.invalid_targets:
+            valid[state] = False
+        return torch.where(valid, logits, -torch.inf)
+
     def final_state(self, x_t: Tensor, x1: Tensor) -> Tensor:
         """Where the chain ends at t = 1 from ``x_t`` given target ``x1`` (the solver's last
         step). ``p_1 = δ_{x1}``, so by default every token lands on ``x1``."""

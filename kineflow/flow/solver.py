@@ -96,6 +96,14 @@ class SolverResult:
     predictions: Tensor | None = None
 
 
+def _bad_logits(name: str, t: float) -> ValueError:
+    """The error for NaN / +inf logits, or a row with no valid target, at time ``t`` (raised by
+    the compact step at once, by the static step after the solve)."""
+    return ValueError(
+        f"model_fn returned NaN/inf logits (or no valid target) for modality {name!r} at t={t:.4f}"
+    )
+
+
 def uniform_grid(steps: int, device: torch.device | str | None = None) -> Tensor:
     """``t_k = k / steps``, k = 0..steps: Float[steps + 1]."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -372,10 +380,7 @@ class EulerSolver:
         steps = torch.stack(list(first_bad.values())).tolist()  # the solve's one host read
         for name, k in zip(first_bad, steps, strict=True):
             if k >= 0:
-                raise ValueError(
-                    f"model_fn returned NaN/inf logits (or no valid target) for modality "
-                    f"{name!r} at t={float(grid[k]):.4f}"
-                )
+                raise _bad_logits(name, float(grid[k]))
 
     @staticmethod
     def _targets(
@@ -387,16 +392,11 @@ class EulerSolver:
         top_k: int | None,
         generator: torch.Generator | None,
     ) -> Tensor:
-        logits = logits.float()
-        if path.invalid_targets:
-            logits[:, list(path.invalid_targets)] = -torch.inf
+        logits = path.without_invalid_targets(logits.float())
         # max() propagates NaN and +inf, and is -inf only when no valid target is left.
         peak = logits.amax(-1)
         if not torch.isfinite(peak).all():
-            raise ValueError(
-                f"model_fn returned NaN/inf logits (or no valid target) for modality {name!r} "
-                f"at t={float(t):.4f}"
-            )
+            raise _bad_logits(name, float(t))
         return sample_logits(logits, temperature, top_k, generator)
 
     # -- validation -----------------------------------------------------------------------------

@@ -158,10 +158,7 @@ def static_step(
         ``(x_next Long[M], x_1 Long[M], bad Bool[M])``; ``bad`` marks rows whose logits had
         NaN or +inf, or no valid target: their ``x_1`` was drawn from a uniform stand-in.
     """
-    logits = logits.float()
-    if path.invalid_targets:
-        invalid = torch.tensor(path.invalid_targets, device=logits.device)
-        logits = logits.index_fill(-1, invalid, -torch.inf)
+    logits = path.without_invalid_targets(logits.float())
     # max() propagates NaN and +inf, and is -inf only when no valid target is left.
     bad = ~torch.isfinite(logits.amax(-1))
     logits = torch.where(bad.unsqueeze(-1), torch.zeros_like(logits), logits)
