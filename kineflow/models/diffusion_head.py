@@ -137,11 +137,17 @@ class CosineSchedule:
 
     def to(self, device: torch.device | str) -> CosineSchedule:
         """A copy whose tables live on ``device``, so that a sampling loop on a GPU indexes
-        them there instead of copying them over at every step (same float64 values)."""
-        moved = object.__new__(CosineSchedule)
-        for name, value in vars(self).items():
-            setattr(moved, name, value.to(device) if isinstance(value, Tensor) else value)
-        return moved
+        them there instead of copying them over at every step (same float64 values). Kept per
+        device: UniFluid samples once per image token, and the copy need only happen once."""
+        device = torch.device(device)
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            moved = object.__new__(CosineSchedule)
+            for name, value in vars(self).items():
+                if name != "_copies":
+                    setattr(moved, name, value.to(device) if isinstance(value, Tensor) else value)
+            copies[device] = moved
+        return copies[device]
 
     def gather(self, name: str, index: Tensor, like: Tensor) -> Tensor:
         """``getattr(self, name)[index]`` as ``like``'s dtype / device, shaped ``[M, 1]``."""
