@@ -122,6 +122,8 @@ def measure_tiny(spec: dict[str, Any]) -> dict[str, Any]:
             config.objective.kind = spec["objective"]
         if spec.get("shards"):
             config.data.shards = spec["shards"]
+        if spec.get("pack"):
+            config.data.pack = True
         for name in ("vq", "vae", "vision", "text_tokenizer"):
             if isinstance(getattr(config, name, None), str):
                 setattr(config, name, str(REPO / getattr(config, name)))
@@ -259,6 +261,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CPU: keep --threads with workers (default: threads - workers)",
     )
     p.add_argument("--no-ar", action="store_true", help="skip the FUDOKI AR objective run")
+    p.add_argument("--pack", action="store_true",
+                   help="also time FUDOKI from shards with packed rows (data.pack)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -327,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 variants.insert(0, ("baseline_repo", 0, None))
             if args.shards:
                 variants.append((f"shards_workers_{args.workers}", args.workers, None))
+                if args.pack and model == "fudoki":
+                    variants.append((f"shards_packed_workers_{args.workers}", args.workers, None))
             if model == "fudoki" and not args.no_ar:
                 variants.append((f"ar_workers_{args.workers}", args.workers, "ar"))
             for name, workers, objective in variants:
@@ -334,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {**base, "model": model, "workers": workers, "objective": objective}
                 if name.startswith("shards_"):
                     spec["shards"] = str(_encode_shards(model, args))
+                spec["pack"] = "_packed_" in name
                 if workers and args.device == "cpu" and not args.oversubscribe:
                     spec["threads"] = max(1, args.threads - workers)  # the cores are shared
                 repo = Path(args.baseline_repo) if name == "baseline_repo" else REPO
@@ -342,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["threads"] = spec["threads"]
             new, old = runs[f"workers_{args.workers}"], runs[f"workers_{args.baseline_workers}"]
             runs["speedup_samples_per_s"] = round(new["samples_per_s"] / old["samples_per_s"], 3)
-            for name in (f"workers_{args.workers}", f"shards_workers_{args.workers}"):
+            for name in (f"workers_{args.workers}", f"shards_workers_{args.workers}",
+                         f"shards_packed_workers_{args.workers}"):  # fmt: skip
                 if name in runs and "baseline_repo" in runs:
                     runs[f"{name}_over_baseline_repo"] = round(
                         runs[name]["samples_per_s"] / runs["baseline_repo"]["samples_per_s"], 3

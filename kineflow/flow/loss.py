@@ -21,7 +21,11 @@ __all__ = ["region_cross_entropy"]
 
 
 def region_cross_entropy(
-    logits: Sequence[Tensor], regions: Sequence[Tensor], targets: Tensor
+    logits: Sequence[Tensor],
+    regions: Sequence[Tensor],
+    targets: Tensor,
+    samples: Tensor | None = None,
+    num_samples: int | None = None,
 ) -> Tensor:
     """Per-sample mean cross-entropy over the union of disjoint regions, one head per region.
 
@@ -35,6 +39,11 @@ def region_cross_entropy(
     where ``z_{b,i}`` is the row of the head whose region holds ``(b, i)`` (a sample with an
     empty region scores 0). Returns ``ℓ`` as Float ``[B]`` (cross-entropy in float32 whatever
     the logits' dtype); the batch loss is its mean, which averages exactly over processes.
+
+    Packed rows (several samples per row, :mod:`kineflow.inputs.packing`): ``samples``
+    (Long ``[B, N]``) names the sample of each position and ``num_samples`` their count;
+    ``R_b`` then gathers sample ``b``'s positions from whichever row holds them, and the
+    result is Float ``[num_samples]``.
 
     Raises:
         ValueError: ``logits`` and ``regions`` of different lengths, or regions that overlap
@@ -57,5 +66,12 @@ def region_cross_entropy(
         if z.shape[0]:  # a head with no positions has no logits (and was not run)
             own = r[rows, cols]
             ce[own] = F.cross_entropy(z.float(), picked[own], reduction="none")
-    per_sample = torch.zeros(targets.shape[0], device=ce.device).index_add_(0, rows, ce)
-    return per_sample / region.sum(1).clamp(min=1)
+    if samples is None:
+        per_sample = torch.zeros(targets.shape[0], device=ce.device).index_add_(0, rows, ce)
+        return per_sample / region.sum(1).clamp(min=1)
+    if num_samples is None:
+        raise ValueError("samples (packed rows) needs num_samples")
+    owner = samples.to(ce.device)[rows, cols]  # regions lie in filled slots (owner >= 0)
+    total = torch.zeros(num_samples, device=ce.device).index_add_(0, owner, ce)
+    count = torch.zeros(num_samples, device=ce.device).index_add_(0, owner, torch.ones_like(ce))
+    return total / count.clamp(min=1)

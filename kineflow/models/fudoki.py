@@ -335,6 +335,7 @@ class FudokiModel(nn.Module):
         position_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         heads: tuple[Tensor, Tensor] | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Final hidden states ``[B, N, D]`` of the backbone over :meth:`embed`'s inputs.
 
@@ -342,6 +343,8 @@ class FudokiModel(nn.Module):
         bidirectional), ``"causal"`` (Janus AR) or ``"prefix"`` (with ``prefix_lengths``).
         Feed the result to :meth:`text_logits` / :meth:`image_logits`. With ``kv_cache`` the
         inputs are the tokens after the cached ones (incremental AR decoding).
+        ``segment_ids [B, N]`` packs several sequences per row (training,
+        :mod:`kineflow.inputs.packing`): attention stays inside a segment.
 
         ``heads=(text_at, image_at)`` (bool ``[B, N]``) returns the heads' shifted logits at
         the marked positions instead: ``(text_logits(h, at=text_at) [M_t, V],
@@ -364,6 +367,7 @@ class FudokiModel(nn.Module):
             prefix_lengths=prefix_lengths,
             position_ids=position_ids,
             kv_cache=kv_cache,
+            segment_ids=segment_ids,
         )
         if heads is None:
             return hidden

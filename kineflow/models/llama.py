@@ -380,6 +380,7 @@ class LlamaModel(nn.Module):
         prefix_lengths: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``[B, N, D]``.
 
@@ -389,7 +390,9 @@ class LlamaModel(nn.Module):
         + new keys and are appended to it. ``mask`` and ``prefix_lengths`` are as in
         :func:`~kineflow.models.masking.build_attention_mask` (prefix lengths count real tokens
         from the start, cache included). ``position_ids [B, N]`` default to the running count
-        of real tokens.
+        of real tokens. ``segment_ids [B, N]`` packs several sequences in a row: a token attends
+        only to its own segment's tokens (pass each segment's own ``position_ids``; see
+        :mod:`kineflow.inputs.packing`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             got = "both" if input_ids is not None else "neither"
@@ -458,14 +461,19 @@ class LlamaModel(nn.Module):
                 )
 
         key_mask = attention_mask if kv_cache is None else kv_cache.append_mask(attention_mask)
+        if segment_ids is not None and kv_cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be used with a kv_cache")
         # No padding: "causal" / "full" instead of a tensor (SDPA's fused kernels).
-        attn_mask = plain_attention(key_mask, N, mask) or build_attention_mask(
-            key_mask, N, mask, prefix_lengths
+        plain = None if segment_ids is not None else plain_attention(key_mask, N, mask)
+        attn_mask = plain or build_attention_mask(
+            key_mask, N, mask, prefix_lengths, segment_ids=segment_ids
         )
         window_mask = None
         if "sliding_attention" in self.config.layer_types:
             window = self.config.sliding_window
-            window_mask = build_attention_mask(key_mask, N, mask, prefix_lengths, window)
+            window_mask = build_attention_mask(
+                key_mask, N, mask, prefix_lengths, window, segment_ids=segment_ids
+            )
         cos, sin = rope_cos_sin(
             position_ids, int(self.config.head_dim), self.config.rope_theta, inputs_embeds.dtype
         )

@@ -87,6 +87,7 @@ def build_attention_mask(
     mode: str = "causal",
     prefix_lengths: torch.Tensor | None = None,
     window: int | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, N, N_k]`` (True = may attend).
 
@@ -102,6 +103,10 @@ def build_attention_mask(
 
     ``window`` (sliding-window layers) also drops keys ``window`` or more real tokens away
     from the query (``|r_q − r_j| >= window``; in causal rows only earlier keys remain).
+
+    ``segment_ids [B, N_k]`` (packed rows, :mod:`kineflow.inputs.packing`) also drops every
+    key of another segment than the query's: several sequences share a row without seeing
+    each other (not with ``"prefix"``, whose lengths count from the row's start).
 
     Padding keys are never attended. A query row left with no key at all (a padding query
     before the first real token) attends to its own position instead, so softmax stays finite;
@@ -137,6 +142,15 @@ def build_attention_mask(
             rank = torch.cumsum(key_mask.long(), dim=1) - 1  # [B, N_k] rank among real tokens
             in_prefix = key_mask & (rank < prefix_lengths[:, None])
             allowed = allowed | in_prefix[:, None, :]
+    if segment_ids is not None:
+        if mode == "prefix":
+            raise ValueError("segment_ids (packed rows) cannot be combined with mask='prefix'")
+        if tuple(segment_ids.shape) != (B, N_k):
+            raise ValueError(
+                f"segment_ids must be [B, N_k] = {(B, N_k)}, got {tuple(segment_ids.shape)}"
+            )
+        segment_ids = segment_ids.to(device)
+        allowed = allowed & (segment_ids[:, N_k - N :, None] == segment_ids[:, None, :])
     if window is not None:
         rank = torch.cumsum(key_mask.long(), dim=1) - 1  # [B, N_k]
         gap = rank[:, N_k - N :, None] - rank[:, None, :]  # [B, N, N_k] query minus key rank

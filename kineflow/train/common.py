@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -67,6 +67,8 @@ class ShapesData:
     #: A folder of ``kineflow data encode`` shards to read samples from (None: ShapesWorld
     #: rendered and encoded on the fly, unbounded).
     shards: str | None = None
+    #: Fields that shape how a step reads the samples, not the samples (not in shard indexes).
+    STEP_ONLY: ClassVar[tuple[str, ...]] = ("shards",)
 
     def __post_init__(self) -> None:
         for name in ("understanding_ratio", "caption_ratio", "cfg_dropout"):
@@ -206,11 +208,12 @@ def record_layout(record: dict[str, Tensor]) -> Layout:
 def data_meta(data: ShapesData, text_tokenizer: str, encoder: str, **shapes: Any) -> dict:
     """What a run's samples depend on, recorded in a shard index and checked when training
     reads it: the ``data`` section (but ``shards``), the text tokenizer's and the frozen image
-    encoder's file digests, and the model sizes that shape a sample (``shapes``)."""
+    encoder's file digests, and the model sizes that shape a sample (``shapes``).
+    ``data.STEP_ONLY`` fields (where the shards are, packing) are left out."""
     tok = Path(text_tokenizer)
     tok_files = [tok / "tokenizer.json"] if tok.is_dir() else [tok]
     return {
-        "data": {k: v for k, v in asdict(data).items() if k != "shards"},
+        "data": {k: v for k, v in asdict(data).items() if k not in data.STEP_ONLY},
         "text_tokenizer_sha256": file_digest(tok_files),
         "encoder_sha256": file_digest([Path(encoder) / "model.safetensors"]),
         "shapes": shapes,

@@ -49,6 +49,7 @@ from kineflow.inputs.layout import (
     stack_layouts,
     text_to_image_layout,
 )
+from kineflow.inputs.packing import PackPlan, plan_packing
 from kineflow.io import atomic_save_safetensors, atomic_write_json
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.pipelines.fudoki import FudokiPipeline
@@ -80,7 +81,20 @@ OBJECTIVES = ("metric", "masked", "ar")
 
 @dataclass
 class FudokiData(ShapesData):
-    """The ``data`` section: :class:`~kineflow.train.common.ShapesData` with its defaults."""
+    """The ``data`` section: :class:`~kineflow.train.common.ShapesData`, and ``pack``: lay
+    whole samples end to end in the rows of each batch (:mod:`kineflow.inputs.packing`;
+    rows of ``pack_length`` tokens, default the batch's longest sample), so padding costs no
+    compute. The per-sample losses are those of the unpacked batch."""
+
+    pack: bool = False
+    pack_length: int | None = None
+    STEP_ONLY: ClassVar[tuple[str, ...]] = ("shards", "pack", "pack_length")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.pack_length
+        if n is not None and (type(n) is not int or n < 1):
+            raise ValueError(f"data.pack_length must be a positive integer or null, got {n!r}")
 
 
 @dataclass
@@ -328,8 +342,9 @@ class FudokiTask:
                 u[b, lay.region[b]] = uniforms(int(lay.region[b].sum()), g, "cpu")[:, 0]
         pictures = torch.stack([records[b]["picture"] for b in encode]) if encode else None
         rows = torch.tensor(encode, dtype=torch.long)
+        pack = plan_packing(lay.attention_mask, self.data.pack_length) if self.data.pack else None
         return {"layout": lay, "x1": x1, "is_gen": is_gen, "pixels": pixels, "t": t, "u": u,
-                "pictures": pictures, "encode_rows": rows}  # fmt: skip
+                "pictures": pictures, "encode_rows": rows, "pack": pack}  # fmt: skip
 
     @torch.no_grad()
     def _encode(self, pictures: Tensor) -> Tensor:
@@ -373,22 +388,40 @@ class FudokiTask:
     def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
         """The shifted region cross-entropy (:func:`~kineflow.flow.loss.region_cross_entropy`):
         image head on the regions of generation samples, text head on the others; the heads
-        run inside ``model``'s forward, so DDP / FSDP see them."""
+        run inside ``model``'s forward, so DDP / FSDP see them. With ``data.pack`` the model
+        reads the packed rows (:func:`packed_inputs`); the per-sample losses do not change."""
         lay: Layout = batch["layout"]
         is_gen = batch["is_gen"].to(lay.region.device)
-        image_at = lay.region & is_gen[:, None]
-        text_at = lay.region & ~is_gen[:, None]
         x1 = self.targets(batch)
+        inputs = {
+            "input_ids": self.corrupt(batch, x1),
+            "image_mask": lay.image_mask,
+            "understanding_mask": lay.understanding_mask,
+            "attention_mask": lay.attention_mask,
+            "image_at": lay.region & is_gen[:, None],
+            "text_at": lay.region & ~is_gen[:, None],
+            "x1": x1,
+        }
+        pixels = batch["pixels"]
+        plan: PackPlan | None = batch.get("pack")
+        if plan is not None:
+            inputs, pixels = packed_inputs(plan, inputs, pixels, ~batch["is_gen"])
         text_logits, image_logits = model(
-            self.corrupt(batch, x1),
-            image_mask=lay.image_mask,
-            understanding_mask=lay.understanding_mask,
-            pixel_values=batch["pixels"],
-            attention_mask=lay.attention_mask,
+            inputs["input_ids"], image_mask=inputs["image_mask"], pixel_values=pixels,
+            understanding_mask=inputs["understanding_mask"],
+            attention_mask=inputs["attention_mask"],
             mask="causal" if self.obj.kind == "ar" else "full",
-            heads=(text_at, image_at),
+            heads=(inputs["text_at"], inputs["image_at"]),
+            **({} if plan is None else {"segment_ids": plan.segment_ids,
+                                        "position_ids": plan.position_ids}),
+        )  # fmt: skip
+        per_sample = region_cross_entropy(
+            [image_logits, text_logits],
+            [inputs["image_at"], inputs["text_at"]],
+            inputs["x1"],
+            samples=None if plan is None else plan.segment_ids,
+            num_samples=int(is_gen.shape[0]),
         )
-        per_sample = region_cross_entropy([image_logits, text_logits], [image_at, text_at], x1)
         B = per_sample.shape[0]
         is_gen = is_gen.to(per_sample.device)
         out = {"loss": per_sample.mean()}
@@ -396,6 +429,22 @@ class FudokiTask:
         out["loss_gen"] = (per_sample * is_gen).sum() / B
         out["loss_und"] = (per_sample * ~is_gen).sum() / B
         return out
+
+
+def packed_inputs(
+    plan: PackPlan, inputs: dict[str, Tensor | None], pixels: Tensor | None, has_picture: Tensor
+) -> tuple[dict[str, Tensor | None], Tensor | None]:
+    """Every per-position input ``[B, N]`` moved to the packed rows ``[R, L]`` of ``plan``
+    (masks filled with False, ids with 0), and the understanding pictures (those of the
+    samples ``has_picture`` Bool[B] marks, in sample order) reordered to the packed order in
+    which the model's ``understanding_mask`` meets them."""
+    plan = plan.to(inputs["input_ids"].device)
+    packed = {k: None if v is None else plan.pack(v, False if v.dtype == torch.bool else 0)
+              for k, v in inputs.items()}  # fmt: skip
+    packed["attention_mask"] = plan.attention_mask
+    if pixels is not None:
+        pixels = pixels[plan.order_among(has_picture).to(pixels.device)]
+    return packed, pixels
 
 
 # -- the run ------------------------------------------------------------------------------------

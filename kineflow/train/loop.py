@@ -91,7 +91,8 @@ class Optim:
     threads competing with them can make steps several times slower).
     ``activation_checkpointing`` recomputes each transformer block in the backward pass instead
     of keeping its activations; ``compile`` runs the (wrapped) model through ``torch.compile``
-    (:mod:`kineflow.train.fsdp`).
+    (:mod:`kineflow.train.fsdp`). ``fused`` updates every parameter in one AdamW kernel
+    (CPU and CUDA; false: torch's loop over tensors, ~5× slower on the CPU).
     """
 
     steps: int = 2000
@@ -111,6 +112,7 @@ class Optim:
     prefetch_factor: int = 2
     activation_checkpointing: bool = False
     compile: bool = False
+    fused: bool = True
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -329,7 +331,8 @@ def _run(
     # The compiled module shares wrapped's parameters; no_sync / clip_grad_norm_ stay on it.
     runner = torch.compile(wrapped) if optim.compile else wrapped
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas,
+                            weight_decay=optim.weight_decay, fused=optim.fused)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, optim.steps, optim.warmup, optim.min_lr_ratio)
     )
