@@ -308,17 +308,34 @@ class DiffusionHead(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
 
-    def loss(self, x0: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self,
+        x0: Tensor,
+        z: Tensor,
+        generator: torch.Generator | None = None,
+        draws: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         """Per-token loss ``[M]`` (mean over its ``draws`` draws) for tokens ``x0 [M, C]``
-        conditioned on ``z [M, D_z]``."""
+        conditioned on ``z [M, D_z]``. Each draw takes a step ``t ~ U{0 … T−1}`` and noise
+        ``ε ~ N(0, I)``, from ``generator``, or pre-drawn: ``draws = (t Long[k·M],
+        ε [k·M, C])``, row ``r·M + m`` = draw ``r`` of token ``m`` (e.g. each sample's from its
+        own generator, so a token's draws do not depend on its batch)."""
         self._check(x0, z)
         k, (M, C) = self.config.draws, x0.shape
         x0 = x0.repeat(k, 1)
         z = z.repeat(k, 1)
         sched = self.train_schedule
-        index = torch.randint(0, len(sched), (k * M,), generator=generator, device="cpu")
-        index = index.to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+        if draws is None:
+            index = torch.randint(0, len(sched), (k * M,), generator=generator, device="cpu")
+            noise = torch.randn(x0.shape, generator=generator, device="cpu")
+        else:
+            index, noise = draws
+            if tuple(index.shape) != (k * M,) or tuple(noise.shape) != tuple(x0.shape):
+                raise ValueError(
+                    f"draws must be t [{k * M}] and noise {list(x0.shape)}, got "
+                    f"{list(index.shape)} and {list(noise.shape)}"
+                )
+        index, noise = index.to(x0.device), noise.to(x0)
         x_t = sched.q_sample(x0, index, noise)
         out = self.net(x_t, index.to(x0.dtype), z)  # the training chain is the original one
         eps, v = out[:, :C], out[:, C:]

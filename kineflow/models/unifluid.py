@@ -249,14 +249,20 @@ class UnifluidModel(nn.Module):
         order: Tensor,
         generator: torch.Generator | None = None,
         source: Tensor | None = None,
+        draws: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """Per-sample diffusion loss ``[B]`` (mean over the sample's image tokens)."""
+        """Per-sample diffusion loss ``[B]`` (mean over the sample's image tokens). The head's
+        ``(t, ε)`` come from ``generator``, or pre-drawn per sample: ``draws = (t Long[B, k,
+        L], ε [B, k, L, C])`` for the ``L`` tokens in generation order."""
         z = self.generation_hidden(prompt, prompt_mask, tokens, order, source)
         B, L, C = tokens.shape
         targets = tokens.gather(1, order[..., None].expand_as(tokens))
         dtype = self._head_dtype  # the small head may run in float32 under a bf16 backbone
+        if draws is not None:  # [B, k, L(, C)] -> rows r·(B·L) + b·L + l, as the head reads them
+            t, eps = draws
+            draws = (t.transpose(0, 1).reshape(-1), eps.transpose(0, 1).reshape(-1, C))
         per_token = self.diffusion_head.loss(
-            targets.reshape(B * L, C).to(dtype), z.reshape(B * L, -1).to(dtype), generator
+            targets.reshape(B * L, C).to(dtype), z.reshape(B * L, -1).to(dtype), generator, draws
         )
         return per_token.view(B, L).mean(1)
 
@@ -340,7 +346,9 @@ class UnifluidModel(nn.Module):
         """Per-sample losses of a training batch in one call (one forward per step, as DDP
         wants): ``{"image": [G + E], "text": [U]}`` for its ``gen`` / ``edit`` / ``und`` parts
         (each a dict or None; see :class:`kineflow.train.unifluid.UnifluidTask`). Editing
-        prompts carry the source picture's tokens at their ``image_mask`` positions."""
+        prompts carry the source picture's tokens at their ``image_mask`` positions. A part
+        with ``diffusion_t`` / ``diffusion_noise`` uses those pre-drawn draws
+        (:meth:`image_loss`), else ``generator``'s."""
         device = self.pos_in.device
         image, text = [], torch.zeros(0, device=device)
         for part in ("gen", "edit"):
@@ -350,8 +358,9 @@ class UnifluidModel(nn.Module):
             prompt, source = b["ids"], b.get("source")
             if part == "edit":
                 prompt = self.edit_embeds(b["ids"], b["image_mask"], source)
+            draws = (b["diffusion_t"], b["diffusion_noise"]) if "diffusion_t" in b else None
             image.append(self.image_loss(prompt, b["mask"], b["tokens"], b["order"], generator,
-                                         source))  # fmt: skip
+                                         source, draws))  # fmt: skip
         b = batch.get("und")
         if b is not None:
             hidden = self.understanding_hidden(

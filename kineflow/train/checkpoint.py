@@ -136,10 +136,10 @@ def save_checkpoint(
     return folder
 
 
-def _read_trainer(folder: Path) -> dict[str, Any]:
+def _read_trainer(folder: Path, mmap: bool = False) -> dict[str, Any]:
     path = folder / "trainer.pt"
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as err:  # any failure to read means the file is unusable
         raise CheckpointError(f"{path} is unreadable ({_why(err)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
@@ -179,9 +179,18 @@ def _check_sizes(folder: Path) -> int | None:
 
 
 def load_checkpoint(
-    folder: str | os.PathLike[str], model: nn.Module, *, model_config: Any = _ANY
+    folder: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    model_config: Any = _ANY,
+    mmap: bool = False,
 ) -> tuple[dict, dict]:
     """Load weights into ``model``; returns ``(config, trainer_state)``.
+
+    ``mmap`` maps ``trainer.pt``'s tensors (copy-on-write) instead of reading them: a tensor
+    costs memory only once it is touched, and the file's pages are shared by every process
+    of the machine. FSDP ranks other than 0 resume this way: they never read the optimizer
+    state (rank 0 scatters it), so the full state is held once, not on every rank.
 
     Every file is read before ``model`` changes. With ``model_config``, the checkpoint's
     ``config["model"]`` must equal it (a run resumed with another model is refused).
@@ -211,7 +220,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{folder / 'model.safetensors'} is unreadable ({_why(err)})"
         ) from None
-    state = _read_trainer(folder)
+    state = _read_trainer(folder, mmap)
     check_state_dict(model.state_dict(), weights, str(folder / "model.safetensors"))
     model.load_state_dict(weights)
     return config, state

@@ -281,8 +281,8 @@ def _resume(
         dist.broadcast(outcome, src=0)
         if outcome[0] and error is None:
             raise ValueError(f"rank 0 could not resume from {ckpt} (its error says why)")
-        if rank != 0 and outcome[1]:
-            _, state = load_checkpoint(ckpt, model, model_config=config.get("model"))
+        if rank != 0 and outcome[1]:  # mapped: FSDP's other ranks never touch the optimizer
+            _, state = load_checkpoint(ckpt, model, model_config=config.get("model"), mmap=True)
     if error is not None:
         raise error
     return state

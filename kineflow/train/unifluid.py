@@ -251,10 +251,20 @@ class UnifluidTask:
         groups: dict[str, list[dict]] = {"gen": [], "edit": [], "und": []}
         for index in indices:
             r = get(index)
+            if int(r["kind"]) < 2:
+                r = {**r, **self._diffusion_draws(index)}
             groups[("gen", "edit", "und")[int(r["kind"])]].append(r)
-        batch = {name: self._collate(name, rows) for name, rows in groups.items()}
-        batch["first"] = indices[0]  # seeds the diffusion (t, ε) draws of this batch
-        return batch
+        return {name: self._collate(name, rows) for name, rows in groups.items()}
+
+    def _diffusion_draws(self, index: int) -> dict[str, Tensor]:
+        """Sample ``index``'s diffusion-head draws from its own generator (seed + 1, so the
+        data draws stay as they were): ``t`` Long[k, L] and ``ε`` [k, L, C] for its ``L``
+        tokens in generation order, ``k`` draws each; the same in any batch or process."""
+        head, c = self.model.diffusion_head, self.model.config
+        k, L, C = head.config.draws, c.num_image_tokens, c.vae.token_dim
+        g = sample_generator(self.data.seed + 1, index)
+        t = torch.randint(0, len(head.train_schedule), (k, L), generator=g)
+        return {"diffusion_t": t, "diffusion_noise": torch.randn(k, L, C, generator=g)}
 
     def _collate(self, name: str, rows: list[dict]) -> dict[str, Tensor] | None:
         if not rows:
@@ -280,7 +290,9 @@ class UnifluidTask:
         for b, r in enumerate(rows):  # left padding: every prompt ends in <boi> at column N - 1
             ids[b, N - len(r["ids"]) :] = r["ids"]
             mask[b, N - len(r["ids"]) :] = True
-        out = {"ids": ids, "mask": mask, "order": torch.stack([r["order"] for r in rows])}
+        out = {k: torch.stack([r[k] for r in rows])
+               for k in ("order", "diffusion_t", "diffusion_noise")}  # fmt: skip
+        out.update(ids=ids, mask=mask)
         for key, pixels in (("tokens", "picture"), ("source", "source_picture")):
             if key == "source" and name != "edit":
                 continue
@@ -317,8 +329,7 @@ class UnifluidTask:
         return out
 
     def losses(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Tensor]:
-        g = sample_generator(self.data.seed + 1, batch["first"])
-        out = model(self.encoded(batch), g)
+        out = model(self.encoded(batch))  # the parts carry their samples' diffusion draws
         lam = (model.module if hasattr(model, "module") else model).config.text_loss_weight
         per_sample = torch.cat([out["image"], lam * out["text"]])
         B = per_sample.shape[0]

@@ -86,6 +86,29 @@ def test_batches_mix_generation_editing_and_understanding(assets, tmp_path) -> N
     assert all(p.grad is None for p in model.vae.parameters())  # frozen
 
 
+def test_a_samples_losses_do_not_depend_on_its_batch(assets, tmp_path) -> None:
+    """Each generation / editing sample draws its diffusion (t, ε) from its own generator:
+    its image loss is the same whichever samples share its batch (and so under any number of
+    processes or loader workers)."""
+    task = make_task(assets, tmp_path)
+    task.model.eval()
+
+    def image_losses(indices: list[int]) -> dict[int, float]:
+        batch = task.encoded(task.batch(indices))
+        with torch.no_grad():
+            out = task.model(batch)
+        kinds = {i: int(task.record(i)["kind"]) for i in indices}
+        order = [i for i in indices if kinds[i] == 0] + [i for i in indices if kinds[i] == 1]
+        return dict(zip(order, out["image"].tolist(), strict=True))
+
+    together = image_losses(list(range(12)))
+    for part in (list(range(0, 12, 2)), list(range(1, 12, 2)), [11, 3, 7]):
+        alone = image_losses(part)
+        for i, value in alone.items():
+            assert value == pytest.approx(together[i], rel=1e-5, abs=1e-6), i
+    assert len(together) >= 4  # the batch holds several generation / editing samples
+
+
 def test_resumed_run_equals_straight_run(assets, tmp_path) -> None:
     straight = tmp_path / "straight"
     train_unifluid(make_config(assets, straight), progress=False)
