@@ -104,15 +104,15 @@ def _generate_options(parser: argparse.ArgumentParser) -> None:
         "UniFluid: the tokens arriving in generation order)",
     )  # fmt: skip
     parser.add_argument(
-        "--scale", type=int_in_range(1, 32), default=None,
-        help=f"enlarge the written pictures (nearest neighbour); default: {DEFAULT_SCALE}, "
-        "with --layout geneval 1 (the model's resolution)",
+        "--scale", type=int_in_range(1, 32), default=DEFAULT_SCALE,
+        help="enlarge the written pictures (nearest neighbour)",
     )  # fmt: skip
     parser.add_argument(
         "--layout", choices=("flat", "geneval"), default="flat",
         help="flat: sample_{i}.png in --out; geneval: --out/{i:05d}/metadata.jsonl + "
         "samples/{k:04d}.png per line of --prompts-file (GenEval's evaluation_metadata.jsonl) "
-        "and --out/run.json, skipping complete folders (resumable)",
+        "and --out/run.json, skipping complete folders (resumable); pictures at the model's "
+        "resolution (--scale is not applied)",
     )  # fmt: skip
     parser.add_argument(
         "--prompts-file", type=Path, default=None,
@@ -132,7 +132,6 @@ def _run_generate(args: argparse.Namespace) -> int:
     if not args.prompts:
         print("error: give at least one prompt (or --layout geneval --prompts-file FILE)")
         return 2
-    scale = DEFAULT_SCALE if args.scale is None else args.scale
     try:
         pipe = _load_for_cli(args)
         given = {"steps": args.steps, "top_k": args.top_k, "best_of": args.best_of}
@@ -154,7 +153,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             }
             result = pipe.text_to_image(prompts, **pipe.select_options("text_to_image", options))
             # File names number the prompts across batches: sample_{index}.
-            written += result.save(args.out, scale=scale, first_index=start)
+            written += result.save(args.out, scale=args.scale, first_index=start)
             for i, p in enumerate(prompts):
                 records.append({"index": start + i, "prompt": p})
                 if result.scores is not None:  # --best-of N > 1: the kept candidate
@@ -171,8 +170,10 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_geneval(args: argparse.Namespace) -> int:
     """``generate --layout geneval``: the GenEval tree (:mod:`kineflow.eval.geneval_layout`)."""
     if args.layout != "geneval" or args.prompts_file is None or args.prompts:
-        print("error: --layout geneval reads its prompts from --prompts-file FILE.jsonl (and "
-              "--prompts-file / --n-samples need --layout geneval), not from the command line")
+        print(
+            "error: --layout geneval reads its prompts from --prompts-file FILE.jsonl (and "
+            "--prompts-file / --n-samples need --layout geneval), not from the command line"
+        )
         return 2  # fmt: skip
     from kineflow.eval.geneval_layout import read_geneval_prompts, write_geneval
 
@@ -186,19 +187,16 @@ def _run_geneval(args: argparse.Namespace) -> int:
                    "progress": not args.no_progress}  # fmt: skip
         card = {"model": str(args.model), "prompts_file": str(args.prompts_file),
                 "device": args.device, "dtype": args.dtype}  # fmt: skip
-        scale = 1 if args.scale is None else args.scale
-        if scale != 1:
-            card["scale"] = scale
         run = write_geneval(
             pipe, prompts, args.out, n_samples=args.n_samples or 4, batch_size=args.batch_size,
             seed=args.seed, options={k: v for k, v in options.items() if k != "progress"},
-            card=card, scale=scale, progress=not args.no_progress,
+            card=card, progress=not args.no_progress,
         )  # fmt: skip
     except CLI_ERRORS as err:
         print(f"error: {err}")
         return 2
     print(f"{args.out}: {run['written']} prompt folders written, {run['skipped']} already "
-          f"complete ({run['n_samples']} samples each); run card {args.out / 'run.json'}")  # fmt: skip
+          f"complete ({run['n_samples']} samples each); run card: {run['card']}")  # fmt: skip
     return 0
 
 

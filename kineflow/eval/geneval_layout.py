@@ -142,7 +142,8 @@ def _check_resume(card_path: Path, card: Mapping[str, Any]) -> None:
     try:
         old = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{card_path}: unreadable run card ({e}); remove it or use a new --out")
+        raise ValueError(f"{card_path}: unreadable run card ({e}); remove it or use a new "
+                         "--out") from None  # fmt: skip
     for key in _SETTINGS:
         if old.get(key) != card.get(key):
             raise ValueError(
@@ -177,7 +178,8 @@ def write_geneval(
     written)`` is called per prompt (``written`` False: it was already complete).
 
     Returns:
-        the run card written to ``out/run.json``, plus ``written`` / ``skipped`` counts.
+        the run card written to ``out/run.json``, plus ``written`` / ``skipped`` counts and
+        ``card`` (its path).
 
     Raises:
         ValueError: a bad prompt (checked before any sampling, named by its index), or an
@@ -186,7 +188,8 @@ def write_geneval(
     import kineflow
 
     out = Path(out)
-    options = dict(options or {})
+    # Only what the family uses is sampled with, so only that goes on the card.
+    options = pipe.select_options("text_to_image", {**(options or {}), "seed": seed})
     pipe.check_prompts([p.prompt for p in prompts])
     listing = "".join(p.line + "\n" for p in prompts).encode("utf-8")
     run = {
@@ -233,4 +236,4 @@ def write_geneval(
                 written += 1
                 if on_folder is not None:
                     on_folder(folders[i], True)
-    return {**run, "written": written, "skipped": skipped}
+    return {**run, "written": written, "skipped": skipped, "card": str(out / RUN_CARD)}
