@@ -13,6 +13,7 @@ the caller passes; the card is written inside the folder the save swaps in whole
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,9 @@ def model_card(
     ``{"data": ..., "config": ..., "summary": ...}``; ``scores``: ``{"settings": {...},
     "results": {...}}`` or any mapping; each section says "not recorded" without them.
     """
-    import kineflow
-
+    # The package is loaded before any of its modules; importing it here would make an import
+    # cycle (kineflow -> kineflow.load -> ... -> this module).
+    version = sys.modules["kineflow"].__version__
     family = pipe.display_name
     parameters = int(sum(t.numel() for t in weights.values()))
     tasks = sorted(pipe.capabilities)
@@ -87,7 +89,7 @@ def model_card(
         "tags": tags,
         "kineflow": {
             "kineflow_type": pipe.kineflow_type,
-            "version": kineflow.__version__,
+            "version": version,
             "parameters": parameters,
             **dict(facts),
             "tasks": tasks,
@@ -99,7 +101,7 @@ def model_card(
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
         f"A **{family}** model (`kineflow_type: {pipe.kineflow_type}`) saved by kineflow "
-        f"{kineflow.__version__}: {_FAMILIES.get(family, 'a kineflow pipeline')}.", "",
+        f"{version}: {_FAMILIES.get(family, 'a kineflow pipeline')}.", "",
         "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
         "Tasks: " + ", ".join(f"`{t}`" for t in tasks) + ". The full configuration is in "
         "`config.json`.", "", "## Training", "",
