@@ -31,7 +31,7 @@ from pathlib import Path
 __all__ = ["KINEFLOW_FILES", "fsync_dir", "recover_interrupted_save", "replace_folder"]
 
 #: The files kineflow's savers write into a model folder (config, weights, metric tables,
-#: tokenizer). A folder holding anything else is not replaced.
+#: tokenizer, model card). A folder holding anything else is not replaced.
 KINEFLOW_FILES = frozenset(
     {
         "config.json",
@@ -40,6 +40,7 @@ KINEFLOW_FILES = frozenset(
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
+        "README.md",  # the model card (kineflow.pipelines.model_card)
     }
 )
 _SAVING, _REPLACED = "saving", "replaced"

@@ -67,7 +67,9 @@ def _load_for_cli(args: argparse.Namespace) -> Any:
 
 # -- generate ------------------------------------------------------------------------------------
 def _generate_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="+", help="one picture per prompt")
+    parser.add_argument(
+        "prompts", nargs="*", help="one picture per prompt (or --prompts-file with --layout)"
+    )
     _model_options(parser)
     parser.add_argument(
         "--cfg", type=finite_float(0.0), default=None,
@@ -105,11 +107,31 @@ def _generate_options(parser: argparse.ArgumentParser) -> None:
         "--scale", type=int_in_range(1, 32), default=DEFAULT_SCALE,
         help="enlarge the written pictures (nearest neighbour)",
     )  # fmt: skip
+    parser.add_argument(
+        "--layout", choices=("flat", "geneval"), default="flat",
+        help="flat: sample_{i}.png in --out; geneval: --out/{i:05d}/metadata.jsonl + "
+        "samples/{k:04d}.png per line of --prompts-file (GenEval's evaluation_metadata.jsonl) "
+        "and --out/run.json, skipping complete folders (resumable); pictures at the model's "
+        "resolution (--scale is not applied)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prompts-file", type=Path, default=None,
+        help="with --layout geneval: GenEval's evaluation_metadata.jsonl (or one like it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--n-samples", type=int_in_range(1, 1024), default=None,
+        help="with --layout geneval: pictures per prompt (default 4, GenEval's)",
+    )  # fmt: skip
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     import json
 
+    if args.layout == "geneval" or args.prompts_file is not None or args.n_samples is not None:
+        return _run_geneval(args)
+    if not args.prompts:
+        print("error: give at least one prompt (or --layout geneval --prompts-file FILE)")
+        return 2
     try:
         pipe = _load_for_cli(args)
         given = {"steps": args.steps, "top_k": args.top_k, "best_of": args.best_of}
@@ -142,6 +164,39 @@ def _run_generate(args: argparse.Namespace) -> int:
     (args.out / "prompts.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
     for path in written:
         print(path)
+    return 0
+
+
+def _run_geneval(args: argparse.Namespace) -> int:
+    """``generate --layout geneval``: the GenEval tree (:mod:`kineflow.eval.geneval_layout`)."""
+    if args.layout != "geneval" or args.prompts_file is None or args.prompts:
+        print(
+            "error: --layout geneval reads its prompts from --prompts-file FILE.jsonl (and "
+            "--prompts-file / --n-samples need --layout geneval), not from the command line"
+        )
+        return 2  # fmt: skip
+    from kineflow.eval.geneval_layout import read_geneval_prompts, write_geneval
+
+    try:
+        prompts = read_geneval_prompts(args.prompts_file)
+        pipe = _load_for_cli(args)
+        given = {"steps": args.steps, "top_k": args.top_k, "best_of": args.best_of}
+        pipe.refuse_options("text_to_image", given, _FLAGS)
+        options = {"cfg_scale": args.cfg, "temperature": args.temperature, "steps": args.steps,
+                   "top_k": args.top_k, "best_of": args.best_of or 1,
+                   "progress": not args.no_progress}  # fmt: skip
+        card = {"model": str(args.model), "prompts_file": str(args.prompts_file),
+                "device": args.device, "dtype": args.dtype}  # fmt: skip
+        run = write_geneval(
+            pipe, prompts, args.out, n_samples=args.n_samples or 4, batch_size=args.batch_size,
+            seed=args.seed, options={k: v for k, v in options.items() if k != "progress"},
+            card=card, progress=not args.no_progress,
+        )  # fmt: skip
+    except CLI_ERRORS as err:
+        print(f"error: {err}")
+        return 2
+    print(f"{args.out}: {run['written']} prompt folders written, {run['skipped']} already "
+          f"complete ({run['n_samples']} samples each); run card: {run['card']}")  # fmt: skip
     return 0
 
 

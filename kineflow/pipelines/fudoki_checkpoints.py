@@ -34,6 +34,7 @@ from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.pipelines.checkpoints import header_dtypes, load_checked, open_checkpoint
 from kineflow.pipelines.fudoki_config import KIND, METRIC_FILE, FudokiPipelineConfig
 from kineflow.pipelines.janus_release import read_janus_release
+from kineflow.pipelines.model_card import card_writer
 from kineflow.tokenizers.text import TextTokenizer
 
 if TYPE_CHECKING:
@@ -53,11 +54,13 @@ class FudokiCheckpoints:
     text_embeddings: Tensor
     image_embeddings: Tensor
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike[str], **card: Any) -> Path:
         """Write a kineflow FUDOKI folder: ``config.json`` (``kineflow_type: fudoki``, the model
         and pipeline configs), ``model.safetensors`` (Janus key names), ``metric.safetensors``
-        (``text``, ``image`` tables) and the tokenizer files, swapped in whole: see
-        :func:`kineflow.io.save_pretrained_folder` (and its ValueErrors)."""
+        (``text``, ``image`` tables), the tokenizer files and the ``README.md`` model card
+        (``card``: :func:`~kineflow.pipelines.model_card.model_card`'s ``training``,
+        ``scores``, ``name``), swapped in whole: see :func:`kineflow.io.save_pretrained_folder`
+        (and its ValueErrors)."""
 
         def tokenizer_and_tables(temp: Path) -> None:
             self.tokenizer.save(temp)
@@ -68,9 +71,18 @@ class FudokiCheckpoints:
             )
 
         config = {"model": self.model.config.to_dict(), "pipeline": self.config.to_dict()}
-        return save_pretrained_folder(
-            folder, self.model.state_dict(), config, KIND, extra=tokenizer_and_tables
-        )
+        weights, c = self.model.state_dict(), self.model.config
+        facts = {
+            "image_size": c.gen_vision.image_size,
+            "image_tokens": c.image_token_count,
+            "codebook_size": c.gen_vision.codebook_size,
+            "text_vocab_size": c.language.vocab_size,
+            "layers": c.language.num_hidden_layers,
+            "hidden_size": c.language.hidden_size,
+            "text_budget": self.config.text_budget,
+        }
+        extra = card_writer(self, weights, facts, tokenizer_and_tables, **card)  # type: ignore[arg-type]
+        return save_pretrained_folder(folder, weights, config, KIND, extra=extra)
 
     @classmethod
     def from_pretrained(

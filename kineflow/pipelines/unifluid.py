@@ -38,7 +38,7 @@ from kineflow.inputs.images import (
     preprocess_understanding,
 )
 from kineflow.inputs.layout import understanding_layout
-from kineflow.io import check_state_dict, load_pretrained_folder, save_pretrained_folder
+from kineflow.io import check_state_dict, load_pretrained_folder
 from kineflow.models.diffusion_head import add_identity_norms
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.pipelines.base import Pipeline, register
@@ -48,6 +48,7 @@ from kineflow.pipelines.infill import UnifluidInfill
 from kineflow.pipelines.judge import self_judged
 from kineflow.pipelines.results import ImageResult, TextResult
 from kineflow.pipelines.sampling_options import SamplingOptions
+from kineflow.pipelines.unifluid_saving import UnifluidSaving
 from kineflow.tokenizers.text import TextTokenizer
 
 __all__ = ["KIND", "UnifluidPipeline", "UnifluidPipelineConfig"]
@@ -100,8 +101,9 @@ class UnifluidPipelineConfig:
 
 
 @register
-class UnifluidPipeline(UnifluidFirstAnswer, UnifluidInfill, Pipeline):
-    """A UniFluid model with its text tokenizer (see the module docstring)."""
+class UnifluidPipeline(UnifluidFirstAnswer, UnifluidInfill, UnifluidSaving, Pipeline):
+    """A UniFluid model with its text tokenizer (see the module docstring; saving:
+    :class:`~kineflow.pipelines.unifluid_saving.UnifluidSaving`)."""
 
     kineflow_type = KIND
     display_name = "UniFluid"
@@ -451,20 +453,6 @@ class UnifluidPipeline(UnifluidFirstAnswer, UnifluidInfill, Pipeline):
                            max_tokens=c.caption_tokens, beams=beams)  # fmt: skip
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save_pretrained(
-        self, folder: str | os.PathLike[str], dtype: torch.dtype | None = None
-    ) -> Path:
-        """``config.json`` (``kineflow_type: unifluid``, model + pipeline configs),
-        ``model.safetensors`` (floating tensors cast to ``dtype`` when given, e.g. float16 to
-        ship half the bytes; loading casts them back to the model's dtype) and the tokenizer
-        files, swapped in whole: see :func:`kineflow.io.save_pretrained_folder` (and its
-        ValueErrors)."""
-        config = {"model": self.model.config.to_dict(), "pipeline": self.config.to_dict()}
-        weights = self.model.state_dict()
-        if dtype is not None:
-            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        return save_pretrained_folder(folder, weights, config, KIND, extra=self.tokenizer.save)
-
     @classmethod
     def load_checkpoint(
         cls,

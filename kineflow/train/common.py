@@ -11,7 +11,7 @@ are its answer slots, the answer's ids then EOS up to the slot count (docs/desig
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.data.shards import ShardReader, file_digest, write_shards
 from kineflow.inputs.layout import Layout, understanding_layout
+from kineflow.pipelines.model_card import SHAPESWORLD
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.loop import Task, run_training
 from kineflow.train.run_config import TrainRunConfig
@@ -183,6 +184,12 @@ def train_task(
 
 
 # -- pre-tokenised shards ------------------------------------------------------------------------
+def card_record(config: Any, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """What a trained model's card records (:mod:`kineflow.pipelines.model_card`): the data
+    (ShapesWorld), the run's whole config (a dataclass) and its summary (steps, last losses)."""
+    return {"data": SHAPESWORLD, "config": asdict(config), "summary": dict(summary)}
+
+
 def layout_record(layout: Layout) -> dict[str, Tensor]:
     """A one-row layout as record tensors (masks it lacks become all-False rows)."""
     no = torch.zeros_like(layout.input_ids[0], dtype=torch.bool)

@@ -59,6 +59,7 @@ from kineflow.tokenizers.vq import VQModel
 from kineflow.train.checkpoint import has_checkpoint
 from kineflow.train.common import (
     ShapesData,
+    card_record,
     data_meta,
     frozen_copy,
     held_run,
@@ -494,6 +495,6 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     if config.export_steps and config.parallel == "fsdp":
         raise ValueError("export_steps needs whole weights on every process: not with FSDP")
     summary = train_task(task, config, out, progress, f"train {config.objective.kind}", export)
-    pipeline().save_pretrained(out / "model")
+    pipeline().save_pretrained(out / "model", training=card_record(config, summary))
     atomic_write_json(out / "summary.json", summary)
     return summary

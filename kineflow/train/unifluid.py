@@ -38,6 +38,7 @@ from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.common import (
     ShapesData,
+    card_record,
     data_meta,
     frozen_copy,
     held_run,
@@ -355,6 +356,8 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
             caption_tokens=config.data.caption_tokens,
             caption_instruction=config.data.caption_instruction,
         )
-        UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(out / "model")
+        UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(
+            out / "model", training=card_record(config, summary)
+        )
         atomic_write_json(out / "summary.json", summary)
     return summary
