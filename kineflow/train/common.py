@@ -67,6 +67,10 @@ class ShapesData:
     #: A folder of ``kineflow data encode`` shards to read samples from (None: ShapesWorld
     #: rendered and encoded on the fly, unbounded).
     shards: str | None = None
+    #: Your own data: a JSONL manifest used instead of ShapesWorld, and the share of each task
+    #: (:mod:`kineflow.train.own_data`; None: the ratios above).
+    manifest: str | None = None
+    mix: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("understanding_ratio", "caption_ratio", "cfg_dropout"):

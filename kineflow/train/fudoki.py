@@ -70,6 +70,8 @@ from kineflow.train.common import (
     understanding_sample,
 )
 from kineflow.train.loop import Optim, sample_generator
+from kineflow.train.lora import LoraSettings, finish_lora, prepare_lora
+from kineflow.train.own_data import FUDOKI_TASKS, OwnData, fudoki_record
 from kineflow.train.run_config import TrainRunConfig
 from kineflow.train.siglip import load_pretrained_tower
 
@@ -118,7 +120,7 @@ class FudokiTrainConfig(TrainRunConfig):
     text tokenizer's size."""
 
     SECTIONS: ClassVar[dict[str, type]] = {
-        "objective": Objective, "data": FudokiData, "optim": Optim,
+        "objective": Objective, "data": FudokiData, "optim": Optim, "lora": LoraSettings,
     }  # fmt: skip
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "vq", "text_tokenizer", "out")
     MODEL_TYPES: ClassVar[tuple[type, ...]] = (FudokiConfig,)
@@ -139,6 +141,7 @@ class FudokiTrainConfig(TrainRunConfig):
     threads: int | None = None
     export_steps: list[int] = field(default_factory=list)
     train_vision: bool = False
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,6 +232,7 @@ class FudokiTask:
         self.understanding_size = vision.image_size if vision else 0
         self.encoder: nn.Module | None = None  # the frozen VQ's copy, made when first needed
         self.shards = open_shards(self, self.data.shards) if self.data.shards else None
+        self.own = OwnData(self.data, FUDOKI_TASKS, tokenizer) if self.data.manifest else None
 
     def pipeline_config(self) -> FudokiPipelineConfig:
         o = self.obj
@@ -250,6 +254,8 @@ class FudokiTask:
         data draws: ``kind`` (0 generation, 1 understanding), the layout row, the answer ids
         ``target`` (understanding), the picture uint8 ``[S, S, 3]`` (to be VQ-encoded for
         generation, the SigLIP input for understanding) and ``draws``, the uniforms consumed."""
+        if self.own is not None:
+            return fudoki_record(self.own, self, index)
         g = sample_generator(self.data.seed, index)
         d, tok = self.data, self.tokenizer
         # One draw for the task (with an understanding tower), one for CFG dropout or caption.
@@ -418,6 +424,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     model = build_model(config, tokenizer)
     if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
         _init_from(model, config.init_from)
+    if config.lora is not None:
+        prepare_lora(model, config.lora, out)
     tables_file = out / "metric.safetensors"
     if tables_file.is_file():
         tables = load_file(str(tables_file))
@@ -445,6 +453,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     if config.export_steps and config.parallel == "fsdp":
         raise ValueError("export_steps needs whole weights on every process: not with FSDP")
     summary = train_task(task, config, out, progress, f"train {config.objective.kind}", export)
+    if config.lora is not None:
+        finish_lora(model, config.lora, out, "fudoki")  # out/adapter, then merged in place
     pipeline().save_pretrained(out / "model")
     atomic_write_json(out / "summary.json", summary)
     return summary
