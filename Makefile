@@ -9,7 +9,7 @@ DEV    := $(VENV)/.kineflow-dev
 # Pinned: an unpinned torch, asked for by any package, pulls a multi-GB CUDA build.
 PIN    := $(VENV)/constraints.txt
 
-.PHONY: demo demo-flow reproduce test bench lint clean
+.PHONY: demo demo-flow reproduce test bench lint clean finetune-example
 
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ demo-flow: $(BASE)
 # Everything behind the shipped checkpoints, from scratch (~105 min on 2 CPU cores).
 reproduce: $(BASE)
 	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
+
+# LoRA fine-tuning of the shipped FUDOKI model on Fashion-MNIST (docs/finetune.md); installs
+# Debian's dataset-fashion-mnist when its files are missing (needs root or sudo).
+FASHION := /usr/share/datasets/fashion-mnist
+finetune-example: $(BASE)
+	@test -e $(FASHION)/t10k-labels-idx1-ubyte.gz || test -e $(FASHION)/t10k-labels-idx1-ubyte || \
+		{ $$(command -v sudo || true) apt-get install -y dataset-fashion-mnist; }
+	$(PY) -m kineflow.apps.finetune_example --root $(FASHION) --out outputs/finetune_example
 
 test: $(DEV)
 	$(PY) -m pytest -q

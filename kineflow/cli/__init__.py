@@ -23,15 +23,15 @@ import argparse
 from collections.abc import Sequence
 
 from kineflow import __version__
-from kineflow.cli import data, demo, evaluate, infill, sampling, train
+from kineflow.cli import data, demo, evaluate, infill, merge, sampling, train
 from kineflow.cli.command import Command, add_commands
 
 __all__ = ["COMMANDS", "ORDER", "Command", "build_parser", "main"]
 
 #: The command names in the order ``kineflow --help`` lists them.
 ORDER = (
-    "showcase", "demo", "generate", "answer", "edit", "infill", "data", "train", "reproduce",
-    "plot", "eval",
+    "showcase", "demo", "generate", "answer", "edit", "infill", "data", "train", "merge",
+    "reproduce", "plot", "eval",
 )  # fmt: skip
 
 
@@ -52,6 +52,7 @@ COMMANDS: tuple[Command, ...] = _in_order(
         demo.COMMANDS,
         data.COMMANDS,
         train.COMMANDS,
+        merge.COMMANDS,
         evaluate.COMMANDS,
     )
 )

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["PackPlan", "plan_packing"]
+__all__ = ["PackPlan", "pack_inputs", "plan_packing"]
 
 
 @dataclass
@@ -140,3 +140,24 @@ def plan_packing(attention_mask: Tensor, length: int | None = None) -> PackPlan:
         order=torch.tensor(order, dtype=torch.long),
         unpacked_shape=(B, N),
     )
+
+
+def pack_inputs(
+    plan: PackPlan,
+    inputs: dict[str, Tensor | None],
+    pictures: Tensor | None = None,
+    has_picture: Tensor | None = None,
+) -> tuple[dict[str, Tensor | None], Tensor | None]:
+    """A model's inputs for the packed rows of ``plan``: every per-position tensor of
+    ``inputs`` (``[B, N, ...]``; None stays None) packed (bool masks filled with False, the
+    rest with 0), ``attention_mask`` = the filled slots, and the per-sample ``pictures`` (those
+    of the samples ``has_picture`` Bool[B] marks, in sample order) reordered to the packed
+    order in which a row-major placeholder mask meets them. The plan moves to the device of
+    ``inputs["input_ids"]``."""
+    plan = plan.to(inputs["input_ids"].device)
+    packed = {k: None if v is None else plan.pack(v, False if v.dtype == torch.bool else 0)
+              for k, v in inputs.items()}  # fmt: skip
+    packed["attention_mask"] = plan.attention_mask
+    if pictures is not None and has_picture is not None:
+        pictures = pictures[plan.order_among(has_picture).to(pictures.device)]
+    return packed, pictures

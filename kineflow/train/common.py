@@ -68,6 +68,10 @@ class ShapesData:
     #: A folder of ``kineflow data encode`` shards to read samples from (None: ShapesWorld
     #: rendered and encoded on the fly, unbounded).
     shards: str | None = None
+    #: Your own data: a JSONL manifest used instead of ShapesWorld, and the share of each task
+    #: (:mod:`kineflow.train.own_data`; None: the ratios above).
+    manifest: str | None = None
+    mix: dict[str, float] | None = None
     #: Fields that shape how a step reads the samples, not the samples (not in shard indexes).
     STEP_ONLY: ClassVar[tuple[str, ...]] = ("shards",)
 
@@ -219,12 +223,15 @@ def data_meta(data: ShapesData, text_tokenizer: str, encoder: str, **shapes: Any
     ``data.STEP_ONLY`` fields (where the shards are, packing) are left out."""
     tok = Path(text_tokenizer)
     tok_files = [tok / "tokenizer.json"] if tok.is_dir() else [tok]
-    return {
+    meta = {
         "data": {k: v for k, v in asdict(data).items() if k not in data.STEP_ONLY},
         "text_tokenizer_sha256": file_digest(tok_files),
         "encoder_sha256": file_digest([Path(encoder) / "model.safetensors"]),
         "shapes": shapes,
     }
+    if data.manifest:  # its records (not its pictures' bytes): an edited manifest is refused
+        meta["manifest_sha256"] = file_digest([Path(data.manifest)])
+    return meta
 
 
 class EncodableTask(Protocol):

@@ -49,7 +49,7 @@ from kineflow.inputs.layout import (
     stack_layouts,
     text_to_image_layout,
 )
-from kineflow.inputs.packing import PackPlan, plan_packing
+from kineflow.inputs.packing import PackPlan, pack_inputs, plan_packing
 from kineflow.io import atomic_save_safetensors, atomic_write_json
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
 from kineflow.pipelines.fudoki import FudokiPipeline
@@ -72,6 +72,8 @@ from kineflow.train.common import (
     understanding_sample,
 )
 from kineflow.train.loop import Optim, sample_generator
+from kineflow.train.lora import LoraSettings, finish_lora, prepare_lora
+from kineflow.train.own_data import FUDOKI_TASKS, OwnData, fudoki_record
 from kineflow.train.run_config import TrainRunConfig
 from kineflow.train.siglip import load_pretrained_tower
 
@@ -133,7 +135,7 @@ class FudokiTrainConfig(TrainRunConfig):
     text tokenizer's size."""
 
     SECTIONS: ClassVar[dict[str, type]] = {
-        "objective": Objective, "data": FudokiData, "optim": Optim,
+        "objective": Objective, "data": FudokiData, "optim": Optim, "lora": LoraSettings,
     }  # fmt: skip
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "vq", "text_tokenizer", "out")
     MODEL_TYPES: ClassVar[tuple[type, ...]] = (FudokiConfig,)
@@ -154,6 +156,7 @@ class FudokiTrainConfig(TrainRunConfig):
     threads: int | None = None
     export_steps: list[int] = field(default_factory=list)
     train_vision: bool = False
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -244,6 +247,7 @@ class FudokiTask:
         self.understanding_size = vision.image_size if vision else 0
         self.encoder: nn.Module | None = None  # the frozen VQ's copy, made when first needed
         self.shards = open_shards(self, self.data.shards) if self.data.shards else None
+        self.own = OwnData(self.data, FUDOKI_TASKS, tokenizer) if self.data.manifest else None
 
     def pipeline_config(self) -> FudokiPipelineConfig:
         o = self.obj
@@ -265,6 +269,8 @@ class FudokiTask:
         data draws: ``kind`` (0 generation, 1 understanding), the layout row, the answer ids
         ``target`` (understanding), the picture uint8 ``[S, S, 3]`` (to be VQ-encoded for
         generation, the SigLIP input for understanding) and ``draws``, the uniforms consumed."""
+        if self.own is not None:
+            return fudoki_record(self.own, self, index)
         g = sample_generator(self.data.seed, index)
         d, tok = self.data, self.tokenizer
         # One draw for the task (with an understanding tower), one for CFG dropout or caption.
@@ -390,7 +396,8 @@ class FudokiTask:
         """The shifted region cross-entropy (:func:`~kineflow.flow.loss.region_cross_entropy`):
         image head on the regions of generation samples, text head on the others; the heads
         run inside ``model``'s forward, so DDP / FSDP see them. With ``data.pack`` the model
-        reads the packed rows (:func:`packed_inputs`); the per-sample losses do not change."""
+        reads packed rows (:func:`~kineflow.inputs.packing.pack_inputs`); the per-sample
+        losses do not change."""
         lay: Layout = batch["layout"]
         is_gen = batch["is_gen"].to(lay.region.device)
         x1 = self.targets(batch)
@@ -406,7 +413,7 @@ class FudokiTask:
         pixels = batch["pixels"]
         plan: PackPlan | None = batch.get("pack")
         if plan is not None:
-            inputs, pixels = packed_inputs(plan, inputs, pixels, ~batch["is_gen"])
+            inputs, pixels = pack_inputs(plan, inputs, pixels, ~batch["is_gen"])
         text_logits, image_logits = model(
             inputs["input_ids"], image_mask=inputs["image_mask"], pixel_values=pixels,
             understanding_mask=inputs["understanding_mask"],
@@ -432,22 +439,6 @@ class FudokiTask:
         return out
 
 
-def packed_inputs(
-    plan: PackPlan, inputs: dict[str, Tensor | None], pixels: Tensor | None, has_picture: Tensor
-) -> tuple[dict[str, Tensor | None], Tensor | None]:
-    """Every per-position input ``[B, N]`` moved to the packed rows ``[R, L]`` of ``plan``
-    (masks filled with False, ids with 0), and the understanding pictures (those of the
-    samples ``has_picture`` Bool[B] marks, in sample order) reordered to the packed order in
-    which the model's ``understanding_mask`` meets them."""
-    plan = plan.to(inputs["input_ids"].device)
-    packed = {k: None if v is None else plan.pack(v, False if v.dtype == torch.bool else 0)
-              for k, v in inputs.items()}  # fmt: skip
-    packed["attention_mask"] = plan.attention_mask
-    if pixels is not None:
-        pixels = pixels[plan.order_among(has_picture).to(pixels.device)]
-    return packed, pixels
-
-
 # -- the run ------------------------------------------------------------------------------------
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -468,6 +459,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     model = build_model(config, tokenizer)
     if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
         _init_from(model, config.init_from)
+    if config.lora is not None:
+        prepare_lora(model, config.lora, out)
     tables_file = out / "metric.safetensors"
     if tables_file.is_file():
         tables = load_file(str(tables_file))
@@ -495,6 +488,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     if config.export_steps and config.parallel == "fsdp":
         raise ValueError("export_steps needs whole weights on every process: not with FSDP")
     summary = train_task(task, config, out, progress, f"train {config.objective.kind}", export)
+    if config.lora is not None:
+        finish_lora(model, config.lora, out, "fudoki")  # out/adapter, then merged in place
     pipeline().save_pretrained(out / "model", training=card_record(config, summary))
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -51,6 +51,8 @@ from kineflow.train.common import (
     understanding_sample,
 )
 from kineflow.train.loop import Optim, sample_generator
+from kineflow.train.lora import LoraSettings, finish_lora, prepare_lora
+from kineflow.train.own_data import UNIFLUID_TASKS, OwnData, unifluid_record
 from kineflow.train.run_config import TrainRunConfig
 from kineflow.train.siglip import load_pretrained_tower
 
@@ -87,7 +89,9 @@ class UnifluidTrainConfig(TrainRunConfig):
     """A run: ``model`` holds :class:`UnifluidConfig` fields except ``vae`` (read from the
     ``vae`` folder); ``language.vocab_size`` defaults to the text tokenizer's size."""
 
-    SECTIONS: ClassVar[dict[str, type]] = {"data": UnifluidData, "optim": Optim}
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "data": UnifluidData, "optim": Optim, "lora": LoraSettings,
+    }  # fmt: skip
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "vae", "text_tokenizer", "out")
     MODEL_TYPES: ClassVar[tuple[type, ...]] = (UnifluidConfig,)
 
@@ -104,6 +108,7 @@ class UnifluidTrainConfig(TrainRunConfig):
     parallel: str = "none"
     threads: int | None = None
     token_scale: float | None = None
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -174,6 +179,7 @@ class UnifluidTask:
         self.num_patches = vision.num_patches if vision is not None else 0
         self.encoder: nn.Module | None = None  # the frozen KL-VAE's copy, made when needed
         self.shards = open_shards(self, self.data.shards) if self.data.shards else None
+        self.own = OwnData(self.data, UNIFLUID_TASKS, tokenizer) if self.data.manifest else None
 
     def _kind(self, g: torch.Generator) -> str:
         u = float(torch.rand((), generator=g))
@@ -204,6 +210,8 @@ class UnifluidTask:
         gen, 1 edit, 2 und); gen / edit: the prompt ``ids``, the generation ``order``, the
         target ``picture`` (uint8 ``[S, S, 3]``) and, editing, the ``source_picture``; und: the
         layout row, the answer ``target`` and the ``picture``."""
+        if self.own is not None:
+            return unifluid_record(self.own, self, index)
         d, tok = self.data, self.tokenizer
         g = sample_generator(d.seed, index)
         kind = self._kind(g)
@@ -346,8 +354,12 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
         tokenizer = TextTokenizer.load(config.text_tokenizer)
         torch.manual_seed(config.optim.seed)
         model = build_unifluid(config, tokenizer)
+        if config.lora is not None:
+            prepare_lora(model, config.lora, out)
         task = UnifluidTask(model, tokenizer, config)
         summary = train_task(task, config, out, progress, "train unifluid")
+        if config.lora is not None:
+            finish_lora(model, config.lora, out, "unifluid")  # out/adapter, then merged in place
         from kineflow.pipelines.unifluid import UnifluidPipeline, UnifluidPipelineConfig
 
         pipeline_config = UnifluidPipelineConfig(

@@ -1,0 +1,275 @@
+"""LoRA fine-tuning through the shared loop: the ``lora`` section, freezing, adapter folders.
+
+With a ``lora`` section a FUDOKI or UniFluid run (1) loads the base model's weights from
+``lora.base`` (any folder :func:`kineflow.load` reads; for FUDOKI also its metric tables), (2)
+wraps the linears named by ``lora.targets`` (:func:`kineflow.models.lora.apply_lora`) and (3)
+trains only the adapters and the modules listed in ``lora.also_train`` (whole, e.g. UniFluid's
+``diffusion_head`` or FUDOKI's ``gen_head``); everything else is frozen. The loop's
+checkpoints hold the whole wrapped model, so exact resume, DDP and FSDP work as for any run.
+
+At the end the run writes ``out/adapter/`` — ``adapter_model.safetensors`` (the ``lora_A`` /
+``lora_B`` tensors and the ``also_train`` modules' weights) and ``adapter_config.json`` (rank,
+alpha, dropout, targets, wrapped modules, ``also_train``, the base folder and the sha256 of its
+``model.safetensors``) — and then merges the adapters, so ``out/model`` is an ordinary folder.
+:func:`load_adapter` gives base + adapter back as a pipeline; :func:`merge_adapter`
+(``kineflow merge``) folds them into a new folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from kineflow.data.shards import file_digest
+from kineflow.io import atomic_save_safetensors, atomic_write_json
+from kineflow.models.lora import (
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+)
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "LoraSettings",
+    "finish_lora",
+    "load_adapter",
+    "merge_adapter",
+    "prepare_lora",
+    "save_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT = "kineflow-lora"
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """The ``lora`` section of a FUDOKI / UniFluid training YAML (module docstring).
+    ``targets``: module names (or ``re:`` patterns) of the linears to adapt
+    (:func:`~kineflow.models.lora.match_target`); ``also_train``: module paths trained whole;
+    ``seed`` seeds the ``A`` initialisation."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    also_train: list[str] = field(default_factory=list)
+    base: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.targets:
+            raise ValueError("lora.targets must name at least one module")
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _base_digest(base: str | None) -> str | None:
+    if base is None:
+        return None
+    return file_digest([Path(base) / "model.safetensors"])
+
+
+def _load_base(model: nn.Module, base: str) -> None:
+    """Copy the weights of the pipeline folder ``base`` into ``model`` (through
+    :func:`kineflow.load`, which reads every folder format), in float32.
+
+    Raises:
+        ValueError: the base is another architecture (naming the differing tensors).
+    """
+    from kineflow.pipelines.loading import load
+
+    base_model = load(base, dtype=torch.float32).model
+    mine, theirs = (getattr(m.config, "to_dict", dict)() for m in (model, base_model))
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(
+            f"lora.base {base} is another model: its config differs in {differ} "
+            "(copy its config.json's model section; UniFluid: its vae "
+            "scaling_factor as token_scale)"
+        )
+    weights = base_model.state_dict()
+    own = model.state_dict()
+    bad = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
+    extra = sorted(set(weights) - set(own))
+    if bad or extra:
+        raise ValueError(
+            f"lora.base {base} does not fit the run's model: missing or mis-shaped "
+            f"{bad[:4]}, unknown {extra[:4]}; copy its config.json's model section"
+        )
+    model.load_state_dict(weights)
+
+
+def _also_train(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"lora.also_train names no module of the model: {missing}")
+    return {n: modules[n] for n in names}
+
+
+def prepare_lora(model: nn.Module, settings: LoraSettings, out: Path) -> list[str]:
+    """Steps (1)–(3) of the module docstring, in place, before the loop starts; returns the
+    wrapped linears' paths. A FUDOKI base's ``metric.safetensors`` is copied to ``out`` (the
+    path's tables must be the base's, not recomputed from its trained embeddings)."""
+    if settings.base is not None:
+        _load_base(model, settings.base)
+        tables = Path(settings.base) / "metric.safetensors"
+        if tables.is_file() and not (out / "metric.safetensors").exists() and _rank0():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tables, out / "metric.safetensors.tmp")
+            os.replace(out / "metric.safetensors.tmp", out / "metric.safetensors")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(settings.seed)
+    wrapped = apply_lora(
+        model, settings.targets, settings.rank, settings.alpha, settings.dropout, generator=g
+    )
+    for module in _also_train(model, settings.also_train).values():
+        module.requires_grad_(True)
+    return wrapped
+
+
+def adapter_weights(model: nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """The adapter tensors plus the ``also_train`` modules' (full-name keys)."""
+    weights = lora_state_dict(model)
+    for name, module in _also_train(model, settings.also_train).items():
+        for k, v in module.state_dict().items():
+            weights[f"{name}.{k}"] = v.detach().cpu().contiguous()
+    return weights
+
+
+def save_adapter(
+    model: nn.Module, settings: LoraSettings, folder: str | os.PathLike[str], kineflow_type: str
+) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` in ``folder`` (rank 0
+    only; the weights first, the config last, each atomically)."""
+    folder = Path(folder)
+    if not _rank0():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = adapter_weights(model, settings)
+    atomic_save_safetensors(folder / ADAPTER_WEIGHTS, weights)
+    wrapped = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_A")})
+    config = {
+        "format": FORMAT,
+        "version": 1,
+        "kineflow_type": kineflow_type,
+        **asdict(settings),
+        "base": None if settings.base is None else str(Path(settings.base).resolve()),
+        "base_weights_sha256": _base_digest(settings.base),
+        "modules": wrapped,
+        "trainable_parameters": sum(v.numel() for v in weights.values()),
+    }
+    atomic_write_json(folder / ADAPTER_CONFIG, config)
+    return folder
+
+
+def finish_lora(model: nn.Module, settings: LoraSettings, out: Path, kineflow_type: str) -> None:
+    """After training: ``out/adapter`` (:func:`save_adapter`), then the adapters merged into
+    ``model`` in place, so the run's ``out/model`` is an ordinary folder."""
+    save_adapter(model, settings, out / "adapter", kineflow_type)
+    merge_lora(model)
+
+
+def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """``adapter_config.json`` of ``folder``, checked.
+
+    Raises:
+        FileNotFoundError: no adapter there.
+        ValueError: not a kineflow adapter config.
+    """
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file() or not (Path(folder) / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"{folder}: no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} (an adapter "
+            "folder is written by a training run with a lora section)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a kineflow LoRA adapter (format must be {FORMAT!r})")
+    return config
+
+
+def load_adapter(
+    adapter: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None = None,
+    *,
+    merge: bool = False,
+    check_base: bool = True,
+) -> Any:
+    """The base pipeline (``base``, else the folder the adapter records) with the adapter
+    applied (``merge=True``: folded into the weights). ``check_base`` compares the base's
+    ``model.safetensors`` with the recorded sha256.
+
+    Raises:
+        FileNotFoundError / ValueError: no adapter, no base, a base whose weights differ from
+            the recorded ones, an adapter that does not fit the base (naming the tensor).
+    """
+    from kineflow.pipelines.loading import load
+
+    config = read_adapter_config(adapter)
+    base = base if base is not None else config.get("base")
+    if base is None:
+        raise ValueError(f"{adapter}: the adapter records no base folder: pass one")
+    recorded = config.get("base_weights_sha256")
+    if check_base and recorded is not None and _base_digest(str(base)) != recorded:
+        raise ValueError(
+            f"{base}: its model.safetensors is not the base the adapter {adapter} "
+            "was trained on (sha256 differs)"
+        )
+    pipe = load(str(base), dtype=torch.float32)
+    settings = LoraSettings(
+        **{k: config[k] for k in ("rank", "alpha", "dropout", "targets", "also_train")}
+    )
+    wrapped = apply_lora(pipe.model, settings.targets, settings.rank, settings.alpha)
+    if sorted(wrapped) != sorted(config.get("modules", wrapped)):
+        raise ValueError(f"{adapter}: its targets wrap other modules in {base} than in training")
+    weights = load_file(str(Path(adapter) / ADAPTER_WEIGHTS))
+    lora = {k: v for k, v in weights.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    load_lora_state_dict(pipe.model, lora)
+    rest = {k: v for k, v in weights.items() if k not in lora}
+    own = pipe.model.state_dict()
+    bad = [k for k, v in rest.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{adapter}: tensors that do not fit the base: {bad[:4]}")
+    pipe.model.load_state_dict(rest, strict=False)
+    if merge:
+        merge_lora(pipe.model)
+    pipe.model.eval()
+    return pipe
+
+
+def merge_adapter(
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Fold the adapter into its base and save the result as an ordinary pipeline folder."""
+    pipe = load_adapter(adapter, base, merge=True)
+    pipe.save_pretrained(out)
+    return Path(out)
