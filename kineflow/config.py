@@ -144,6 +144,10 @@ def build_run_config(
         raise ValueError(f"a run config must be a mapping, got {raw!r}")
     raw = dict(raw)
     check_config_keys(raw, cls, "config")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in sections:  # an optional section (e.g. lora) written as null: not there
+        if key in raw and raw[key] is None and defaults.get(key) is None:
+            del raw[key]
     for key, sub in sections.items():
         if key in raw:
             if not isinstance(raw[key], Mapping):
