@@ -35,6 +35,7 @@ CSS = """
 .pixelated img { image-rendering: pixelated; }
 #header { margin-bottom: 0.2rem; }
 .status p { font-size: 1rem; }
+.status strong { color: #b91c1c; }
 """
 
 
@@ -93,15 +94,18 @@ def _results(gr: Any, key: str, pictures: bool, texts: bool) -> dict[str, Any]:
         out["images"] = gr.Gallery(label="result", format="png", columns=4, fit_columns=False,
                                    height="auto", object_fit="contain", elem_id=f"{key}-images",
                                    elem_classes=["pixelated"])  # fmt: skip
-        out["gifs"] = gr.Gallery(label="refinement (GIF)", columns=4, fit_columns=False,
-                                 height="auto", object_fit="contain", elem_id=f"{key}-gifs",
-                                 elem_classes=["pixelated"])  # fmt: skip
+        out["gifs"] = gr.Gallery(label="refinement (GIF: one frame per step)", columns=4,
+                                 fit_columns=False, height="auto", object_fit="contain",
+                                 elem_id=f"{key}-gifs", elem_classes=["pixelated"])  # fmt: skip
     if texts:
         out["texts"] = gr.Textbox(label="answer", lines=2, interactive=False,
                                   elem_id=f"{key}-answer")  # fmt: skip
-    with gr.Accordion("run card: the exact settings (feed it back to reproduce)", open=False):
-        out["card"] = gr.Code(language="json", elem_id=f"{key}-card", interactive=False)
-        out["card_file"] = gr.File(label="download the run card", elem_id=f"{key}-card-file")
+    with gr.Row():
+        out["card"] = gr.Code(label="run card: the exact settings (feed it back to reproduce)",
+                              language="json", interactive=False, elem_id=f"{key}-card",
+                              max_lines=12, scale=3)  # fmt: skip
+        out["card_file"] = gr.File(label="download the run card", elem_id=f"{key}-card-file",
+                                   scale=1)  # fmt: skip
     return out
 
 
