@@ -97,7 +97,11 @@ def test_page_has_the_components_of_its_tabs(fudoki: Session, unifluid: Session)
     from kineflow.apps.serve.page import build_page
 
     def ids(session: Session) -> set[str]:
-        page = build_page(session)
+        page = build_page(session, max_queue=7)
+        # Every model call shares one concurrency group limited to 1: one run at a time.
+        clicks = [fn for fn in page.fns.values() if fn.name == "click"]
+        assert {fn.concurrency_id for fn in clicks} == {"model"}
+        assert (page._queue.default_concurrency_limit, page._queue.max_size) == (1, 7)
         return {b.elem_id for b in page.blocks.values() if getattr(b, "elem_id", None)}
 
     f, u = ids(fudoki), ids(unifluid)

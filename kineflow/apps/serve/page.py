@@ -7,8 +7,9 @@ were. Progress is live: the pipelines' tqdm bars (FUDOKI: one tick per solver st
 per image token) are tracked by ``gr.Progress(track_tqdm=True)``; the refinement itself is
 shown as a GIF per picture once the run ends (the pipelines return the trajectory at the end).
 
-A queue (``default_concurrency_limit=1``) runs one request at a time, so concurrent users wait
-instead of running the model side by side out of memory; ``max_size`` bounds the waiting line.
+A queue (``default_concurrency_limit=1``, every button in one ``concurrency_id``) runs one
+request at a time, so concurrent users wait instead of running the model side by side out of
+memory; ``max_size`` bounds the waiting line.
 
 gradio is an optional dependency (``pip install 'kineflow[serve]'``), imported only here, by
 :func:`build_page`.
@@ -136,7 +137,10 @@ def _wire(
         }
         return [filled[n] for n in names]
 
-    button.click(click, inputs={*inputs, *boxes.values()}, outputs=[out[n] for n in names])
+    # One concurrency group for every button: default_concurrency_limit=1 alone would allow
+    # one run per button at a time, i.e. several model calls side by side.
+    button.click(click, inputs={*inputs, *boxes.values()}, outputs=[out[n] for n in names],
+                 concurrency_id="model")  # fmt: skip
 
 
 def _caption(outcome: Outcome, i: int) -> str:
