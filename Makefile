@@ -19,8 +19,12 @@ $(BASE): pyproject.toml
 	$(PY) -m pip install --quiet -c $(PIN) -e .
 	touch $@
 
+# The browser test of `kineflow serve` drives Debian's chromium (playwright's own browser
+# download is not used); installed here only when missing, with sudo only when not root.
 $(DEV): $(BASE)
 	$(PY) -m pip install --quiet -c $(PIN) -e '.[dev]'
+	[ -x /usr/bin/chromium ] || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	touch $@
 
 # The main job: the tiny FUDOKI and UniFluid models shipped in checkpoints/ generate, answer

@@ -10,7 +10,8 @@ is one module exposing ``COMMANDS``, and :data:`COMMANDS` here puts them in the 
 - :mod:`kineflow.cli.demo`: ``demo``;
 - :mod:`kineflow.cli.data`: ``data shapes / validate / tokenizer / reference``;
 - :mod:`kineflow.cli.train`: ``train tokenizer / siglip / fudoki / unifluid``;
-- :mod:`kineflow.cli.evaluate`: ``reproduce``, ``plot``, ``eval shapes``.
+- :mod:`kineflow.cli.evaluate`: ``reproduce``, ``plot``, ``eval shapes``;
+- :mod:`kineflow.cli.serve`: ``serve`` (the web app).
 
 A new command is one more ``Command`` in its group's ``COMMANDS`` and its name in
 :data:`ORDER`. Handlers import their heavy modules themselves, so ``kineflow --help`` and
@@ -23,7 +24,7 @@ import argparse
 from collections.abc import Sequence
 
 from kineflow import __version__
-from kineflow.cli import data, demo, evaluate, infill, merge, sampling, train
+from kineflow.cli import data, demo, evaluate, infill, merge, sampling, serve, train
 from kineflow.cli.command import Command, add_commands
 
 __all__ = ["COMMANDS", "ORDER", "Command", "build_parser", "main"]
@@ -31,7 +32,7 @@ __all__ = ["COMMANDS", "ORDER", "Command", "build_parser", "main"]
 #: The command names in the order ``kineflow --help`` lists them.
 ORDER = (
     "showcase", "demo", "generate", "answer", "edit", "infill", "data", "train", "merge",
-    "reproduce", "plot", "eval",
+    "reproduce", "plot", "eval", "serve",
 )  # fmt: skip
 
 
@@ -54,6 +55,7 @@ COMMANDS: tuple[Command, ...] = _in_order(
         train.COMMANDS,
         merge.COMMANDS,
         evaluate.COMMANDS,
+        serve.COMMANDS,
     )
 )
 
