@@ -57,12 +57,12 @@ def test_help_lists_the_commands_in_their_order(capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     listed = [line.split()[0] for line in lines if line.startswith("    ") and line[4] != " "]
     assert listed == ["showcase", "demo", "generate", "answer", "edit", "infill",
-                      "data", "train", "reproduce", "plot", "eval", "serve"]  # fmt: skip
+                      "data", "train", "merge", "reproduce", "plot", "eval", "serve"]  # fmt: skip
 
 
 def test_cli_group_modules_do_not_load_torch() -> None:
     """The handlers import torch, not the modules holding them (``--help`` stays fast)."""
-    modules = "command, args, sampling, infill, demo, data, train, evaluate, serve"
+    modules = "command, args, sampling, infill, demo, data, train, merge, evaluate, serve"
     code = f"import sys; from kineflow.cli import {modules}; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
