@@ -39,5 +39,5 @@ run train_real "$PY" bench/train_throughput.py --real --device cuda --peak-tflop
     --steps 10 --warmup 3
 # Issue 17: tiny configs on the GPU: data wait and samples/s, in process and with workers.
 run train_tiny "$PY" bench/train_throughput.py --device cuda --models fudoki unifluid \
-    --workers 4 --steps 24 --warmup 4
+    --workers 4 --steps 24 --warmup 4 --shards "$OUT/shards" --pack
 ls -l "$OUT" >&2

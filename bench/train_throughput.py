@@ -12,8 +12,10 @@ What is measured
   AR step ratio, same data path, same model). ``--baseline-repo DIR`` also times an older
   checkout's data path (``baseline_repo``: e.g. the commit before batches were corrupted on the
   device), ``--shards DIR`` encodes the runs' samples (``kineflow data encode``) and times
-  training from them (``shards_workers_N``: no renderer or frozen encoder per step); both
-  report their samples/s over the older checkout's. On the CPU the loader workers share the cores
+  training from them (``shards_workers_N``: no renderer or frozen encoder per step), and
+  with ``--pack`` also with packed rows (``shards_packed_workers_N``, FUDOKI: ``data.pack``,
+  rows of ``--pack-length`` tokens); each reports its samples/s over the older checkout's.
+  On the CPU the loader workers share the cores
   with the training process, whose threads are cut to ``--threads − workers`` in those runs
   (``--oversubscribe`` keeps them: OpenMP threads competing with the workers for the cores
   can make a step several times slower).
@@ -123,7 +125,7 @@ def measure_tiny(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("shards"):
             config.data.shards = spec["shards"]
         if spec.get("pack"):
-            config.data.pack = True
+            config.data.pack, config.data.pack_length = True, spec.get("pack_length")
         for name in ("vq", "vae", "vision", "text_tokenizer"):
             if isinstance(getattr(config, name, None), str):
                 setattr(config, name, str(REPO / getattr(config, name)))
@@ -262,7 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-ar", action="store_true", help="skip the FUDOKI AR objective run")
     p.add_argument("--pack", action="store_true",
-                   help="also time FUDOKI from shards with packed rows (data.pack)")  # fmt: skip
+                   help="also time FUDOKI from shards with packed rows (data.pack)")
+    p.add_argument("--pack-length", type=int, default=None,
+                   help="data.pack_length of the packed run (default: the longest sample)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -340,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {**base, "model": model, "workers": workers, "objective": objective}
                 if name.startswith("shards_"):
                     spec["shards"] = str(_encode_shards(model, args))
-                spec["pack"] = "_packed_" in name
+                spec["pack"], spec["pack_length"] = "_packed_" in name, args.pack_length
                 if workers and args.device == "cpu" and not args.oversubscribe:
                     spec["threads"] = max(1, args.threads - workers)  # the cores are shared
                 repo = Path(args.baseline_repo) if name == "baseline_repo" else REPO

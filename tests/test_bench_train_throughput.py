@@ -45,6 +45,19 @@ def test_tiny_fudoki_baseline_and_workers():
     assert {"load_average_1min_at_start", "load_average_1min_at_end"} <= report.keys()
 
 
+@pytest.mark.slow  # encodes shards, then two short training runs in fresh processes
+def test_shards_and_packing_variants(tmp_path):
+    report = bench("--steps", "3", "--warmup", "1", "--batch-size", "8", "--threads", "1",
+                   "--workers", "0", "--no-ar", "--shards", str(tmp_path), "--pack",
+                   "--pack-length", "256")  # fmt: skip
+    runs = report["fudoki"]
+    shards, packed = runs["shards_workers_0"], runs["shards_packed_workers_0"]
+    assert (tmp_path / "fudoki" / "index.json").is_file()
+    # The same samples in fewer token slots: packing drops the padding.
+    assert packed["tokens_per_step"] < shards["tokens_per_step"]
+    assert runs["workers_0"]["tokens_per_step"] == shards["tokens_per_step"]
+
+
 def test_real_mode_at_tiny_shapes():
     config = FudokiConfig(
         language=LlamaConfig(
