@@ -266,7 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pack", action="store_true",
                    help="also time FUDOKI from shards with packed rows (data.pack)")
     p.add_argument("--pack-length", type=int, default=None,
-                   help="data.pack_length of the packed run (default: the longest sample)")  # fmt: skip
+                   help="data.pack_length of the packed run (default: longest sample)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     p.add_argument("--peak-tflops", type=float, default=None,
