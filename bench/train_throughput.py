@@ -263,8 +263,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CPU: keep --threads with workers (default: threads - workers)",
     )
     p.add_argument("--no-ar", action="store_true", help="skip the FUDOKI AR objective run")
-    p.add_argument("--pack", action="store_true",
-                   help="also time FUDOKI from shards with packed rows (data.pack)")
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="also time FUDOKI from shards with packed rows (data.pack)",
+    )
     p.add_argument("--pack-length", type=int, default=None,
                    help="data.pack_length of the packed run (default: longest sample)")  # fmt: skip
     p.add_argument("--device", default="cpu")
