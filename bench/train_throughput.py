@@ -112,7 +112,15 @@ def measure_tiny(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from kineflow.train.unifluid import UnifluidTrainConfig as Config
         from kineflow.train.unifluid import train_unifluid as train
-    config = Config.from_yaml(REPO / CONFIGS[kind])
+    import yaml
+
+    raw = yaml.safe_load((REPO / CONFIGS[kind]).read_text())
+    # Packing is this run's choice, not the config's (an older checkout has no such key).
+    data = raw.setdefault("data", {})
+    data.pop("pack", None), data.pop("pack_length", None)
+    if spec.get("pack"):
+        data.update(pack=True, pack_length=spec.get("pack_length"))
+    config = Config.from_dict(raw)
     with tempfile.TemporaryDirectory() as out:
         config.out = out
         config.log_every, config.ckpt_every = 1, 10**6
@@ -124,8 +132,6 @@ def measure_tiny(spec: dict[str, Any]) -> dict[str, Any]:
             config.objective.kind = spec["objective"]
         if spec.get("shards"):
             config.data.shards = spec["shards"]
-        if spec.get("pack"):
-            config.data.pack, config.data.pack_length = True, spec.get("pack_length")
         for name in ("vq", "vae", "vision", "text_tokenizer"):
             if isinstance(getattr(config, name, None), str):
                 setattr(config, name, str(REPO / getattr(config, name)))
