@@ -52,6 +52,7 @@ from kineflow.inputs.layout import (
 from kineflow.inputs.packing import PackPlan, pack_inputs, plan_packing
 from kineflow.io import atomic_save_safetensors, atomic_write_json
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
+from kineflow.models.lora import merged_view
 from kineflow.pipelines.fudoki import FudokiPipeline
 from kineflow.pipelines.fudoki_config import FudokiPipelineConfig, make_paths
 from kineflow.tokenizers.text import TextTokenizer
@@ -482,7 +483,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
         # The live (not EMA) weights, e.g. the AR half of an AR -> DFM run at equal compute.
         if done in config.export_steps and _rank() == 0:
             training = model.training
-            pipeline().save_pretrained(out / f"model_step{done}")
+            with merged_view(model):  # a LoRA run's adapters folded in: base key names
+                pipeline().save_pretrained(out / f"model_step{done}")
             model.train(training)
 
     if config.export_steps and config.parallel == "fsdp":
