@@ -246,7 +246,8 @@ class FudokiTask:
         vision = model.config.vision
         self.num_patches = vision.num_patches if vision else 0
         self.understanding_size = vision.image_size if vision else 0
-        self.encoder: nn.Module | None = None  # the frozen VQ's copy, made when first needed
+        # The frozen VQ's copy, made now: once FSDP wraps the model its weights are shards.
+        self.encoder = None if config.data.shards else frozen_copy(model.gen_vision_model)
         self.shards = open_shards(self, self.data.shards) if self.data.shards else None
         self.own = OwnData(self.data, FUDOKI_TASKS, tokenizer) if self.data.manifest else None
 

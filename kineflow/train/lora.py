@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kineflow.io import atomic_save_safetensors, atomic_write_json
+from kineflow.io import atomic_save_safetensors, atomic_write, atomic_write_json
 from kineflow.models.lora import apply_lora, lora_state_dict, merge_lora
 from kineflow.pipelines.adapters import (
     ADAPTER_CONFIG,
@@ -127,9 +127,10 @@ def prepare_lora(model: nn.Module, settings: LoraSettings, out: Path) -> list[st
         _load_base(model, settings.base)
         tables = Path(settings.base) / "metric.safetensors"
         if tables.is_file() and not (out / "metric.safetensors").exists() and _rank0():
+            # Under `torchrun -m kineflow train` no rank has joined the group yet, so every
+            # rank copies: each through its own temporary file.
             out.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(tables, out / "metric.safetensors.tmp")
-            os.replace(out / "metric.safetensors.tmp", out / "metric.safetensors")
+            atomic_write(out / "metric.safetensors", lambda tmp: shutil.copyfile(tables, tmp))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     model.requires_grad_(False)
