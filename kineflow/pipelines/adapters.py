@@ -88,9 +88,7 @@ def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
-        raise ValueError(
-            f"{path}: not a kineflow LoRA adapter (format must be {ADAPTER_FORMAT!r})"
-        )
+        raise ValueError(f"{path}: not a kineflow LoRA adapter (format must be {ADAPTER_FORMAT!r})")
     missing = [k for k in ("rank", "alpha", "targets") if k not in config]
     if missing:
         raise ValueError(f"{path}: lacks {missing}")

@@ -62,9 +62,9 @@ def test_load_merges_the_adapter_into_its_base(adapter: Path) -> None:
     for key, value in base.items():
         module = key.removesuffix(".weight")
         if module in meta["modules"]:
-            want = value.float() + (ALPHA / RANK) * file[f"{module}.lora_B"] @ file[
-                f"{module}.lora_A"
-            ]
+            want = (
+                value.float() + (ALPHA / RANK) * file[f"{module}.lora_B"] @ file[f"{module}.lora_A"]
+            )
         elif key.startswith("gen_head."):
             want = file[key]
         else:

@@ -42,7 +42,8 @@ def test_encoded_manifest_trains_like_the_manifest(assets, tmp_path, capsys) -> 
             "--samples", str(STEPS * BATCH), "--shard-size", "5"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().out
     index = json.loads((shards / "index.json").read_text())
-    assert index["samples"] == STEPS * BATCH and [s["samples"] for s in index["shards"]] == [5, 5, 2]
+    assert index["samples"] == STEPS * BATCH
+    assert [s["samples"] for s in index["shards"]] == [5, 5, 2]
     # Record for record what the run makes on the fly (the manifest's samples, VQ-coded).
     fly = task_of(config(assets, tmp_path / "a", steps=STEPS))
     read_cfg = config(assets, tmp_path / "b", steps=STEPS)
