@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ __all__ = [
     "lora_state_dict",
     "match_target",
     "merge_lora",
+    "merged_view",
 ]
 
 
@@ -196,3 +198,33 @@ def merge_lora(model: nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, m.merged())
     return len(found)
+
+
+@contextmanager
+def merged_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes and saves as if merged: every :class:`LoRALinear`
+    is replaced by a plain ``nn.Linear`` whose weight is a new tensor ``W + s · B A``
+    (float32 sum, stored in W's dtype; the bias is shared), so its ``state_dict`` has the
+    base model's key names. On exit the wrapped layers come back untouched (their ``W``,
+    ``A``, ``B`` are never written): a run can export merged weights mid-training and go on
+    exactly. Costs one copy of the adapted weights only."""
+    found = lora_modules(model)
+    try:
+        for name, m in found.items():
+            w = m.base.weight
+            plain = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+            with torch.no_grad():
+                merged = (w.float() + m.delta_weight().float()).to(w.dtype)
+            plain.weight = nn.Parameter(merged, requires_grad=False)
+            plain.bias = m.base.bias
+            _put(model, name, plain)
+        yield model
+    finally:
+        for name, m in found.items():
+            _put(model, name, m)
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

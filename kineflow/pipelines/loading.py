@@ -29,6 +29,12 @@ for checkpoints under 2 GiB) NaN / inf weights are refused by file and tensor na
 (:mod:`kineflow.interop.load_checks`); and a folder whose save was killed mid-swap is restored first
 (:mod:`kineflow.folders`).
 
+``{adapter_config.json, adapter_model.safetensors}``, no ``config.json``  a LoRA adapter
+    folder (``out/adapter`` of a run with a ``lora`` section): the base folder it records is
+    loaded, checked against the sha256 of its weights the adapter records, and the adapter
+    is merged into it on load (:mod:`kineflow.pipelines.adapters`), so the result is an
+    ordinary pipeline of the base's family.
+
 Which pipeline class reads a folder is the registry's answer
 (:func:`kineflow.pipelines.base.pipeline_for_config`): the one registered for its
 ``kineflow_type``, or the one that reads its foreign ``model_type`` (FUDOKI: Janus releases).
@@ -44,6 +50,7 @@ from typing import Any
 
 import torch
 
+from kineflow.pipelines.adapters import is_adapter_folder, load_adapter
 from kineflow.pipelines.base import Pipeline
 from kineflow.pipelines.checkpoints import open_checkpoint, resolve_checkpoint
 from kineflow.pipelines.fudoki import FudokiPipeline
@@ -68,7 +75,8 @@ def load(
     of NaN and inf (:mod:`kineflow.interop.load_checks`).
 
     Args:
-        name: a folder, or a hub id fetched when no such folder exists.
+        name: a folder (a LoRA adapter folder: its base with the adapter merged in), or a
+            hub id fetched when no such folder exists.
         device, dtype: where and in which precision to put the model (default: CPU, the
             weights' dtype for kineflow folders, float32 for Janus releases).
         max_bytes: the size limit (default: the ``KINEFLOW_MAX_MODEL_BYTES`` environment
@@ -81,8 +89,12 @@ def load(
         ValueError: a config no registered pipeline reads (naming what it describes and what
             can be read) or that describes a model above the size limit, or weights
             (integer-typed, non-finite, mis-fitting), tokenizer, processor settings or metric
-            tables that do not fit the model (each names the file and the problem).
+            tables that do not fit the model (each names the file and the problem); an
+            adapter whose recorded base weights differ from its base folder's (naming both).
     """
+    if is_adapter_folder(name):
+        return load_adapter(name, merge=True, device=device, dtype=dtype, max_bytes=max_bytes,
+                            check_finite=check_finite)  # fmt: skip
     return open_checkpoint(
         name, device=device, dtype=dtype, max_bytes=max_bytes, check_finite=check_finite
     )

@@ -52,6 +52,7 @@ from kineflow.inputs.layout import (
 from kineflow.inputs.packing import PackPlan, pack_inputs, plan_packing
 from kineflow.io import atomic_save_safetensors, atomic_write_json
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
+from kineflow.models.lora import merged_view
 from kineflow.pipelines.fudoki import FudokiPipeline
 from kineflow.pipelines.fudoki_config import FudokiPipelineConfig, make_paths
 from kineflow.tokenizers.text import TextTokenizer
@@ -245,7 +246,8 @@ class FudokiTask:
         vision = model.config.vision
         self.num_patches = vision.num_patches if vision else 0
         self.understanding_size = vision.image_size if vision else 0
-        self.encoder: nn.Module | None = None  # the frozen VQ's copy, made when first needed
+        # The frozen VQ's copy, made now: once FSDP wraps the model its weights are shards.
+        self.encoder = None if config.data.shards else frozen_copy(model.gen_vision_model)
         self.shards = open_shards(self, self.data.shards) if self.data.shards else None
         self.own = OwnData(self.data, FUDOKI_TASKS, tokenizer) if self.data.manifest else None
 
@@ -482,7 +484,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
         # The live (not EMA) weights, e.g. the AR half of an AR -> DFM run at equal compute.
         if done in config.export_steps and _rank() == 0:
             training = model.training
-            pipeline().save_pretrained(out / f"model_step{done}")
+            with merged_view(model):  # a LoRA run's adapters folded in: base key names
+                pipeline().save_pretrained(out / f"model_step{done}")
             model.train(training)
 
     if config.export_steps and config.parallel == "fsdp":

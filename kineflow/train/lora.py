@@ -11,30 +11,30 @@ At the end the run writes ``out/adapter/`` — ``adapter_model.safetensors`` (th
 ``lora_B`` tensors and the ``also_train`` modules' weights) and ``adapter_config.json`` (rank,
 alpha, dropout, targets, wrapped modules, ``also_train``, the base folder and the sha256 of its
 ``model.safetensors``) — and then merges the adapters, so ``out/model`` is an ordinary folder.
-:func:`load_adapter` gives base + adapter back as a pipeline; :func:`merge_adapter`
-(``kineflow merge``) folds them into a new folder.
+:func:`~kineflow.pipelines.adapters.load_adapter` (also :func:`kineflow.load` of the folder)
+gives base + adapter back as a pipeline; :func:`~kineflow.pipelines.adapters.merge_adapter`
+(``kineflow merge``) folds them into a new folder (both re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from kineflow.data.shards import file_digest
-from kineflow.io import atomic_save_safetensors, atomic_write_json
-from kineflow.models.lora import (
-    apply_lora,
-    load_lora_state_dict,
-    lora_state_dict,
-    merge_lora,
+from kineflow.io import atomic_save_safetensors, atomic_write, atomic_write_json
+from kineflow.models.lora import apply_lora, lora_state_dict, merge_lora
+from kineflow.pipelines.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_FORMAT,
+    ADAPTER_WEIGHTS,
+    base_digest,
+    load_adapter,
+    merge_adapter,
 )
 
 __all__ = [
@@ -48,9 +48,6 @@ __all__ = [
     "save_adapter",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-FORMAT = "kineflow-lora"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -82,12 +79,6 @@ class LoraSettings:
 
 def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def _base_digest(base: str | None) -> str | None:
-    if base is None:
-        return None
-    return file_digest([Path(base) / "model.safetensors"])
 
 
 def _load_base(model: nn.Module, base: str) -> None:
@@ -136,9 +127,10 @@ def prepare_lora(model: nn.Module, settings: LoraSettings, out: Path) -> list[st
         _load_base(model, settings.base)
         tables = Path(settings.base) / "metric.safetensors"
         if tables.is_file() and not (out / "metric.safetensors").exists() and _rank0():
+            # Under `torchrun -m kineflow train` no rank has joined the group yet, so every
+            # rank copies: each through its own temporary file.
             out.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(tables, out / "metric.safetensors.tmp")
-            os.replace(out / "metric.safetensors.tmp", out / "metric.safetensors")
+            atomic_write(out / "metric.safetensors", lambda tmp: shutil.copyfile(tables, tmp))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     model.requires_grad_(False)
@@ -172,13 +164,14 @@ def save_adapter(
     weights = adapter_weights(model, settings)
     atomic_save_safetensors(folder / ADAPTER_WEIGHTS, weights)
     wrapped = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_A")})
+    digest = None if settings.base is None else base_digest(settings.base)
     config = {
-        "format": FORMAT,
+        "format": ADAPTER_FORMAT,
         "version": 1,
         "kineflow_type": kineflow_type,
         **asdict(settings),
         "base": None if settings.base is None else str(Path(settings.base).resolve()),
-        "base_weights_sha256": _base_digest(settings.base),
+        "base_weights_sha256": digest,
         "modules": wrapped,
         "trainable_parameters": sum(v.numel() for v in weights.values()),
     }
@@ -191,85 +184,3 @@ def finish_lora(model: nn.Module, settings: LoraSettings, out: Path, kineflow_ty
     ``model`` in place, so the run's ``out/model`` is an ordinary folder."""
     save_adapter(model, settings, out / "adapter", kineflow_type)
     merge_lora(model)
-
-
-def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """``adapter_config.json`` of ``folder``, checked.
-
-    Raises:
-        FileNotFoundError: no adapter there.
-        ValueError: not a kineflow adapter config.
-    """
-    path = Path(folder) / ADAPTER_CONFIG
-    if not path.is_file() or not (Path(folder) / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(
-            f"{folder}: no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} (an adapter "
-            "folder is written by a training run with a lora section)"
-        )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a kineflow LoRA adapter (format must be {FORMAT!r})")
-    return config
-
-
-def load_adapter(
-    adapter: str | os.PathLike[str],
-    base: str | os.PathLike[str] | None = None,
-    *,
-    merge: bool = False,
-    check_base: bool = True,
-) -> Any:
-    """The base pipeline (``base``, else the folder the adapter records) with the adapter
-    applied (``merge=True``: folded into the weights). ``check_base`` compares the base's
-    ``model.safetensors`` with the recorded sha256.
-
-    Raises:
-        FileNotFoundError / ValueError: no adapter, no base, a base whose weights differ from
-            the recorded ones, an adapter that does not fit the base (naming the tensor).
-    """
-    from kineflow.pipelines.loading import load
-
-    config = read_adapter_config(adapter)
-    base = base if base is not None else config.get("base")
-    if base is None:
-        raise ValueError(f"{adapter}: the adapter records no base folder: pass one")
-    recorded = config.get("base_weights_sha256")
-    if check_base and recorded is not None and _base_digest(str(base)) != recorded:
-        raise ValueError(
-            f"{base}: its model.safetensors is not the base the adapter {adapter} "
-            "was trained on (sha256 differs)"
-        )
-    pipe = load(str(base), dtype=torch.float32)
-    settings = LoraSettings(
-        **{k: config[k] for k in ("rank", "alpha", "dropout", "targets", "also_train")}
-    )
-    wrapped = apply_lora(pipe.model, settings.targets, settings.rank, settings.alpha)
-    if sorted(wrapped) != sorted(config.get("modules", wrapped)):
-        raise ValueError(f"{adapter}: its targets wrap other modules in {base} than in training")
-    weights = load_file(str(Path(adapter) / ADAPTER_WEIGHTS))
-    lora = {k: v for k, v in weights.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
-    load_lora_state_dict(pipe.model, lora)
-    rest = {k: v for k, v in weights.items() if k not in lora}
-    own = pipe.model.state_dict()
-    bad = [k for k, v in rest.items() if k not in own or own[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{adapter}: tensors that do not fit the base: {bad[:4]}")
-    pipe.model.load_state_dict(rest, strict=False)
-    if merge:
-        merge_lora(pipe.model)
-    pipe.model.eval()
-    return pipe
-
-
-def merge_adapter(
-    adapter: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    base: str | os.PathLike[str] | None = None,
-) -> Path:
-    """Fold the adapter into its base and save the result as an ordinary pipeline folder."""
-    pipe = load_adapter(adapter, base, merge=True)
-    pipe.save_pretrained(out)
-    return Path(out)

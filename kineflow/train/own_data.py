@@ -83,7 +83,9 @@ class OwnData:
         self.data = data
         self.dataset = ManifestDataset(data.manifest, image_size=data.image_size)
         self.path = self.dataset.path
-        self.mix = TaskMix.from_mapping(mix, data.seed)
+        # In name order: the task of a sample must not depend on how the mapping was written
+        # (a config dumped with sorted keys, e.g. by yaml.safe_dump, is the same run).
+        self.mix = TaskMix.from_mapping(dict(sorted(mix.items())), data.seed)
         self.pools: dict[str, list[int]] = {}
         for task, _ in self.mix.ratios:
             pool = [i for i, r in enumerate(self.dataset.records) if r.task == _SOURCE[task]]

@@ -177,7 +177,8 @@ class UnifluidTask:
         self.world = ShapesWorld()
         vision = model.config.vision
         self.num_patches = vision.num_patches if vision is not None else 0
-        self.encoder: nn.Module | None = None  # the frozen KL-VAE's copy, made when needed
+        # The frozen KL-VAE's copy, made now: once FSDP wraps the model its weights are shards.
+        self.encoder: nn.Module | None = None if self.data.shards else frozen_copy(model.vae)
         self.shards = open_shards(self, self.data.shards) if self.data.shards else None
         self.own = OwnData(self.data, UNIFLUID_TASKS, tokenizer) if self.data.manifest else None
 
