@@ -2,10 +2,13 @@
 checkpointing and ``torch.compile``.
 
 FSDP shards every parameter over the ranks and gathers a unit's parameters only while that
-unit runs. Each transformer block is its own unit (:data:`BLOCKS`: the Llama decoder layer
-and the SigLIP block; the diffusion head's small MLP blocks stay in the root unit), so only a
-block or two (the running one, the next one prefetched) and the root unit (embeddings, heads,
-aligners) hold full weights at a time instead of the whole model. With
+unit runs. Each decoder layer is its own unit (:data:`SHARDED_BLOCKS`), so only a layer or two
+(the running one, the next one prefetched) and the root unit (embeddings, heads, aligners, the
+understanding tower, the diffusion head) hold full weights at a time instead of the whole
+model. Only blocks that run on every rank at every step may be units: a unit's gather is a
+collective, and the understanding tower does not run on a rank whose share of the batch holds
+no picture (its blocks in units of their own would leave the other ranks waiting on a gather
+that never comes). With
 ``optim.precision = "bf16"`` FSDP also keeps a bfloat16 copy of the gathered weights for
 compute (``MixedPrecision(param_dtype=bf16)``, gradients reduced in float32; the sharded
 master weights and the optimizer stay float32).
@@ -35,6 +38,7 @@ from kineflow.models.siglip import Block as SiglipBlock
 
 __all__ = [
     "BLOCKS",
+    "SHARDED_BLOCKS",
     "activation_checkpointing",
     "fsdp_options",
     "join_process_group",
@@ -42,7 +46,10 @@ __all__ = [
     "wrap_model",
 ]
 
+#: Transformer blocks: what activation checkpointing recomputes.
 BLOCKS: tuple[type[nn.Module], ...] = (LlamaDecoderLayer, SiglipBlock)
+#: The FSDP units: the blocks every rank runs at every step (module docstring).
+SHARDED_BLOCKS: tuple[type[nn.Module], ...] = (LlamaDecoderLayer,)
 
 
 def join_process_group(parallel: str) -> bool:
@@ -59,12 +66,12 @@ def join_process_group(parallel: str) -> bool:
 
 def fsdp_options(model: nn.Module, precision: str) -> dict[str, Any]:
     """The keyword arguments of ``FullyShardedDataParallel`` for ``model``: one unit per
-    block of :data:`BLOCKS`, bf16 mixed precision for ``precision="bf16"``, the weights'
+    block of :data:`SHARDED_BLOCKS`, bf16 mixed precision for ``precision="bf16"``, the weights'
     device as FSDP's compute device (without ``device_id`` it refuses CPU modules)."""
     from torch.distributed.fsdp import MixedPrecision
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    blocks = {type(m) for m in model.modules() if isinstance(m, BLOCKS)}
+    blocks = {type(m) for m in model.modules() if isinstance(m, SHARDED_BLOCKS)}
     options: dict[str, Any] = {
         "use_orig_params": True,  # frozen and trainable parameters may share a unit
         "device_id": next(model.parameters()).device,

@@ -34,11 +34,11 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-#: The data mixes the 2-process runs use. FSDP: text-to-image only, because FUDOKI under FSDP
-#: cannot take mixed batches yet (a rank whose share holds no understanding sample skips the
-#: SigLIP tower's FSDP unit and its all-gather, which the other rank does: a collective
-#: mismatch, with or without LoRA); DDP takes the mixed batches.
-MIXES = {"ddp": {"t2i": 0.5, "vqa": 0.3, "caption": 0.2}, "fsdp": {"t2i": 1.0}}
+#: The data mix of the 2-process runs: mixed batches, so that some rank's share may hold no
+#: understanding sample (the SigLIP tower must not be an FSDP unit of its own: see
+#: kineflow/train/fsdp.py).
+MIXES = {"ddp": {"t2i": 0.5, "vqa": 0.3, "caption": 0.2},
+         "fsdp": {"t2i": 0.5, "vqa": 0.3, "caption": 0.2}}  # fmt: skip
 
 
 def lora_config(assets, out: Path, parallel: str):  # noqa: F811
