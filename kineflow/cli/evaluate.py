@@ -158,6 +158,7 @@ def _run_eval_probe(args: argparse.Namespace) -> int:
     try:
         config = ProbeConfig(train=args.train, test=args.test, vqa_items=args.vqa,
                              iterations=args.iterations, seed=args.seed)  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)  # fail before the work, not after
         pipe = kineflow.load(args.model)
         if not pipe.supports("answer"):
             raise ValueError(f"--model {args.model}: {pipe.display_name} does not answer")

@@ -116,7 +116,7 @@ def test_probe_model_and_cli_json(tmp_path, capsys):
         "2",
     ]
     assert main(args) == 0  # fmt: skip
-    written = json.loads((tmp_path / "probe.json").read_text())
+    written = json.loads((tmp_path / "new" / "probe.json").read_text())
     assert written["vqa"] is None and written["config"]["train"] == 30
     assert "probe:" in capsys.readouterr().out
     assert main(["eval", "probe", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
