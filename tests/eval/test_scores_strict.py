@@ -89,3 +89,23 @@ def test_intervals_on_every_scorer():
     assert cap["parse_rate"] == pytest.approx(0.5) and len(cap["parse_rate_ci"]) == 2
     edits = score_edits({"a": scene}, {"a": scene}, {"a": "recolour"})
     assert edits["accuracy_ci"] == [1.0, 1.0] and edits["by_kind"]["recolour"]["accuracy_ci"]
+
+
+def test_summary_keeps_intervals_and_the_results_table_shows_them():
+    from kineflow.apps.reproduce.report import score_table
+    from kineflow.eval.benchmark import summary
+
+    exact = _scene((0, 0, "circle", "red"), (0, 1, "square", "blue"))
+    extra = _scene((0, 0, "circle", "red"), (0, 1, "square", "blue"), (1, 1, "circle", "red"))
+    t2i = score_t2i([TWO, RED], {TWO.id: [exact, extra], RED.id: [extra, extra]})
+    items = [{"id": f"q{i}", "question": "q?", "answer": "yes", "type": "exist"} for i in range(4)]
+    vqa = score_vqa(items, {f"q{i}": "yes" if i else "no" for i in range(4)})
+    cap = score_captions({"a": exact}, {"a": "nonsense"})
+    numbers = summary({"t2i_test": t2i, "t2i_heldout": t2i, "vqa": vqa, "caption": cap})
+    assert numbers["t2i_test"]["strict"] == 0.25 and numbers["t2i_test"]["overall"] == 1.0
+    assert numbers["t2i_test"]["strict_by_category"]["colors"] == 0.0
+    assert numbers["vqa"]["by_type_ci"]["exist"] == vqa["by_type"]["exist"]["accuracy_ci"]
+    table = score_table({"m": numbers})
+    low, high = vqa["accuracy_ci"]
+    assert f"| 0.750 [{low:.2f}, {high:.2f}] |" in table[2]
+    assert "| `m` | 1.000 [1.00, 1.00] | 0.250 [" in table[2] and table[0].count("|") == 15
