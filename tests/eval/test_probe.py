@@ -105,7 +105,7 @@ def test_probe_model_and_cli_json(tmp_path, capsys):
         "--model",
         str(CHECKPOINTS / "fudoki-shapes"),
         "--out",
-        str(tmp_path),
+        str(tmp_path / "new"),
         "--train",
         "30",
         "--test",
@@ -115,7 +115,7 @@ def test_probe_model_and_cli_json(tmp_path, capsys):
         "--iterations",
         "2",
     ]
-    assert main(args) == 0  # fmt: skip
+    assert main(args) == 0
     written = json.loads((tmp_path / "new" / "probe.json").read_text())
     assert written["vqa"] is None and written["config"]["train"] == 30
     assert "probe:" in capsys.readouterr().out
