@@ -1,8 +1,9 @@
 """``kineflow reproduce``, ``plot`` and ``eval``: the whole ShapesWorld reproduction
 (:mod:`kineflow.apps.reproduce`), training curves from ``metrics.jsonl`` files
-(:mod:`kineflow.eval.plot`) and benchmark scores of generated outputs
-(:mod:`kineflow.eval.score_files`). Handlers import those modules themselves, so ``--help``
-stays fast."""
+(:mod:`kineflow.eval.plot`), benchmark scores of generated outputs
+(:mod:`kineflow.eval.score_files`) and the understanding diagnosis
+(:mod:`kineflow.eval.probe`). Handlers import those modules themselves, so ``--help`` stays
+fast."""
 
 from __future__ import annotations
 
@@ -119,6 +120,61 @@ def _run_eval_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_probe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    parser.add_argument("--out", type=output_dir, required=True, help="folder for probe.json")
+    parser.add_argument(
+        "--train",
+        type=int_in_range(10, 10**7),
+        default=3000,
+        help="training scenes (the last 20 %% pick the weight decay)",
+    )
+    parser.add_argument("--test", type=int_in_range(1, 10**7), default=1000, help="test scenes")
+    parser.add_argument(
+        "--vqa",
+        type=int_in_range(0, 10**6),
+        default=300,
+        help="test questions for the VQA breakdown (0: none)",
+    )
+    parser.add_argument(
+        "--iterations", type=int_in_range(1, 10**5), default=60, help="L-BFGS iterations per probe"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int_in_range(1, 10**5),
+        default=16,
+        help="solver steps per answer, where the model family has them",
+    )
+    parser.add_argument("--seed", type=int, default=0)  # fmt: skip
+
+
+def _run_eval_probe(args: argparse.Namespace) -> int:
+    import json
+
+    import kineflow
+    from kineflow.eval.probe import ProbeConfig, probe_model
+    from kineflow.io import atomic_write_json
+
+    try:
+        config = ProbeConfig(train=args.train, test=args.test, vqa_items=args.vqa,
+                             iterations=args.iterations, seed=args.seed)  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)  # fail before the work, not after
+        pipe = kineflow.load(args.model)
+        if not pipe.supports("answer"):
+            raise ValueError(f"--model {args.model}: {pipe.display_name} does not answer")
+        result = probe_model(pipe, config, steps=args.steps)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}")
+        return 2
+    path = args.out / "probe.json"
+    atomic_write_json(path, result)
+    table = {f: {t: round(v["accuracy"], 3) for t, v in p.items()}
+             for f, p in result["probes"].items()}  # fmt: skip
+    print(json.dumps(table))
+    print(f"probe: {path}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command(
         name="reproduce",
@@ -149,6 +205,18 @@ COMMANDS: list[Command] = [
                 "score outputs on the ShapesWorld benchmark (JSON report + contact sheet)",
                 _eval_shapes_options,
                 _run_eval_shapes,
+            ),
+            Command(
+                "probe",
+                "where understanding is lost: linear probes of a model's picture features "
+                "and a VQA breakdown (JSON)",
+                _eval_probe_options,
+                _run_eval_probe,
+                description="'kineflow eval probe --model checkpoints/fudoki-shapes --out DIR' "
+                "probes raw pixels, the vision tower's output and the aligner's output for "
+                "per-cell occupancy, colour, shape and the object count (linear probes), then "
+                "asks test questions about their own and shuffled pictures; writes "
+                "DIR/probe.json.",
             ),
         ),
     ),

@@ -112,22 +112,42 @@ def evaluate_model(
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of a report, without per-item rows or pictures (for tables and JSON)."""
+    """The numbers of a report, without per-item rows or pictures (for tables and JSON); every
+    score keeps its 95 % interval as ``<name>_ci`` (by group: ``by_<group>_ci``) where the
+    report has one."""
     out: dict[str, Any] = {}
     for key, value in report.items():
         if key.startswith("t2i_"):
+            cats = value["by_category"]
             out[key] = {
                 "overall": value["accuracy"],
                 "image_accuracy": value["image_accuracy"],
-                "by_category": {c: v["accuracy"] for c, v in value["by_category"].items()},
+                "by_category": {c: v["accuracy"] for c, v in cats.items()},
                 "n": value["n"],
             }
-        elif key == "vqa":
-            by_type = {t: v["accuracy"] for t, v in value["by_type"].items()}
-            out[key] = {"accuracy": value["accuracy"], "by_type": by_type, "n": value["n"]}
+            if "strict_accuracy" in value:
+                out[key] |= {
+                    "overall_ci": value["accuracy_ci"],
+                    "image_accuracy_ci": value["image_accuracy_ci"],
+                    "by_category_ci": {c: v["accuracy_ci"] for c, v in cats.items()},
+                    "strict": value["strict_accuracy"],
+                    "strict_ci": value["strict_accuracy_ci"],
+                    "strict_image_accuracy": value["strict_image_accuracy"],
+                    "strict_image_accuracy_ci": value["strict_image_accuracy_ci"],
+                    "strict_by_category": {c: v["strict_accuracy"] for c, v in cats.items()},
+                    "strict_by_category_ci": {c: v["strict_accuracy_ci"] for c, v in cats.items()},
+                }
+        elif key in ("vqa", "edit"):
+            group = "by_type" if key == "vqa" else "by_kind"
+            out[key] = {
+                "accuracy": value["accuracy"],
+                group: {t: v["accuracy"] for t, v in value[group].items()},
+                "n": value["n"],
+            }
+            if "accuracy_ci" in value:
+                out[key]["accuracy_ci"] = value["accuracy_ci"]
+                out[key][f"{group}_ci"] = {t: v["accuracy_ci"] for t, v in value[group].items()}
         elif key == "caption":
             out[key] = {k: value[k] for k in ("accuracy", "parse_rate", "n")}
-        elif key == "edit":
-            by_kind = {k: v["accuracy"] for k, v in value["by_kind"].items()}
-            out[key] = {"accuracy": value["accuracy"], "by_kind": by_kind, "n": value["n"]}
+            out[key] |= {k: value[k] for k in ("accuracy_ci", "parse_rate_ci") if k in value}
     return out

@@ -15,7 +15,7 @@ detector. For every N in ``ns`` the first N candidates of each prompt are the dr
 
 N = 1 is the plain call. Accuracy is the pass rate over prompts (a picture passes when the
 detector's scene satisfies every requirement of its prompt), with percentile-bootstrap 95 %
-intervals over prompts (:func:`kineflow.eval.infill.bootstrap_ci`), and the paired difference
+intervals over prompts (:func:`kineflow.eval.stats.bootstrap_ci`), and the paired difference
 self − (N = 1) with its interval. ``judge_auc``: over pairs of candidates of one prompt, one
 passing and one failing, how often the passing one scores higher (ties count half): 0.5 is a
 judge that cannot tell them apart. Time per prompt for N: N × (sampling + judging) per
@@ -34,7 +34,7 @@ import torch
 
 from kineflow.data.shapes.prompts import check, prompt_set
 from kineflow.eval.detector import detect
-from kineflow.eval.infill import bootstrap_ci
+from kineflow.eval.stats import bootstrap_ci
 from kineflow.pipelines.judge import self_scores
 
 __all__ = ["judge_auc", "pick_rows", "run_best_of_benchmark"]

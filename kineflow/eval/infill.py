@@ -11,7 +11,8 @@ green square at the center"). An item is right when the detector reads the *whol
 picture as the target scene: the new object and every untouched object (none lost, none
 added). The detector is the judge only: nothing of it reaches the model.
 
-Accuracy comes with a percentile-bootstrap 95 % interval over items (:func:`bootstrap_ci`).
+Accuracy comes with a percentile-bootstrap 95 % interval over items
+(:func:`kineflow.eval.stats.bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from kineflow.data.shapes.render import cell_bounds, render_image
 from kineflow.data.shapes.scene import COLOURS, SHAPES, SIZES, Obj, Scene, ShapesWorld
 from kineflow.data.shapes.scene import with_objects as _with
 from kineflow.eval.detector import detect
+from kineflow.eval.stats import bootstrap_ci
 
-__all__ = ["InfillItem", "bootstrap_ci", "infill_items", "run_infill_benchmark"]
+__all__ = ["InfillItem", "infill_items", "run_infill_benchmark"]
 
 PROMPTS = ("caption", "object")
 
@@ -60,18 +62,6 @@ def infill_items(n: int, image_size: int = 32, seed: int = 0) -> list[InfillItem
         mask[bounds[old.row] : bounds[old.row + 1], bounds[old.col] : bounds[old.col + 1]] = True
         items.append(InfillItem(scene, target, old, new, mask))
     return items
-
-
-def bootstrap_ci(
-    passed: np.ndarray | list[bool], level: float = 0.95, draws: int = 10_000, seed: int = 0
-) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the accuracy and its percentile-bootstrap interval."""
-    x = np.asarray(passed, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), (draws, len(x)))].mean(1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(x.mean()), float(low), float(high)
 
 
 def run_infill_benchmark(

@@ -5,12 +5,18 @@ Every scorer takes the benchmark items and a model's outputs and returns a JSON-
 - **t2i**: one or more pictures per prompt; a picture passes when the detector's scene
   satisfies every requirement of its prompt (:func:`kineflow.data.shapes.prompts.check`).
   ``accuracy`` is GenEval's overall score, the mean of the per-category accuracies;
-  ``image_accuracy`` is the plain pass rate over all pictures.
+  ``image_accuracy`` is the plain pass rate over all pictures. Beside it the *strict-scene*
+  rule (:func:`strict_check`): the detected objects are exactly the prompt's objects, none
+  extra (``strict_accuracy``, ``strict_image_accuracy``, per category too).
 - **vqa**: exact match of the normalised one-word answer (lowercase, no final period), per
   question type and overall.
 - **caption**: a caption is right when :func:`~kineflow.data.shapes.language.parse_caption`
   reads back exactly the picture's scene; ``parse_rate`` says how many followed the grammar.
 - **edit**: an edited picture is right when the detector reads exactly the target scene.
+
+Every accuracy comes with its percentile-bootstrap 95 % interval (``<name>_ci: [low, high]``,
+:mod:`kineflow.eval.stats`, seeded): t2i redraws prompts (a prompt's pictures stay together)
+within each category; VQA, caption and edit redraw items.
 
 Each report lists every item with its verdict (and why it failed), so failures can be looked at;
 :func:`contact_sheet` draws the pictures with green (pass) or red (fail) frames.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +35,66 @@ from PIL import Image, ImageDraw, ImageFont
 from kineflow.data.shapes.language import normalise_answer, parse_caption
 from kineflow.data.shapes.prompts import CATEGORIES, Prompt, check
 from kineflow.data.shapes.scene import Scene
+from kineflow.eval.stats import bootstrap_ci, ci_pair, stratified_ci
 
 
 def _accuracy(passed: Sequence[bool]) -> float:
     return float(np.mean(passed)) if len(passed) else float("nan")
 
 
-def _group(items: list[dict], key: str, order: Sequence[str] | None = None) -> dict:
+def _ci(passed: Sequence[bool], seed: int) -> list[float]:
+    return ci_pair(bootstrap_ci(passed, seed=seed))
+
+
+def _group(items: list[dict], key: str, order: Sequence[str] | None = None, seed: int = 0) -> dict:
     groups: dict[str, list[bool]] = defaultdict(list)
     for item in items:
         groups[item[key]].append(item["passed"])
     names = [k for k in order if k in groups] if order else sorted(groups)
-    return {k: {"accuracy": _accuracy(groups[k]), "n": len(groups[k])} for k in names}
+    return {
+        k: {
+            "accuracy": _accuracy(groups[k]),
+            "accuracy_ci": _ci(groups[k], seed),
+            "n": len(groups[k]),
+        }
+        for k in names
+    }
 
 
-def score_t2i(prompts: Sequence[Prompt], scenes: Mapping[str, Sequence[Scene]]) -> dict:
-    """GenEval-style report. ``scenes[prompt.id]``: the detected scene of each picture made
-    for that prompt; every prompt needs at least one picture."""
+def strict_check(prompt: Prompt, scene: Scene) -> list[str]:
+    """The reasons ``scene`` fails ``prompt`` under the strict-scene rule; empty when it passes.
+
+    Strict rule: the GenEval-style check passes (:func:`~kineflow.data.shapes.prompts.check`:
+    counts, colours, the relation) *and* the detected objects are exactly the prompt's
+    objects: there is an assignment of every object to a requirement it matches (shape, and
+    colour where the prompt states one) that gives each requirement exactly ``count`` objects,
+    so ``len(scene) = Σ count`` and nothing is extra. What a prompt leaves unstated stays free:
+    size always, colour where none is named, cells where there is no relation (a prompt names
+    no absolute position)."""
+    failures = check(prompt, scene)
+    want = sum(r.count for r in prompt.requirements)
+    if len(scene) != want:
+        extra = len(scene) - want
+        what = f"{extra} extra object(s)" if extra > 0 else f"{-extra} object(s) missing"
+        return [*failures, f"strict: {len(scene)} objects, the prompt names {want} ({what})"]
+    # At most MAX_OBJECTS objects: try every assignment of objects to matching requirements.
+    options = [[k for k, r in enumerate(prompt.requirements) if r.matches(o)] for o in scene]
+    counts = [r.count for r in prompt.requirements]
+    if not any([c.count(k) for k in range(len(counts))] == counts for c in product(*options)):
+        stray = [o.colour + " " + o.shape for o, opt in zip(scene, options, strict=True) if not opt]
+        why = f"objects the prompt does not name: {stray}" if stray else "no one-to-one match"
+        return [*failures, f"strict: {why}"]
+    return failures
+
+
+def score_t2i(
+    prompts: Sequence[Prompt], scenes: Mapping[str, Sequence[Scene]], seed: int = 0
+) -> dict:
+    """GenEval-style and strict-scene report. ``scenes[prompt.id]``: the detected scene of
+    each picture made for that prompt; every prompt needs at least one picture. Intervals
+    redraw prompts (all pictures of a prompt together) within each category, ``seed`` fixed:
+    a category's accuracy is ``Σ passed / Σ pictures`` over its redrawn prompts, the overall
+    one the mean over categories."""
     missing = [p.id for p in prompts if not scenes.get(p.id)]
     if missing:
         raise ValueError(f"no pictures for {len(missing)} prompt(s), e.g. {missing[:3]}")
@@ -52,6 +102,7 @@ def score_t2i(prompts: Sequence[Prompt], scenes: Mapping[str, Sequence[Scene]]) 
     for p in prompts:
         for k, scene in enumerate(scenes[p.id]):
             failures = check(p, scene)
+            strict = strict_check(p, scene)
             items.append(
                 {
                     "id": p.id,
@@ -59,15 +110,35 @@ def score_t2i(prompts: Sequence[Prompt], scenes: Mapping[str, Sequence[Scene]]) 
                     "category": p.category,
                     "prompt": p.text,
                     "passed": not failures,
+                    "strict": not strict,
                     "failures": failures,
+                    "strict_failures": strict[len(failures) :],
                     "detected": scene.key(),
                 }
             )
-    by_category = _group(items, "category", CATEGORIES)
-    return {
-        "task": "t2i",
-        "accuracy": float(np.mean([v["accuracy"] for v in by_category.values()])),
-        "image_accuracy": _accuracy([i["passed"] for i in items]),
+    # Per prompt: its pass counts and picture count (the bootstrap unit).
+    units: dict[str, dict[str, list]] = {c: defaultdict(list) for c in CATEGORIES}
+    for p in prompts:
+        rows = [i for i in items if i["id"] == p.id]
+        units[p.category]["passed"].append(sum(i["passed"] for i in rows))
+        units[p.category]["strict"].append(sum(i["strict"] for i in rows))
+        units[p.category]["pictures"].append(len(rows))
+    cats = [c for c in CATEGORIES if units[c]["pictures"]]
+    report: dict = {"task": "t2i"}
+    by_category: dict[str, dict] = {c: {} for c in cats}
+    for rule, key in (("passed", "accuracy"), ("strict", "strict_accuracy")):
+        ratios = [np.divide(units[c][rule], units[c]["pictures"]) for c in cats]
+        weights = [np.asarray(units[c]["pictures"], float) for c in cats]
+        mean, low, high = stratified_ci(ratios, seed=seed, weights=weights)
+        report[key], report[f"{key}_ci"] = mean, [low, high]
+        all_x, all_w = np.concatenate(ratios), np.concatenate(weights)
+        img = bootstrap_ci(all_x, seed=seed, weights=all_w)
+        report[f"{key.replace('accuracy', 'image_accuracy')}"] = img[0]
+        report[f"{key.replace('accuracy', 'image_accuracy')}_ci"] = ci_pair(img)
+        for c, x, w in zip(cats, ratios, weights, strict=True):
+            one = bootstrap_ci(x, seed=seed, weights=w)
+            by_category[c] |= {key: one[0], f"{key}_ci": ci_pair(one), "n": int(w.sum())}
+    return report | {
         "by_category": by_category,
         "prompts": len(prompts),
         "n": len(items),
@@ -75,9 +146,12 @@ def score_t2i(prompts: Sequence[Prompt], scenes: Mapping[str, Sequence[Scene]]) 
     }
 
 
-def score_vqa(items: Sequence[Mapping[str, str]], predictions: Mapping[str, str]) -> dict:
+def score_vqa(
+    items: Sequence[Mapping[str, str]], predictions: Mapping[str, str], seed: int = 0
+) -> dict:
     """VQA report. ``items``: dicts with ``id``, ``question``, ``answer`` and ``type``;
-    ``predictions[id]``: the model's answer. Every item needs a prediction."""
+    ``predictions[id]``: the model's answer. Every item needs a prediction. Intervals redraw
+    questions (``seed`` fixed)."""
     _check_ids(items, predictions)
     rows = []
     for it in items:
@@ -96,14 +170,18 @@ def score_vqa(items: Sequence[Mapping[str, str]], predictions: Mapping[str, str]
     return {
         "task": "vqa",
         "accuracy": _accuracy([r["passed"] for r in rows]),
-        "by_type": _group(rows, "type"),
+        "accuracy_ci": _ci([r["passed"] for r in rows], seed),
+        "by_type": _group(rows, "type", seed=seed),
         "n": len(rows),
         "items": rows,
     }
 
 
-def score_captions(scenes: Mapping[str, Scene], predictions: Mapping[str, str]) -> dict:
-    """Captioning report. ``scenes[id]``: the picture's scene; ``predictions[id]``: caption."""
+def score_captions(
+    scenes: Mapping[str, Scene], predictions: Mapping[str, str], seed: int = 0
+) -> dict:
+    """Captioning report. ``scenes[id]``: the picture's scene; ``predictions[id]``: caption.
+    Intervals redraw pictures (``seed`` fixed)."""
     _check_ids([{"id": i} for i in scenes], predictions)
     rows = []
     for item_id, scene in scenes.items():
@@ -120,17 +198,23 @@ def score_captions(scenes: Mapping[str, Scene], predictions: Mapping[str, str]) 
     return {
         "task": "caption",
         "accuracy": _accuracy([r["passed"] for r in rows]),
+        "accuracy_ci": _ci([r["passed"] for r in rows], seed),
         "parse_rate": _accuracy([r["parsed"] is not None for r in rows]),
+        "parse_rate_ci": _ci([r["parsed"] is not None for r in rows], seed),
         "n": len(rows),
         "items": rows,
     }
 
 
 def score_edits(
-    targets: Mapping[str, Scene], detected: Mapping[str, Scene], kinds: Mapping[str, str]
+    targets: Mapping[str, Scene],
+    detected: Mapping[str, Scene],
+    kinds: Mapping[str, str],
+    seed: int = 0,
 ) -> dict:
     """Editing report. ``targets[id]``: the scene the instruction asks for; ``detected[id]``:
-    the scene read from the edited picture; ``kinds[id]``: the edit kind."""
+    the scene read from the edited picture; ``kinds[id]``: the edit kind. Intervals redraw
+    edits (``seed`` fixed)."""
     _check_ids([{"id": i} for i in targets], detected)
     rows = [
         {
@@ -145,7 +229,8 @@ def score_edits(
     return {
         "task": "edit",
         "accuracy": _accuracy([r["passed"] for r in rows]),
-        "by_kind": _group(rows, "kind"),
+        "accuracy_ci": _ci([r["passed"] for r in rows], seed),
+        "by_kind": _group(rows, "kind", seed=seed),
         "n": len(rows),
         "items": rows,
     }
@@ -157,14 +242,32 @@ def _check_ids(items: Sequence[Mapping[str, str]], predictions: Mapping[str, obj
         raise ValueError(f"no output for {len(missing)} item(s), e.g. {missing[:3]}")
 
 
+def fmt_ci(value: float, ci: Sequence[float] | None = None) -> str:
+    """``0.580 [0.52, 0.64]``: a score and its interval (the score alone without one)."""
+    if value is None or value != value:
+        return "–"
+    return f"{value:.3f}" if not ci else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def format_report(report: dict) -> str:
-    """A few human-readable lines: overall accuracy and each group."""
+    """A few human-readable lines: overall accuracy and each group, with 95 % intervals."""
     lines = [f"{report['task']}: accuracy {report['accuracy']:.3f} over {report['n']} items"]
+    if report.get("accuracy_ci"):
+        low, high = report["accuracy_ci"]
+        lines[0] += f" (95 % interval [{low:.2f}, {high:.2f}])"
+    if "strict_accuracy" in report:
+        strict = fmt_ci(report["strict_accuracy"], report.get("strict_accuracy_ci"))
+        lines.append(f"  strict-scene   {strict}")
     for key in ("by_category", "by_type", "by_kind"):
         for name, g in report.get(key, {}).items():
-            lines.append(f"  {name:<14} {g['accuracy']:.3f}  (n={g['n']})")
+            row = f"  {name:<14} {fmt_ci(g['accuracy'], g.get('accuracy_ci'))}"
+            if "strict_accuracy" in g:
+                row += f"  strict {fmt_ci(g['strict_accuracy'], g.get('strict_accuracy_ci'))}"
+            lines.append(row + f"  (n={g['n']})")
     if "parse_rate" in report:
-        lines.append(f"  parse rate     {report['parse_rate']:.3f}")
+        lines.append(
+            f"  parse rate     {fmt_ci(report['parse_rate'], report.get('parse_rate_ci'))}"
+        )
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kineflow.data.shapes.render import render_image
-from kineflow.eval.infill import bootstrap_ci, infill_items, run_infill_benchmark
+from kineflow.eval.infill import infill_items, run_infill_benchmark
+from kineflow.eval.stats import bootstrap_ci
 
 
 def test_items_replace_one_object_inside_its_cell() -> None:

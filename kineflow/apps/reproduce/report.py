@@ -1,5 +1,9 @@
 """The reproduction's results: ``results.json``, the ``results.md`` tables (scores, UniFluid
 ablations, self-correction, figures) and the targets the flagship model is read against.
+
+A score with a 95 % bootstrap interval (``<key>_ci`` beside it in the run's summary,
+:func:`kineflow.eval.benchmark.summary`) is shown as ``0.580 [0.52, 0.64]``; a summary from
+before the intervals shows the score alone.
 """
 
 from __future__ import annotations
@@ -11,11 +15,43 @@ from kineflow.apps.reproduce.config import ReproduceConfig
 from kineflow.data.shapes.prompts import CATEGORIES
 from kineflow.io import atomic_write, atomic_write_json
 
-__all__ = ["target_checks", "write_results"]
+__all__ = ["score_table", "target_checks", "write_results"]
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def _fmt(value: float | None, ci: list[float] | None = None) -> str:
+    if value is None or value != value:  # missing, or NaN (an empty group)
+        return "–"
+    return f"{value:.3f}" if not ci else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _score(block: dict[str, Any] | None, key: str, group: str | None = None) -> str:
+    """``block[key]`` (or ``block[group][key]``) with its interval where the summary has one."""
+    if block is None:
+        return "–"
+    if group is None:
+        return _fmt(block.get(key), block.get(f"{key}_ci"))
+    return _fmt(block.get(group, {}).get(key), block.get(f"{group}_ci", {}).get(key))
+
+
+def score_table(runs: dict[str, Any], train_seconds: dict[str, float] | None = None) -> list[str]:
+    """Markdown rows of the scores table, one run per row: generation (GenEval-style overall,
+    strict-scene overall, per category, held-out), VQA, captioning, editing and, with
+    ``train_seconds``, training minutes. Every score with its interval where it has one."""
+    head = ["model", "gen overall", "strict", *CATEGORIES, "held-out", "VQA",
+            "caption exact", "caption parse", "edit"]  # fmt: skip
+    head += ["train min"] if train_seconds is not None else []
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, r in runs.items():
+        t2i = r["t2i_test"]
+        row = [f"`{name}`", _score(t2i, "overall"), _score(t2i, "strict")]
+        row += [_score(t2i, c, "by_category") for c in CATEGORIES]
+        row += [_score(r["t2i_heldout"], "overall"), _score(r["vqa"], "accuracy"),
+                _score(r["caption"], "accuracy"), _score(r["caption"], "parse_rate"),
+                _score(r.get("edit"), "accuracy")]  # fmt: skip
+        if train_seconds is not None:
+            row.append(f"{train_seconds.get(name, 0) / 60:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def write_results(results: dict[str, Any], out: Path) -> Path:
@@ -44,21 +80,7 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
                   "editing and understanding; one backbone step per token, random order unless "
                   "stated, CFG rising to the same w. Editing: the edited test picture must read "
                   "back as the target scene."]  # fmt: skip
-    lines += [
-        "",
-        "| model | gen overall | " + " | ".join(CATEGORIES) + " | held-out | VQA | caption "
-        "exact | caption parse | edit | train min |",
-        "|---" * (len(CATEGORIES) + 8) + "|",
-    ]
-    for name, r in runs.items():
-        cats = r["t2i_test"]["by_category"]
-        row = [f"`{name}`", _fmt(r["t2i_test"]["overall"])]
-        row += [_fmt(cats.get(c)) for c in CATEGORIES]
-        row += [_fmt(r["t2i_heldout"]["overall"]), _fmt(r["vqa"]["accuracy"]),
-                _fmt(r["caption"]["accuracy"]), _fmt(r["caption"]["parse_rate"]),
-                _fmt(r["edit"]["accuracy"]) if "edit" in r else "–",
-                f"{results['train_seconds'].get(name, 0) / 60:.1f}"]  # fmt: skip
-        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", *score_table(runs, results["train_seconds"])]
     if unifluid:
         lines += ["", "## UniFluid ablations", "",
                   "L = L_image + λ·L_text; the paper: larger λ trades generation for "
@@ -73,9 +95,9 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
         ):  # fmt: skip
             cells = [f"`{name}`", f"{r['text_loss_weight']:g}", r["order"],
                      str(config.unifluid_run_steps(name)),
-                     _fmt(r["t2i_test"]["overall"]), _fmt(r["t2i_heldout"]["overall"]),
-                     _fmt(r["vqa"]["accuracy"]), _fmt(r["caption"]["accuracy"]),
-                     _fmt(r["edit"]["accuracy"]) if "edit" in r else "–"]  # fmt: skip
+                     _score(r["t2i_test"], "overall"), _score(r["t2i_heldout"], "overall"),
+                     _score(r["vqa"], "accuracy"), _score(r["caption"], "accuracy"),
+                     _score(r.get("edit"), "accuracy")]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     minutes = results["wall_seconds"] / 60
     lines += ["", f"Wall time of the whole reproduction: {minutes:.1f} min."]
