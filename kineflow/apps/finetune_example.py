@@ -125,21 +125,50 @@ def train_vq(settings: argparse.Namespace, manifest: Path, out: Path) -> Path:
     return out / "model"
 
 
+def _rss_mib() -> float:
+    """This process's resident memory now (``VmRSS`` of ``/proc/self/status``), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(settings: argparse.Namespace) -> dict[str, Any]:
-    """Train ``settings.steps`` steps (LoRA or full) here; peak RSS and seconds per step."""
+    """Train ``settings.steps`` steps (LoRA or full) here; seconds per step, this process's
+    peak RSS (``ru_maxrss``) and, sampled every 20 ms from a thread, its RSS just before the
+    run and its peak during the run (model building, optimiser state and the steps)."""
+    import threading
+
     from kineflow.train.fudoki import train_fudoki
 
     out = Path(settings.out)
-    manifest = write_fashion_manifest(fashion_mnist(settings.root), out / "data", 20)
+    manifest = (
+        Path(settings.manifest)
+        if settings.manifest
+        else write_fashion_manifest(fashion_mnist(settings.root), out / "data", 20)
+    )
     mode = settings.measure
     config = run_config(settings, manifest, out / f"measure_{mode}", mode == "lora", settings.vq)
+    before, peak, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     train_fudoki(config, progress=False)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
     found = {
         "mode": mode,
         "steps": settings.steps,
         "batch_size": config.optim.batch_size,
-        "seconds_per_step": round((time.perf_counter() - start) / settings.steps, 3),
+        "seconds_per_step": round(seconds / settings.steps, 3),
+        "rss_before_run_mib": round(before, 1),
+        "peak_rss_during_run_mib": round(peak[0], 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     atomic_write_json(out / f"measure_{mode}.json", found)
@@ -152,7 +181,8 @@ def _measure_both(settings: argparse.Namespace, out: Path, vq: str) -> dict[str,
     for mode in ("lora", "full"):
         argv = [sys.executable, "-m", "kineflow.apps.finetune_example", "--measure", mode,
                 "--steps", str(settings.measure_steps), "--root", settings.root,
-                "--config", settings.config, "--vq", vq, "--out", str(out / "measure")]  # fmt: skip
+                "--config", settings.config, "--vq", vq, "--out", str(out / "measure"),
+                "--manifest", str(out / "data" / "manifest.jsonl")]  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True)
         if done.returncode != 0:
             raise ValueError(f"--measure {mode} failed: {done.stderr.strip()[-300:]}")
@@ -237,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vq-config", default=VQ_CONFIG)
     parser.add_argument("--vq", default=None, help="a trained VQ folder: skip stage 3")
     parser.add_argument("--vq-steps", type=int, default=None, help="default: the VQ config's")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--per-class", type=int, default=300)
     parser.add_argument("--answers", type=int, default=300)
     parser.add_argument("--per-prompt", type=int, default=10)
     parser.add_argument("--classifier-epochs", type=int, default=1)
     parser.add_argument("--classifier-train", type=int, default=20000, help="0: the whole split")
     parser.add_argument("--measure", choices=("lora", "full"), default=None)
     parser.add_argument("--measure-steps", type=int, default=5, help="0: skip stage 6")
+    parser.add_argument("--manifest", default=None, help="--measure: this manifest")
     parser.add_argument("--progress", action="store_true")
     settings = parser.parse_args(argv)
     try:
