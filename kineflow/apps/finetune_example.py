@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -125,18 +124,20 @@ def train_vq(settings: argparse.Namespace, manifest: Path, out: Path) -> Path:
     return out / "model"
 
 
-def _rss_mib() -> float:
-    """This process's resident memory now (``VmRSS`` of ``/proc/self/status``), in MiB."""
+def _status_mib(field: str = "VmRSS") -> float:
+    """``field`` of ``/proc/self/status`` in MiB: ``VmRSS`` (resident memory now) or ``VmHWM``
+    (its peak since this process started its program)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def measure(settings: argparse.Namespace) -> dict[str, Any]:
     """Train ``settings.steps`` steps (LoRA or full) here; seconds per step, this process's
-    peak RSS (``ru_maxrss``) and, sampled every 20 ms from a thread, its RSS just before the
-    run and its peak during the run (model building, optimiser state and the steps)."""
+    peak RSS (``VmHWM``; not ``ru_maxrss``, which a child inherits from the parent it was
+    forked from) and, sampled every 20 ms from a thread, its RSS just before the run and its
+    peak during the run (model building, optimiser state and the steps)."""
     import threading
 
     from kineflow.train.fudoki import train_fudoki
@@ -149,11 +150,11 @@ def measure(settings: argparse.Namespace) -> dict[str, Any]:
     )
     mode = settings.measure
     config = run_config(settings, manifest, out / f"measure_{mode}", mode == "lora", settings.vq)
-    before, peak, done = _rss_mib(), [0.0], threading.Event()
+    before, peak, done = _status_mib(), [0.0], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.02):
-            peak[0] = max(peak[0], _rss_mib())
+            peak[0] = max(peak[0], _status_mib())
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -169,7 +170,7 @@ def measure(settings: argparse.Namespace) -> dict[str, Any]:
         "seconds_per_step": round(seconds / settings.steps, 3),
         "rss_before_run_mib": round(before, 1),
         "peak_rss_during_run_mib": round(peak[0], 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(_status_mib("VmHWM"), 1),
     }
     atomic_write_json(out / f"measure_{mode}.json", found)
     return found
