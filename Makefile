@@ -43,11 +43,14 @@ reproduce: $(BASE)
 
 # LoRA fine-tuning of the shipped FUDOKI model on Fashion-MNIST (docs/finetune.md); installs
 # Debian's dataset-fashion-mnist when its files are missing (needs root or sudo).
+# One thread unless OMP_NUM_THREADS says otherwise: on a 2-core machine shared with other jobs,
+# torch's 2 threads made each step 6-10x slower (measured, docs/finetune.md).
 FASHION := /usr/share/datasets/fashion-mnist
 finetune-example: $(BASE)
 	@test -e $(FASHION)/t10k-labels-idx1-ubyte.gz || test -e $(FASHION)/t10k-labels-idx1-ubyte || \
 		{ $$(command -v sudo || true) apt-get install -y dataset-fashion-mnist; }
-	$(PY) -m kineflow.apps.finetune_example --root $(FASHION) --out outputs/finetune_example
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m kineflow.apps.finetune_example --root $(FASHION) \
+		--out outputs/finetune_example
 
 test: $(DEV)
 	$(PY) -m pytest -q

@@ -31,7 +31,7 @@ TRAINING = {
 REPRODUCTION = "reproduce.yaml"
 #: Configs whose data an app writes first (the manifest under outputs/): each is run by its
 #: app's test instead (tests/apps/test_finetune_example.py).
-APP_CONFIGS = {"finetune_fudoki_fashion.yaml"}
+APP_CONFIGS = {"finetune_fudoki_fashion.yaml", "vq_fashion.yaml"}
 
 
 def test_every_config_is_covered() -> None:

@@ -7,8 +7,10 @@ An adapter folder (written by a training run with a ``lora`` section, see
     "dropout", "targets", "also_train", "modules", "base", "base_weights_sha256", ...}``: the
     wrapped linears' paths, the base folder and the sha256 of its ``model.safetensors``;
 ``adapter_model.safetensors``  ``{module}.lora_A`` [r, in] and ``{module}.lora_B`` [out, r]
-    for every wrapped linear, and the ``also_train`` modules' whole weights (their own key
-    names).
+    for every wrapped linear, and the ``also_train`` and ``swapped`` modules' whole weights
+    (their own key names);
+``metric.safetensors``  (FUDOKI runs that swapped the base's VQ for their own) the metric
+    tables the run trained with: the base's text table and the new VQ's codebook.
 
 :func:`load_adapter` rebuilds base + adapter: the base folder is loaded
 (:func:`~kineflow.pipelines.checkpoints.open_checkpoint`) in float32, its weights' sha256 is
@@ -148,10 +150,23 @@ def load_adapter(
     if bad:
         raise ValueError(f"{adapter}: tensors that do not fit the base {base}: {bad[:4]}")
     pipe.model.load_state_dict(rest, strict=False)
+    tables = Path(adapter) / "metric.safetensors"
+    if config.get("swapped") and tables.is_file():
+        pipe = _with_metric_tables(pipe, tables)
     if merge:
         merge_lora(pipe.model)
     pipe.model.eval()
     return pipe.to(device=device, dtype=dtype)
+
+
+def _with_metric_tables(pipe: Pipeline, tables: Path) -> Pipeline:
+    """``pipe`` with the metric tables of ``tables`` (a run that swapped the base's VQ trained
+    on its own codebook's path). Only FUDOKI pipelines have metric tables."""
+    if not hasattr(pipe, "provenance"):
+        raise ValueError(f"{tables}: metric tables for a {pipe.display_name} model")
+    t = load_file(str(tables))
+    return type(pipe)(pipe.model, pipe.tokenizer, t["text"], t["image"], pipe.config,
+                      {**pipe.provenance, "image": str(tables)})  # fmt: skip
 
 
 def merge_adapter(

@@ -23,7 +23,7 @@ identical sequences. Generation prompts are dropped (replaced by pad) with proba
 Frozen parts: the VQ tokenizer (``gen_vision_model``, loaded from ``vq``) and, when ``vision``
 names a pre-trained SigLIP folder, the understanding tower. ``gen_embed`` starts from the
 VQ codebook. The metric tables are the text input embeddings and the VQ codebook at the
-start of the run (from ``init_from`` when given: AR → DFM initialisation), written to
+start of the run (from ``init_from``: AR → DFM; ``lora``: :mod:`kineflow.train.lora`), in
 ``out/metric.safetensors`` and fixed for the whole run, as the path must not move.
 """
 
@@ -461,8 +461,10 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     model = build_model(config, tokenizer)
     if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
         _init_from(model, config.init_from)
-    if config.lora is not None:
-        prepare_lora(model, config.lora, out)
+    if config.lora is not None:  # a vq other than the base's replaces it (kineflow.train.lora)
+        K = model.config.gen_vision.codebook_size
+        codebook = {"image": model.gen_vision_model.quantize.codebook()[:K].detach().clone()}
+        prepare_lora(model, config.lora, out, ("gen_vision_model", "gen_embed"), codebook)
     tables_file = out / "metric.safetensors"
     if tables_file.is_file():
         tables = load_file(str(tables_file))

@@ -14,6 +14,16 @@ alpha, dropout, targets, wrapped modules, ``also_train``, the base folder and th
 :func:`~kineflow.pipelines.adapters.load_adapter` (also :func:`kineflow.load` of the folder)
 gives base + adapter back as a pipeline; :func:`~kineflow.pipelines.adapters.merge_adapter`
 (``kineflow merge``) folds them into a new folder (both re-exported here).
+
+**Swapped modules** (``prepare_lora(..., swap=, swap_tables=)``): a FUDOKI run whose ``vq``
+folder holds another VQ than the base's (e.g. one trained on the new data, which the base's
+cannot draw) keeps the run's VQ and the ``gen_embed`` that :func:`~kineflow.train.fudoki.
+build_model` initialised from its codebook, instead of the base's; the run's metric tables are
+then the base's with the image table replaced by the new codebook (the path must be the VQ's
+own). The swapped modules' weights and the tables travel in the adapter folder
+(``metric.safetensors``; ``swapped`` in its config), so
+:func:`~kineflow.pipelines.adapters.load_adapter` rebuilds the same model. When the run's
+VQ equals the base's nothing is swapped.
 """
 
 from __future__ import annotations
@@ -24,9 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from kineflow.io import atomic_save_safetensors, atomic_write, atomic_write_json
+from kineflow.io import atomic_save_safetensors, atomic_write_json
 from kineflow.models.lora import apply_lora, lora_state_dict, merge_lora
 from kineflow.pipelines.adapters import (
     ADAPTER_CONFIG,
@@ -81,9 +92,11 @@ def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _load_base(model: nn.Module, base: str) -> None:
+def _load_base(model: nn.Module, base: str, swap: tuple[str, ...] = ()) -> list[str]:
     """Copy the weights of the pipeline folder ``base`` into ``model`` (through
-    :func:`kineflow.load`, which reads every folder format), in float32.
+    :func:`kineflow.load`, which reads every folder format), in float32. When the weights of
+    module ``swap[0]`` differ from the base's, every module in ``swap`` keeps the run's weights;
+    returns the modules kept that way (``[]`` or ``list(swap)``).
 
     Raises:
         ValueError: the base is another architecture (naming the differing tensors).
@@ -108,7 +121,16 @@ def _load_base(model: nn.Module, base: str) -> None:
             f"lora.base {base} does not fit the run's model: missing or mis-shaped "
             f"{bad[:4]}, unknown {extra[:4]}; copy its config.json's model section"
         )
-    model.load_state_dict(weights)
+    own_swap = [k for k in own if swap and _under(k, swap[0])]
+    swapped = list(swap) if any(not torch.equal(own[k], weights[k]) for k in own_swap) else []
+    model.load_state_dict(
+        {k: v for k, v in weights.items() if not any(_under(k, m) for m in swapped)}, strict=False
+    )
+    return swapped
+
+
+def _under(key: str, module: str) -> bool:
+    return key == module or key.startswith(module + ".")
 
 
 def _also_train(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
@@ -119,20 +141,35 @@ def _also_train(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     return {n: modules[n] for n in names}
 
 
-def prepare_lora(model: nn.Module, settings: LoraSettings, out: Path) -> list[str]:
+def prepare_lora(
+    model: nn.Module,
+    settings: LoraSettings,
+    out: Path,
+    swap: tuple[str, ...] = (),
+    swap_tables: dict[str, torch.Tensor] | None = None,
+) -> list[str]:
     """Steps (1)–(3) of the module docstring, in place, before the loop starts; returns the
     wrapped linears' paths. A FUDOKI base's ``metric.safetensors`` is copied to ``out`` (the
-    path's tables must be the base's, not recomputed from its trained embeddings)."""
+    path's tables must be the base's, not recomputed from its trained embeddings); when the
+    ``swap`` modules keep the run's weights (:func:`_load_base`, "swapped modules" in the module
+    docstring), its entries named in ``swap_tables`` are replaced by those tensors.
+    ``model.lora_swapped`` records the swapped modules for :func:`finish_lora`."""
+    swapped: list[str] = []
     if settings.base is not None:
-        _load_base(model, settings.base)
+        swapped = _load_base(model, settings.base, swap)
         tables = Path(settings.base) / "metric.safetensors"
         if tables.is_file() and not (out / "metric.safetensors").exists() and _rank0():
             # Under `torchrun -m kineflow train` no rank has joined the group yet, so every
-            # rank copies: each through its own temporary file.
+            # rank writes: each through its own temporary file.
+            replaced = load_file(str(tables))
+            if swapped:
+                replaced.update({k: v.detach().float().contiguous() for k, v in
+                                 (swap_tables or {}).items()})  # fmt: skip
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / "metric.safetensors", lambda tmp: shutil.copyfile(tables, tmp))
+            atomic_save_safetensors(out / "metric.safetensors", replaced)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+    model.lora_swapped = swapped
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(settings.seed)
     wrapped = apply_lora(
@@ -143,26 +180,40 @@ def prepare_lora(model: nn.Module, settings: LoraSettings, out: Path) -> list[st
     return wrapped
 
 
-def adapter_weights(model: nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
-    """The adapter tensors plus the ``also_train`` modules' (full-name keys)."""
+def adapter_weights(
+    model: nn.Module, settings: LoraSettings, swapped: list[str] | tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """The adapter tensors plus the ``also_train`` and ``swapped`` modules' (full-name keys)."""
     weights = lora_state_dict(model)
-    for name, module in _also_train(model, settings.also_train).items():
+    for name, module in _also_train(model, [*settings.also_train, *swapped]).items():
         for k, v in module.state_dict().items():
             weights[f"{name}.{k}"] = v.detach().cpu().contiguous()
     return weights
 
 
 def save_adapter(
-    model: nn.Module, settings: LoraSettings, folder: str | os.PathLike[str], kineflow_type: str
+    model: nn.Module,
+    settings: LoraSettings,
+    folder: str | os.PathLike[str],
+    kineflow_type: str,
+    tables: Path | None = None,
 ) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` in ``folder`` (rank 0
-    only; the weights first, the config last, each atomically)."""
+    only; the weights first, the config last, each atomically). With swapped modules
+    (``model.lora_swapped``) their weights join the adapter's and the run's metric ``tables``
+    file is copied beside them."""
     folder = Path(folder)
     if not _rank0():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    weights = adapter_weights(model, settings)
+    swapped = list(getattr(model, "lora_swapped", []))
+    weights = adapter_weights(model, settings, swapped)
     atomic_save_safetensors(folder / ADAPTER_WEIGHTS, weights)
+    if swapped and tables is not None and tables.is_file():
+        shutil.copyfile(tables, folder / "metric.safetensors.tmp")
+        os.replace(folder / "metric.safetensors.tmp", folder / "metric.safetensors")
+    frozen = {f"{m}.{k}" for m in swapped if m not in settings.also_train
+              for k in _also_train(model, [m])[m].state_dict()}  # fmt: skip
     wrapped = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".lora_A")})
     digest = None if settings.base is None else base_digest(settings.base)
     config = {
@@ -173,7 +224,8 @@ def save_adapter(
         "base": None if settings.base is None else str(Path(settings.base).resolve()),
         "base_weights_sha256": digest,
         "modules": wrapped,
-        "trainable_parameters": sum(v.numel() for v in weights.values()),
+        "swapped": swapped,
+        "trainable_parameters": sum(v.numel() for k, v in weights.items() if k not in frozen),
     }
     atomic_write_json(folder / ADAPTER_CONFIG, config)
     return folder
@@ -182,5 +234,5 @@ def save_adapter(
 def finish_lora(model: nn.Module, settings: LoraSettings, out: Path, kineflow_type: str) -> None:
     """After training: ``out/adapter`` (:func:`save_adapter`), then the adapters merged into
     ``model`` in place, so the run's ``out/model`` is an ordinary folder."""
-    save_adapter(model, settings, out / "adapter", kineflow_type)
+    save_adapter(model, settings, out / "adapter", kineflow_type, out / "metric.safetensors")
     merge_lora(model)
