@@ -54,7 +54,7 @@ finetune-example: $(BASE)
 		--out outputs/finetune_example
 
 # Two pytest workers (pytest-xdist), one test file each at a time: most tests run one torch
-# thread, so a second worker uses the second core (7.5 min on a clean clone of a 2-core machine).
+# thread, so a second worker uses the second core (8 min on a clean clone of a 2-core machine).
 TEST_WORKERS ?= 2
 test: $(DEV)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
