@@ -14,8 +14,9 @@ Each run saves its weights at ``--checkpoints`` steps (``export_steps``) and eve
 asked ``--vqa`` test questions (:func:`kineflow.eval.probe.vqa_breakdown`: accuracy with a 95 %
 bootstrap interval, by question type, with pictures shuffled between questions, the yes-rate
 on existence questions). The two runs train at the same time, one thread each
-(``--threads``). Output: one JSON object on stdout (and ``--out``/curve.json), progress on
-stderr.
+(``--threads``). ``--text-t-max`` trains every run's answers at ``t ≤`` that value only
+(``objective.text_t_max``). Output: one JSON object on stdout (and ``--out``/curve.json),
+progress on stderr.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def train(name: str, args: argparse.Namespace) -> subprocess.Popen:
     raw["data"]["understanding_ratio"] = RUNS[name]
     raw["optim"].update(steps=args.steps, seed=args.seed)
     raw["data"]["seed"] = args.seed
+    if args.text_t_max is not None:  # answers trained at t ~ U(t_min, text_t_max) only
+        raw["objective"]["text_t_max"] = args.text_t_max
     raw.update(export_steps=args.checkpoints, threads=args.threads, log_every=100,
                ckpt_every=max(args.checkpoints))  # fmt: skip
     config = Path(args.out) / f"{name}.yaml"
@@ -73,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    p.add_argument(
+        "--text-t-max",
+        type=float,
+        default=None,
+        help="objective.text_t_max of every run (default: the config's, unset)",
+    )
     args = p.parse_args(argv)
     if max(args.checkpoints) != args.steps:
         args.checkpoints = sorted({*args.checkpoints, args.steps})
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             curves[name][str(step)] = evaluate(folder, args.vqa, max(1, args.threads))
     report = {"steps": args.steps, "checkpoints": args.checkpoints, "vqa_items": args.vqa,
               "seed": args.seed, "ratios": {n: RUNS[n] for n in args.runs},
+              "text_t_max": args.text_t_max,
               "train_seconds": round(train_s, 1),
               "seconds": round(time.perf_counter() - started, 1), "curves": curves}  # fmt: skip
     (Path(args.out) / "curve.json").write_text(json.dumps(report, indent=1))

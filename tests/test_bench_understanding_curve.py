@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_curve_has_every_run_and_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(REPO / "bench" / "understanding_curve.py"), "--out",
-           str(tmp_path), "--steps", "4", "--checkpoints", "2", "--vqa", "6"]  # fmt: skip
+           str(tmp_path), "--steps", "4", "--checkpoints", "2", "--vqa", "6",
+           "--text-t-max", "0.45"]  # fmt: skip
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
@@ -32,3 +33,5 @@ def test_curve_has_every_run_and_checkpoint(tmp_path):
             assert "examples" not in r and "rows" not in r
         assert (tmp_path / run / "model_step4" / "model.safetensors").is_file()
     assert report["ratios"] == {"unified": 0.5, "understanding_only": 1.0}
+    config = (tmp_path / "unified.yaml").read_text()
+    assert "text_t_max: 0.45" in config  # the runs train answers at t <= 0.45 only
