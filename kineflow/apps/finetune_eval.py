@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from kineflow.data.idx import FASHION_MNIST_CLASSES, IdxDataset
 from kineflow.eval.fashion_classifier import FashionClassifier, classify, to_classifier_input
+from kineflow.eval.stats import bootstrap_ci
 
 __all__ = [
     "PAD", "QUESTION", "answer_hits", "bootstrap_interval", "caption", "generation_hits",
@@ -48,11 +49,9 @@ def caption(label: int) -> str:
 
 def bootstrap_interval(correct: np.ndarray, samples: int = 2000, seed: int = 0) -> list[float]:
     """The 2.5 % and 97.5 % quantiles of the mean of ``correct`` over ``samples`` resamples
-    with replacement (the percentile bootstrap)."""
-    rng = np.random.default_rng(seed)
-    correct = np.asarray(correct, dtype=float)
-    means = correct[rng.integers(0, len(correct), (samples, len(correct)))].mean(1)
-    return [round(float(np.quantile(means, 0.025)), 4), round(float(np.quantile(means, 0.975)), 4)]
+    with replacement (:func:`kineflow.eval.stats.bootstrap_ci`), rounded to 4 digits."""
+    _, low, high = bootstrap_ci(correct, draws=samples, seed=seed)
+    return [round(low, 4), round(high, 4)]
 
 
 def score(correct: np.ndarray) -> dict[str, Any]:

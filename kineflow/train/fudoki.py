@@ -426,12 +426,9 @@ class FudokiTask:
                                         "position_ids": plan.position_ids}),
         )  # fmt: skip
         per_sample = region_cross_entropy(
-            [image_logits, text_logits],
-            [inputs["image_at"], inputs["text_at"]],
-            inputs["x1"],
-            samples=None if plan is None else plan.segment_ids,
-            num_samples=int(is_gen.shape[0]),
-        )
+            [image_logits, text_logits], [inputs["image_at"], inputs["text_at"]], inputs["x1"],
+            samples=None if plan is None else plan.segment_ids, num_samples=int(is_gen.shape[0]),
+        )  # fmt: skip
         B = per_sample.shape[0]
         is_gen = is_gen.to(per_sample.device)
         out = {"loss": per_sample.mean()}
@@ -455,6 +452,13 @@ def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, 
         return _train(config, out, progress)
 
 
+def _metric_tables(model: FudokiModel) -> dict[str, Tensor]:
+    """The tables the metric paths are built from: the text input embeddings and the codebook."""
+    K = model.config.gen_vision.codebook_size
+    return {"text": model.language_model.model.embed_tokens.weight.detach().clone(),
+            "image": model.gen_vision_model.quantize.codebook()[:K].detach().clone()}  # fmt: skip
+
+
 def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, Any]:
     tokenizer = TextTokenizer.load(config.text_tokenizer)
     torch.manual_seed(config.optim.seed)
@@ -462,18 +466,13 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
         _init_from(model, config.init_from)
     if config.lora is not None:  # a vq other than the base's replaces it (kineflow.train.lora)
-        K = model.config.gen_vision.codebook_size
-        codebook = {"image": model.gen_vision_model.quantize.codebook()[:K].detach().clone()}
+        codebook = {"image": _metric_tables(model)["image"]}
         prepare_lora(model, config.lora, out, ("gen_vision_model", "gen_embed"), codebook)
     tables_file = out / "metric.safetensors"
     if tables_file.is_file():
         tables = load_file(str(tables_file))
     else:
-        K = model.config.gen_vision.codebook_size
-        tables = {
-            "text": model.language_model.model.embed_tokens.weight.detach().clone(),
-            "image": model.gen_vision_model.quantize.codebook()[:K].detach().clone(),
-        }
+        tables = _metric_tables(model)
         atomic_save_safetensors(tables_file, tables)
     task = FudokiTask(model, tokenizer, config, tables["text"], tables["image"])
 
