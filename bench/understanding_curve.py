@@ -30,7 +30,33 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = {"unified": 0.5, "understanding_only": 1.0}
+RUNS = {"unified": {}, "understanding_only": {"data.understanding_ratio": 1.0}}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:key=value,key=value`` -> (NAME, {dotted key: YAML value}) (``--variant``)."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    if not name or not rest and ":" not in text:
+        raise argparse.ArgumentTypeError(f"--variant wants NAME:key=value,..., got {text!r}")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--variant {name}: {item!r} is not key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set each dotted key of ``overrides`` in the config dictionary ``raw``."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
 
 
 def train(name: str, args: argparse.Namespace) -> subprocess.Popen:
@@ -41,7 +67,7 @@ def train(name: str, args: argparse.Namespace) -> subprocess.Popen:
     for key in ("vq", "vision", "text_tokenizer"):
         raw[key] = str(REPO / raw[key])
     raw["out"] = str(Path(args.out) / name)
-    raw["data"]["understanding_ratio"] = RUNS[name]
+    apply_overrides(raw, args.variants[name])
     raw["optim"].update(steps=args.steps, seed=args.seed)
     raw["data"]["seed"] = args.seed
     if args.text_t_max is not None:  # answers trained at t ~ U(t_min, text_t_max) only
@@ -75,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vqa", type=int, default=300, help="test questions per checkpoint")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    p.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=None,
+                   help="built-in runs (default: both, unless --variant is given)")
+    p.add_argument("--variant", action="append", type=parse_variant, default=[],
+                   metavar="NAME:KEY=VALUE,...",
+                   help="an extra run: the shipped config with these dotted keys set "
+                   "(e.g. understand:data.understanding_ratio=1.0,train_vision=true)")
     p.add_argument(
         "--text-t-max",
         type=float,
@@ -83,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         help="objective.text_t_max of every run (default: the config's, unset)",
     )
     args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = [] if args.variant else list(RUNS)
+    args.variants = {name: RUNS[name] for name in args.runs} | dict(args.variant)
+    args.runs = list(args.variants)
+    if not args.runs:
+        p.error("no runs: give --runs or --variant")
     if max(args.checkpoints) != args.steps:
         args.checkpoints = sorted({*args.checkpoints, args.steps})
     started = time.perf_counter()
@@ -99,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(args.out) / name / f"model_step{step}"
             curves[name][str(step)] = evaluate(folder, args.vqa, max(1, args.threads))
     report = {"steps": args.steps, "checkpoints": args.checkpoints, "vqa_items": args.vqa,
-              "seed": args.seed, "ratios": {n: RUNS[n] for n in args.runs},
+              "seed": args.seed, "overrides": args.variants,
               "text_t_max": args.text_t_max,
               "train_seconds": round(train_s, 1),
               "seconds": round(time.perf_counter() - started, 1), "curves": curves}  # fmt: skip

@@ -262,9 +262,19 @@ class PairData:
             raise ValueError(f"data.image_size must be 32 or 64, got {self.image_size!r}")
 
 
-def shapes_pairs(data: PairData, indices: list[int]) -> tuple[Tensor, list[str], list[str]]:
-    """Items ``indices`` of ``data``: pictures [n, 3, S, S] in [-1, 1], captions, scene keys."""
+def shapes_pairs(
+    data: PairData, indices: list[int], tower_size: int | None = None
+) -> tuple[Tensor, list[str], list[str]]:
+    """Items ``indices`` of ``data``: pictures [n, 3, S, S] in [-1, 1], captions, scene keys.
+
+    ``S`` is ``data.image_size`` (the rendered size), or ``tower_size`` when given and
+    different: the pictures are then resized as the models resize them for their tower
+    (:func:`~kineflow.inputs.images.preprocess_understanding`), so a tower whose patches tile
+    the 3 x 3 grid (48 px, 16-px patches) is trained on what it will see."""
+    from PIL import Image
+
     from kineflow.data.example import image_to_tensor
+    from kineflow.inputs.images import preprocess_understanding
     from kineflow.data.shapes.dataset import draw_item
     from kineflow.data.shapes.language import CAPTION_TEMPLATES, caption
     from kineflow.data.shapes.render import render
@@ -278,7 +288,11 @@ def shapes_pairs(data: PairData, indices: list[int]) -> tuple[Tensor, list[str],
         if data.random_template:
             g = sample_generator(data.seed, i)
             template = int(torch.randint(len(CAPTION_TEMPLATES), (), generator=g))
-        pictures.append(image_to_tensor(render(scene, data.image_size)))
+        picture = render(scene, data.image_size)
+        if tower_size is None or tower_size == data.image_size:
+            pictures.append(image_to_tensor(picture))
+        else:
+            pictures.append(preprocess_understanding([Image.fromarray(picture)], tower_size)[0])
         texts.append(caption(scene, template))
         keys.append(scene.key())
     return torch.stack(pictures), texts, keys
@@ -304,7 +318,8 @@ class _SiglipTask:
         self.data = data
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        pixels, texts, _ = shapes_pairs(self.data, indices)
+        size = self.model.vision.config.image_size
+        pixels, texts, _ = shapes_pairs(self.data, indices, size)
         ids, mask = self.model.tokenize(texts)
         return {"pixels": pixels, "ids": ids, "mask": mask}
 
@@ -368,7 +383,7 @@ def evaluate_retrieval(
             raise RuntimeError(f"fewer than {n} distinct {data.split} scenes in {index} items")
         chunk = list(range(index, index + batch_size))
         index += batch_size
-        pix, txt, keys = shapes_pairs(data, chunk)
+        pix, txt, keys = shapes_pairs(data, chunk, model.vision.config.image_size)
         for p, t, k in zip(pix, txt, keys, strict=True):
             if k not in seen and len(texts) < n:
                 seen.add(k)

@@ -201,3 +201,27 @@ def test_shipped_config_builds(tokenizer):
     model = SiglipPretrainModel(config.pretrain_config(), tokenizer)
     assert model.vision.config.image_size == config.data.image_size == 32
     assert config.optim.grad_accum == 1
+
+
+def test_pairs_resized_for_a_larger_tower_as_the_models_resize_them():
+    """A 48-px tower (16-px patches: one per grid cell) trains on the 32-px renders resized by
+    the same function the FUDOKI / UniFluid trainers and pipelines use."""
+    from PIL import Image
+
+    from kineflow.data.shapes.dataset import draw_item
+    from kineflow.data.shapes.render import render
+    from kineflow.data.shapes.scene import Scene
+    from kineflow.inputs.images import preprocess_understanding
+
+    data = siglip_mod.PairData(random_template=False)
+    native = shapes_pairs(data, [0, 1, 2])[0]
+    resized, texts, keys = shapes_pairs(data, [0, 1, 2], tower_size=48)
+    assert native.shape == (3, 3, 32, 32) and resized.shape == (3, 3, 48, 48)
+    assert torch.equal(shapes_pairs(data, [0, 1, 2], tower_size=32)[0], native)
+    world = siglip_mod._world(data)
+    for i, picture in enumerate(resized):
+        scene = Scene.from_key(draw_item(world, "caption", "train", i).scene_key)
+        assert scene.key() == keys[i]
+        own = preprocess_understanding([Image.fromarray(render(scene, 32))], 48)[0]
+        assert torch.equal(picture, own)
+    assert resized.min() >= -1 and resized.max() <= 1
