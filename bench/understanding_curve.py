@@ -38,7 +38,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     import yaml
 
     name, _, rest = text.partition(":")
-    if not name or not rest and ":" not in text:
+    if not name or ":" not in text:
         raise argparse.ArgumentTypeError(f"--variant wants NAME:key=value,..., got {text!r}")
     overrides: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -101,12 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vqa", type=int, default=300, help="test questions per checkpoint")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=None,
-                   help="built-in runs (default: both, unless --variant is given)")
-    p.add_argument("--variant", action="append", type=parse_variant, default=[],
-                   metavar="NAME:KEY=VALUE,...",
-                   help="an extra run: the shipped config with these dotted keys set "
-                   "(e.g. understand:data.understanding_ratio=1.0,train_vision=true)")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        choices=sorted(RUNS),
+        default=None,
+        help="built-in runs (default: both, unless --variant is given)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="an extra run: the shipped config with these dotted keys set "
+        "(e.g. understand:data.understanding_ratio=1.0,train_vision=true)",
+    )
     p.add_argument(
         "--text-t-max",
         type=float,

@@ -274,11 +274,11 @@ def shapes_pairs(
     from PIL import Image
 
     from kineflow.data.example import image_to_tensor
-    from kineflow.inputs.images import preprocess_understanding
     from kineflow.data.shapes.dataset import draw_item
     from kineflow.data.shapes.language import CAPTION_TEMPLATES, caption
     from kineflow.data.shapes.render import render
     from kineflow.data.shapes.scene import Scene
+    from kineflow.inputs.images import preprocess_understanding
 
     world = _world(data)
     pictures, texts, keys = [], [], []

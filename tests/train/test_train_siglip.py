@@ -215,7 +215,7 @@ def test_pairs_resized_for_a_larger_tower_as_the_models_resize_them():
 
     data = siglip_mod.PairData(random_template=False)
     native = shapes_pairs(data, [0, 1, 2])[0]
-    resized, texts, keys = shapes_pairs(data, [0, 1, 2], tower_size=48)
+    resized, _, keys = shapes_pairs(data, [0, 1, 2], tower_size=48)
     assert native.shape == (3, 3, 32, 32) and resized.shape == (3, 3, 48, 48)
     assert torch.equal(shapes_pairs(data, [0, 1, 2], tower_size=32)[0], native)
     world = siglip_mod._world(data)
