@@ -32,6 +32,45 @@ def test_curve_has_every_run_and_checkpoint(tmp_path):
             assert low <= r["accuracy"] <= high
             assert "examples" not in r and "rows" not in r
         assert (tmp_path / run / "model_step4" / "model.safetensors").is_file()
-    assert report["ratios"] == {"unified": 0.5, "understanding_only": 1.0}
+    assert report["overrides"] == {
+        "unified": {},
+        "understanding_only": {"data.understanding_ratio": 1.0},
+    }
     config = (tmp_path / "unified.yaml").read_text()
     assert "text_t_max: 0.45" in config  # the runs train answers at t <= 0.45 only
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "understanding_curve", REPO / "bench" / "understanding_curve.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_parses_dotted_yaml_values_and_sets_them():
+    bench = _bench_module()
+    name, overrides = bench.parse_variant(
+        "grid:data.understanding_ratio=1.0,train_vision=true,model.vision.patch_size=16,"
+        "vision=checkpoints/siglip-shapes"
+    )
+    assert name == "grid"
+    assert overrides == {
+        "data.understanding_ratio": 1.0,
+        "train_vision": True,
+        "model.vision.patch_size": 16,
+        "vision": "checkpoints/siglip-shapes",
+    }
+    raw = {"data": {"understanding_ratio": 0.5, "pack": True}, "model": {"vision": {}}}
+    bench.apply_overrides(raw, overrides)
+    assert raw["data"] == {"understanding_ratio": 1.0, "pack": True}
+    assert raw["model"]["vision"] == {"patch_size": 16} and raw["train_vision"] is True
+    assert bench.parse_variant("plain:") == ("plain", {})
+    import argparse
+
+    for bad in ("no-colon", ":x=1", "v:novalue"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_variant(bad)

@@ -1,0 +1,134 @@
+"""Score model folders with the reproduction's evaluation settings; JSON plus Markdown tables.
+
+``docs/reproduction/shipped_scores.json`` and the "Shipped models" tables of
+``docs/reproduction/results.md`` come from this: every folder of ``--models NAME=PATH`` is
+scored on the ShapesWorld test split (and the held-out compositions) by
+:func:`kineflow.eval.benchmark.evaluate_model` with the settings of ``configs/reproduce.yaml``
+(24 prompts per category, 2 pictures each, 16 solver steps where the family has them, CFG
+w = 3, 300 VQA questions, 100 captions, 200 edits where the family edits, seed 0), and
+:func:`~kineflow.eval.benchmark.summary` keeps every score with its 95 % bootstrap interval.
+``--tables`` prints the Markdown tables instead of the JSON.
+
+Usage: ``python bench/shipped_scores.py --models fudoki=checkpoints/fudoki-shapes
+unifluid=checkpoints/unifluid-shapes --out docs/reproduction/shipped_scores.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL = {"steps": 16, "cfg_scale": 3.0, "max_prompts_per_category": 24, "images_per_prompt": 2,
+        "vqa_items": 300, "caption_items": 100, "edit_items": 200, "seed": 0}  # fmt: skip
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+TYPES = ("colour", "count", "exist", "relation", "shape")
+
+
+def score(path: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    import kineflow
+    from kineflow.eval.benchmark import evaluate_model, summary
+
+    torch.set_num_threads(threads)
+    pipe = kineflow.load(path)
+    started = time.perf_counter()
+    report = evaluate_model(
+        pipe,
+        images_per_prompt=EVAL["images_per_prompt"],
+        max_prompts_per_category=EVAL["max_prompts_per_category"],
+        vqa_items=EVAL["vqa_items"],
+        caption_items=EVAL["caption_items"],
+        edit_items=EVAL["edit_items"] if pipe.supports("edit") else 0,
+        steps=EVAL["steps"] if pipe.uses_option("text_to_image", "steps") else None,
+        cfg_scale=EVAL["cfg_scale"],
+        seed=EVAL["seed"],
+        progress=False,
+    )
+    out = {"checkpoint": path, **summary(report)}
+    out["eval_seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def _cell(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if ci is None else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def tables(runs: dict[str, dict[str, Any]]) -> str:
+    """The three Markdown tables (overall, strict by category, VQA by type) of ``runs``."""
+    head = ["model", "gen overall", "strict", *CATEGORIES, "held-out", "VQA", "caption exact",
+            "caption parse", "edit"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs.values():
+        t, h, v, c, e = (r.get(k, {}) for k in ("t2i_test", "t2i_heldout", "vqa", "caption",
+                                                 "edit"))  # fmt: skip
+        cells = [f"`{Path(r['checkpoint']).name}`", _cell(t["overall"], t["overall_ci"]),
+                 _cell(t["strict"], t["strict_ci"]),
+                 *(_cell(t["by_category"][k], t["by_category_ci"][k]) for k in CATEGORIES),
+                 _cell(h["overall"], h["overall_ci"]), _cell(v["accuracy"], v["accuracy_ci"]),
+                 _cell(c["accuracy"], c["accuracy_ci"]),
+                 _cell(c["parse_rate"], c["parse_rate_ci"]),
+                 _cell(e.get("accuracy"), e.get("accuracy_ci"))]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ["model", "strict overall", *CATEGORIES, "pictures passing (GenEval-style)",
+            "pictures passing (strict)", "held-out strict"]  # fmt: skip
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs.values():
+        t, h = r["t2i_test"], r["t2i_heldout"]
+        cells = [f"`{Path(r['checkpoint']).name}`", _cell(t["strict"], t["strict_ci"]),
+                 *(_cell(t["strict_by_category"][k], t["strict_by_category_ci"][k])
+                   for k in CATEGORIES),
+                 _cell(t["image_accuracy"], t["image_accuracy_ci"]),
+                 _cell(t["strict_image_accuracy"], t["strict_image_accuracy_ci"]),
+                 _cell(h["strict"], h["strict_ci"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| model | " + " | ".join(TYPES) + " |", "|" + "---|" * (len(TYPES) + 1)]
+    for r in runs.values():
+        v = r["vqa"]
+        cells = [_cell(v["by_type"].get(k), v["by_type_ci"].get(k)) for k in TYPES]
+        lines.append(f"| `{Path(r['checkpoint']).name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--models", nargs="+", metavar="NAME=PATH", default=[
+        "fudoki=checkpoints/fudoki-shapes", "unifluid=checkpoints/unifluid-shapes"])  # fmt: skip
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="write the JSON here too")
+    p.add_argument("--tables", metavar="JSON", default=None,
+                   help="print the Markdown tables of a JSON this wrote, and stop")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.tables:
+        print(tables(json.loads(Path(args.tables).read_text())["runs"]), end="")
+        return 0
+    runs = {}
+    for item in args.models:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not Path(path).is_dir():
+            p.error(f"--models wants NAME=FOLDER with an existing folder, got {item!r}")
+        print(f"[shipped_scores] {name}: {path}", file=sys.stderr, flush=True)
+        runs[name] = score(path, args.threads)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    report = {"about": "model folders scored on the test split with the reproduction's eval "
+              "settings (configs/reproduce.yaml eval) and the current detector; 95 % "
+              "percentile-bootstrap intervals (kineflow.eval.stats, seed 0); made by "
+              "bench/shipped_scores.py", "commit": commit, "eval": EVAL, "runs": runs}  # fmt: skip
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
