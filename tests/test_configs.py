@@ -23,6 +23,7 @@ CONFIGS = ROOT / "configs"
 #: config file -> the ``kineflow train`` command that runs it.
 TRAINING = {
     "fudoki_shapes.yaml": "fudoki",
+    "ar_shapes.yaml": "fudoki",
     "unifluid_shapes.yaml": "unifluid",
     "vq_shapes.yaml": "tokenizer",
     "kl_shapes.yaml": "tokenizer",
@@ -32,11 +33,15 @@ REPRODUCTION = "reproduce.yaml"
 #: Configs whose data an app writes first (the manifest under outputs/): each is run by its
 #: app's test instead (tests/apps/test_finetune_example.py).
 APP_CONFIGS = {"finetune_fudoki_fashion.yaml", "vq_fashion.yaml"}
+#: Configs that start from another config's model (``init_from``): config -> that config.
+SECOND_STAGE = {"fudoki_from_ar_shapes.yaml": "ar_shapes.yaml"}
 
 
 def test_every_config_is_covered() -> None:
     """A new config must be added to this file's table, so that it gets run too."""
-    assert {p.name for p in CONFIGS.glob("*.yaml")} == set(TRAINING) | {REPRODUCTION} | APP_CONFIGS
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == (
+        set(TRAINING) | {REPRODUCTION} | APP_CONFIGS | set(SECOND_STAGE)
+    )
 
 
 @pytest.fixture
@@ -64,6 +69,32 @@ def test_config_trains_on_a_fresh_clone(
     trainer_state = out / "checkpoint" / "trainer.pt"
     assert trainer_state.is_file(), sorted(p.name for p in out.iterdir())
     assert not (fresh_clone / "outputs").exists()
+
+
+@pytest.mark.parametrize("name", sorted(SECOND_STAGE))
+def test_second_stage_starts_from_the_first_stage_model(
+    name: str, fresh_clone: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shipped FUDOKI recipe: the AR stage writes the model the second stage starts from
+    (its ``init_from``, under ``outputs/``), in the order the config's comment gives."""
+    first = SECOND_STAGE[name]
+    init_from = Path(yaml.safe_load((CONFIGS / name).read_text())["init_from"])
+    assert init_from.name == "model" and init_from.parts[0] == "outputs"
+    first_out = yaml.safe_load((CONFIGS / first).read_text())["out"]
+    assert init_from.parent == Path(first_out)
+    for config, out in ((first, first_out), (name, "run")):
+        argv = ["train", "fudoki", "--config", f"configs/{config}", "--steps", "2",
+                "--out", str(fresh_clone / out), "--no-progress"]  # fmt: skip
+        status = main(argv)
+        printed = capsys.readouterr().out
+        assert status == 0, printed
+    assert (fresh_clone / "run" / "checkpoint" / "trainer.pt").is_file()
+    # Without the first stage's model the second stage says which folder is missing.
+    shutil.rmtree(fresh_clone / first_out)
+    status = main(["train", "fudoki", "--config", f"configs/{name}", "--steps", "2",
+                   "--out", str(fresh_clone / "again"), "--no-progress"])  # fmt: skip
+    said = capsys.readouterr()
+    assert status == 2 and f"error: No such file or directory: {init_from}" in said.out + said.err
 
 
 def test_reproduction_config_names_existing_stage_configs() -> None:

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _same_as_before_the_move(out: Path, model: str) -> None:
     """The showcase draws the same pictures and answers for the same seeds as it did before
     the package reorganisation (issue 15): ``tests/golden/showcase.json`` holds a hash of each
-    picture's pixels and the answers, recorded at commit 426952f."""
+    picture's pixels and the answers, recorded at commit 426952f; ``fudoki-shapes`` re-recorded
+    with ``tests/golden/record.py`` when the model was retrained with the 9-token tower."""
     golden = json.loads(GOLDEN.read_text())[model]
 
     def digest(name: str) -> str:
@@ -66,8 +67,8 @@ def test_showcase_generates_and_answers(tmp_path, capsys) -> None:
     # The showcase is deterministic for its seeds, so the floors sit one below the measured
     # values: room for a float-rounding difference on another CPU to flip one picture or
     # answer, not for a regression.
-    assert summary["t2i"]["passed"] >= 7  # 8 of 14 measured
-    assert summary["vqa"]["correct"] >= 7  # 8 of 16 measured
+    assert summary["t2i"]["passed"] >= 5  # 6 of 14 measured
+    assert summary["vqa"]["correct"] >= 14  # 15 of 16 measured
     _same_as_before_the_move(out, "fudoki-shapes")
 
 

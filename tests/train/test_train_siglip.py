@@ -199,7 +199,11 @@ def test_shipped_config_builds(tokenizer):
     path = Path(__file__).parents[2] / "configs" / "siglip_shapes.yaml"
     config = SiglipTrainConfig.from_yaml(path)
     model = SiglipPretrainModel(config.pretrain_config(), tokenizer)
-    assert model.vision.config.image_size == config.data.image_size == 32
+    # 32-px renders resized to 48 px: 16-px patches, one token per cell of the 3 x 3 grid.
+    assert config.data.image_size == 32
+    v = model.vision.config
+    assert (v.image_size, v.patch_size, v.num_patches) == (48, 16, 9)
+    assert v.image_size % 3 == 0 and v.image_size // v.patch_size == 3
     assert config.optim.grad_accum == 1
 
 
