@@ -31,19 +31,25 @@ import torch
 CELLS_PROBED = (0, 4, 8)  # top left, centre, bottom right (reading order)
 
 
-def overlapping_tokens(cell: int, image_size: int, patch: int) -> list[int]:
-    """Indices (row-major) of the patches of an ``image_size`` picture cut in ``patch`` px
-    squares that overlap grid cell ``cell``."""
+def overlapping_tokens(cell: int, image_size: int, patch: int, render_size: int = 32) -> list[int]:
+    """Indices (row-major) of the tower's patches that overlap grid cell ``cell`` by more than
+    one pixel along each axis, measured on the ``render_size`` picture (the tower sees it
+    resized to ``image_size`` and cut in ``patch`` px squares): a sliver left by the resize
+    does not count."""
     from kineflow.data.shapes.render import cell_bounds
     from kineflow.data.shapes.scene import CELLS
 
     r, c = CELLS[cell]
-    edges = cell_bounds(image_size)
-    y0, y1, x0, x1 = edges[r], edges[r + 1], edges[c], edges[c + 1]
+    edges = cell_bounds(render_size)
     side = image_size // patch
+    step = patch * render_size / image_size  # a patch's side on the rendered picture
+
+    def overlaps(lo: float, hi: float, k: int) -> bool:
+        return min(hi, (k + 1) * step) - max(lo, k * step) > 1
+
     return [pr * side + pc for pr in range(side) for pc in range(side)
-            if pr * patch < y1 and (pr + 1) * patch > y0
-            and pc * patch < x1 and (pc + 1) * patch > x0]  # fmt: skip
+            if overlaps(edges[r], edges[r + 1], pr)
+            and overlaps(edges[c], edges[c + 1], pc)]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
