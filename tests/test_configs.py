@@ -94,7 +94,8 @@ def test_second_stage_starts_from_the_first_stage_model(
     status = main(["train", "fudoki", "--config", f"configs/{name}", "--steps", "2",
                    "--out", str(fresh_clone / "again"), "--no-progress"])  # fmt: skip
     said = capsys.readouterr()
-    assert status == 2 and f"error: No such file or directory: {init_from}" in said.out + said.err
+    assert status == 2
+    assert f"error: init_from {init_from}: no model.safetensors there" in said.out + said.err
 
 
 def test_reproduction_config_names_existing_stage_configs() -> None:

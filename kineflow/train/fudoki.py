@@ -199,8 +199,12 @@ def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiMo
 
 
 def _init_from(model: FudokiModel, folder: str) -> None:
-    """Copy every shared tensor of a saved FUDOKI / AR model (same architecture) into ``model``."""
-    weights = load_file(str(Path(folder) / "model.safetensors"))
+    """Copy every shared tensor of a saved FUDOKI / AR model (same architecture) into ``model``
+    (ValueError: no ``model.safetensors`` in ``folder``, or a model of another shape)."""
+    file = Path(folder) / "model.safetensors"
+    if not file.is_file():
+        raise ValueError(f"init_from {folder}: no model.safetensors there (train that model first)")
+    weights = load_file(str(file))
     own = model.state_dict()
     bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in weights and not k.startswith("gen_vision_model.")]
