@@ -1,11 +1,36 @@
-"""Shared fixtures: small random problems whose exact answers are known."""
+"""Shared fixtures: small random problems whose exact answers are known; loading bench scripts."""
 
 from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from kineflow.flow import EmbeddingMetric, ExactPosterior, MaskedPath, MetricPath
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@contextlib.contextmanager
+def bench_script(name: str) -> Iterator[ModuleType]:
+    """``bench/<name>.py`` imported as a module for the ``with`` block. It sits in
+    ``sys.modules`` meanwhile, because dataclasses resolve their module there while the class
+    body runs."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture

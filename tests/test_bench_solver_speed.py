@@ -4,7 +4,6 @@ promised JSON. No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from conftest import bench_script
 
 from kineflow.flow import EulerSolver, MetricPath
 
@@ -23,16 +23,8 @@ SCRIPT = ROOT / "bench" / "solver_speed.py"
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("bench_solver_speed", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve the module through sys.modules while the class body is executed.
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_script("solver_speed") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _tiny_problem(V: int = 64, D: int = 8) -> tuple[torch.Tensor, MetricPath]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,28 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "token_locality", REPO / "bench" / "token_locality.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_one_patch_per_cell_when_the_grid_lines_up():
-    bench = _bench()
+    with bench_script("token_locality") as bench:
+        overlapping = bench.overlapping_tokens
     # 48 px in 16-px patches: cell k is token k (both in reading order).
-    assert [bench.overlapping_tokens(k, 48, 16) for k in range(9)] == [[k] for k in range(9)]
+    assert [overlapping(k, 48, 16) for k in range(9)] == [[k] for k in range(9)]
     # 32 px in 8-px patches: cells are 0-11, 11-21, 21-32 px, so every cell spans 2 x 2
     # patches and neighbouring cells share a row or column of them.
-    assert bench.overlapping_tokens(0, 32, 8) == [0, 1, 4, 5]
-    assert bench.overlapping_tokens(4, 32, 8) == [5, 6, 9, 10]
-    assert bench.overlapping_tokens(8, 32, 8) == [10, 11, 14, 15]
+    assert overlapping(0, 32, 8) == [0, 1, 4, 5]
+    assert overlapping(4, 32, 8) == [5, 6, 9, 10]
+    assert overlapping(8, 32, 8) == [10, 11, 14, 15]
 
 
 @pytest.mark.slow  # features of 60 scenes and 60 small probe fits (~20 s)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,19 +41,13 @@ def test_curve_has_every_run_and_checkpoint(tmp_path):
     assert "text_t_max: 0.45" in config  # the runs train answers at t <= 0.45 only
 
 
-def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "understanding_curve", REPO / "bench" / "understanding_curve.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench():
+    with bench_script("understanding_curve") as module:
+        yield module
 
 
-def test_variant_parses_dotted_yaml_values_and_sets_them():
-    bench = _bench_module()
+def test_variant_parses_dotted_yaml_values_and_sets_them(bench):
     name, overrides = bench.parse_variant(
         "grid:data.understanding_ratio=1.0,train_vision=true,model.vision.patch_size=16,"
         "vision=checkpoints/siglip-shapes"

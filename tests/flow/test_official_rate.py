@@ -5,20 +5,17 @@ benchmark using the library option."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 
 from kineflow.flow import EmbeddingMetric, EulerSolver, MaskedPath, MetricPath
 from kineflow.flow.solver import jump_probability
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[2]
 A, C = 0.9, 3.0  # FUDOKI's schedule β_t = c (t / (1 − t))^a
 V, D = 5, 3
 
@@ -131,18 +128,10 @@ def test_masked_path_refuses_the_official_rate_clearly() -> None:
 
 
 def test_solver_quality_benchmark_uses_the_library_option(capsys) -> None:
-    spec = importlib.util.spec_from_file_location("bench_solver_quality",
-                                                  ROOT / "bench" / "solver_quality.py")  # fmt: skip
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    try:
-        spec.loader.exec_module(bench)
+    with bench_script("solver_quality") as bench:
         path, rate, _ = bench.rules(torch.randn(4, 3))["official"]
         assert type(path) is MetricPath and rate == "official"
         report = bench.main(["--steps", "2,4"])
-    finally:
-        sys.modules.pop(spec.name, None)
     printed = json.loads(capsys.readouterr().out)
     assert printed == report and printed["steps"] == [2, 4]
     for entry in printed["problems"].values():
