@@ -24,13 +24,22 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL = {"steps": 16, "cfg_scale": 3.0, "max_prompts_per_category": 24, "images_per_prompt": 2,
-        "vqa_items": 300, "caption_items": 100, "edit_items": 200, "seed": 0}  # fmt: skip
+#: The evaluation settings this reads from ``configs/reproduce.yaml`` (its ``eval`` section).
+EVAL_FIELDS = ("steps", "cfg_scale", "max_prompts_per_category", "images_per_prompt",
+               "vqa_items", "caption_items", "edit_items", "seed")  # fmt: skip
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TYPES = ("colour", "count", "exist", "relation", "shape")
 
 
-def score(path: str, threads: int) -> dict[str, Any]:
+def eval_settings() -> dict[str, Any]:
+    """The reproduction's evaluation settings (``configs/reproduce.yaml``, ``eval``)."""
+    from kineflow.apps.reproduce.config import ReproduceConfig
+
+    settings = ReproduceConfig.from_yaml(REPO / "configs" / "reproduce.yaml").eval
+    return {name: getattr(settings, name) for name in EVAL_FIELDS}
+
+
+def score(path: str, threads: int, settings: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import kineflow
@@ -38,17 +47,18 @@ def score(path: str, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     pipe = kineflow.load(path)
+    s = settings
     started = time.perf_counter()
     report = evaluate_model(
         pipe,
-        images_per_prompt=EVAL["images_per_prompt"],
-        max_prompts_per_category=EVAL["max_prompts_per_category"],
-        vqa_items=EVAL["vqa_items"],
-        caption_items=EVAL["caption_items"],
-        edit_items=EVAL["edit_items"] if pipe.supports("edit") else 0,
-        steps=EVAL["steps"] if pipe.uses_option("text_to_image", "steps") else None,
-        cfg_scale=EVAL["cfg_scale"],
-        seed=EVAL["seed"],
+        images_per_prompt=s["images_per_prompt"],
+        max_prompts_per_category=s["max_prompts_per_category"],
+        vqa_items=s["vqa_items"],
+        caption_items=s["caption_items"],
+        edit_items=s["edit_items"] if pipe.supports("edit") else 0,
+        steps=s["steps"] if pipe.uses_option("text_to_image", "steps") else None,
+        cfg_scale=s["cfg_scale"],
+        seed=s["seed"],
         progress=False,
     )
     out = {"checkpoint": path, **summary(report)}
@@ -110,19 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables:
         print(tables(json.loads(Path(args.tables).read_text())["runs"]), end="")
         return 0
+    settings = eval_settings()
     runs = {}
     for item in args.models:
         name, eq, path = item.partition("=")
         if not eq or not name or not Path(path).is_dir():
             p.error(f"--models wants NAME=FOLDER with an existing folder, got {item!r}")
         print(f"[shipped_scores] {name}: {path}", file=sys.stderr, flush=True)
-        runs[name] = score(path, args.threads)
+        runs[name] = score(path, args.threads, settings)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     report = {"about": "model folders scored on the test split with the reproduction's eval "
               "settings (configs/reproduce.yaml eval) and the current detector; 95 % "
               "percentile-bootstrap intervals (kineflow.eval.stats, seed 0); made by "
-              "bench/shipped_scores.py", "commit": commit, "eval": EVAL, "runs": runs}  # fmt: skip
+              "bench/shipped_scores.py", "commit": commit, "eval": settings,
+              "runs": runs}  # fmt: skip
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
