@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from kineflow.data.shapes import ShapesWorld
 from kineflow.data.shapes.dataset import draw_item
-from kineflow.data.shapes.render import render
+from kineflow.data.shapes.render import render_image
 from kineflow.data.shapes.scene import Scene
 from kineflow.eval.stats import bootstrap_ci
 from kineflow.inputs.images import preprocess_understanding
@@ -51,8 +50,7 @@ def tower_tokens(tower: nn.Module, items: list[Any], layer: str) -> Tensor:
     out = []
     with torch.no_grad():
         for lo in range(0, len(items), 1000):
-            pics = [Image.fromarray(render(Scene.from_key(it.scene_key), 32))
-                    for it in items[lo : lo + 1000]]  # fmt: skip
+            pics = [render_image(Scene.from_key(it.scene_key)) for it in items[lo : lo + 1000]]
             px = preprocess_understanding(pics, size)
             if layer == "embed":
                 out.append(tower.patch_embed(px) + tower.pos_embed)
