@@ -199,8 +199,7 @@ def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiMo
 
 
 def _init_from(model: FudokiModel, folder: str) -> None:
-    """Copy every shared tensor of a saved FUDOKI / AR model (same architecture) into ``model``
-    (ValueError: no ``model.safetensors`` in ``folder``, or a model of another shape)."""
+    """Copy every shared tensor of a saved FUDOKI / AR model (ValueError if none or misfit)."""
     file = Path(folder) / "model.safetensors"
     if not file.is_file():
         raise ValueError(f"init_from {folder}: no model.safetensors there (train that model first)")
@@ -209,10 +208,8 @@ def _init_from(model: FudokiModel, folder: str) -> None:
     bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in weights and not k.startswith("gen_vision_model.")]
     if bad or missing:
-        raise ValueError(
-            f"init_from {folder} does not fit the model: mis-shaped {bad[:5]}, missing "
-            f"{missing[:5]}"
-        )
+        detail = f"mis-shaped {bad[:5]}, missing {missing[:5]}"
+        raise ValueError(f"init_from {folder} does not fit the model: {detail}")
     model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 
 
