@@ -67,6 +67,7 @@ from kineflow.data.shapes.scene import (
     WorldConfig,
     holds,
 )
+from kineflow.eval.scores import strict_check
 
 # -- an independent oracle ------------------------------------------------------------------------
 #: What the position words mean, written out here rather than read from the library.
@@ -777,6 +778,23 @@ def test_scene_for_prompt_passes_and_respects_the_split(world: ShapesWorld) -> N
         assert passes(prompt, scene) and touches_default_heldout(scene), prompt.id
     for prompt in prompt_set("test", max_per_category=2):
         assert all(passes(prompt, scene_for_prompt(prompt, world, rng)) for _ in range(20))
+
+
+def test_scene_for_prompt_holds_exactly_the_prompts_objects_unless_extras(
+    world: ShapesWorld,
+) -> None:
+    """The strict scene rule is the oracle: by default the scene is the prompt's and nothing
+    more; with ``extras`` it still passes GenEval-style, and some scenes hold more objects."""
+    rng = np.random.default_rng(7)
+    more = 0
+    for prompt in prompt_set("test"):
+        n = sum(r.count for r in prompt.requirements)
+        scene = scene_for_prompt(prompt, world, rng, "train")
+        assert len(scene) == n and strict_check(prompt, scene) == [], prompt.id
+        padded = scene_for_prompt(prompt, world, rng, "train", extras=True)
+        assert passes(prompt, padded) and len(padded) >= n, prompt.id
+        more += len(padded) > n
+    assert more > len(prompt_set("test")) // 4
 
 
 def test_scene_for_prompt_rejects_more_than_four_objects(world: ShapesWorld) -> None:

@@ -5,7 +5,8 @@
 :mod:`kineflow.data.shapes.materialise` writes exactly the same items to disk. Tasks:
 
 - ``t2i``: a picture with a prompt. Half the items pair a GenEval-style prompt (category
-  uniform, then a prompt of the split, then a random scene passing it), half a random scene of
+  uniform, then a prompt of the split, then a random scene holding exactly the prompt's
+  objects: no extras, which taught models to add objects), half a random scene of
   the split with its full caption in a random template, so text-to-image models learn both
   the benchmark's prompt language and full descriptions.
 - ``caption``: a random scene and its canonical caption (the captioning target).
