@@ -31,37 +31,24 @@ CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "
 TYPES = ("colour", "count", "exist", "relation", "shape")
 
 
-def eval_settings() -> dict[str, Any]:
+def eval_settings() -> Any:
     """The reproduction's evaluation settings (``configs/reproduce.yaml``, ``eval``)."""
     from kineflow.apps.reproduce.config import ReproduceConfig
 
-    settings = ReproduceConfig.from_yaml(REPO / "configs" / "reproduce.yaml").eval
-    return {name: getattr(settings, name) for name in EVAL_FIELDS}
+    return ReproduceConfig.from_yaml(REPO / "configs" / "reproduce.yaml").eval
 
 
-def score(path: str, threads: int, settings: dict[str, Any]) -> dict[str, Any]:
+def score(path: str, threads: int, settings: Any) -> dict[str, Any]:
     import torch
 
     import kineflow
-    from kineflow.eval.benchmark import evaluate_model, summary
+    from kineflow.apps.reproduce.evaluate import benchmark_report
+    from kineflow.eval.benchmark import summary
 
     torch.set_num_threads(threads)
     pipe = kineflow.load(path)
-    s = settings
     started = time.perf_counter()
-    report = evaluate_model(
-        pipe,
-        images_per_prompt=s["images_per_prompt"],
-        max_prompts_per_category=s["max_prompts_per_category"],
-        vqa_items=s["vqa_items"],
-        caption_items=s["caption_items"],
-        edit_items=s["edit_items"] if pipe.supports("edit") else 0,
-        steps=s["steps"] if pipe.uses_option("text_to_image", "steps") else None,
-        cfg_scale=s["cfg_scale"],
-        seed=s["seed"],
-        progress=False,
-    )
-    out = {"checkpoint": path, **summary(report)}
+    out = {"checkpoint": path, **summary(benchmark_report(pipe, settings))}
     out["eval_seconds"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -133,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"about": "model folders scored on the test split with the reproduction's eval "
               "settings (configs/reproduce.yaml eval) and the current detector; 95 % "
               "percentile-bootstrap intervals (kineflow.eval.stats, seed 0); made by "
-              "bench/shipped_scores.py", "commit": commit, "eval": settings,
+              "bench/shipped_scores.py", "commit": commit,
+              "eval": {name: getattr(settings, name) for name in EVAL_FIELDS},
               "runs": runs}  # fmt: skip
     text = json.dumps(report, indent=1)
     if args.out:

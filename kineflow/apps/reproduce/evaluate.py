@@ -13,7 +13,29 @@ from typing import Any
 from kineflow.apps.reproduce.config import EvalSettings
 from kineflow.data.shapes.prompts import CATEGORIES
 
-__all__ = ["evaluate_run"]
+__all__ = ["benchmark_report", "evaluate_run"]
+
+
+def benchmark_report(pipe: Any, settings: EvalSettings) -> dict[str, Any]:
+    """:func:`~kineflow.eval.benchmark.evaluate_model` of ``pipe`` with ``settings`` (the
+    reproduction's): solver steps only where the family has them (UniFluid takes one backbone
+    step per token), edits only where it edits. The full report, per-item rows and pictures
+    included; :func:`~kineflow.eval.benchmark.summary` keeps the numbers."""
+    from kineflow.eval.benchmark import evaluate_model
+
+    s = settings
+    return evaluate_model(
+        pipe,
+        images_per_prompt=s.images_per_prompt,
+        max_prompts_per_category=s.max_prompts_per_category,
+        vqa_items=s.vqa_items,
+        caption_items=s.caption_items,
+        edit_items=s.edit_items if pipe.supports("edit") else 0,
+        steps=s.steps if pipe.uses_option("text_to_image", "steps") else None,
+        cfg_scale=s.cfg_scale,
+        seed=s.seed,
+        progress=False,
+    )
 
 
 def evaluate_run(name: str, out: Path, settings: EvalSettings, log: Callable) -> dict[str, Any]:
@@ -22,7 +44,7 @@ def evaluate_run(name: str, out: Path, settings: EvalSettings, log: Callable) ->
 
     import kineflow
     from kineflow.data.shapes.prompts import passes, prompt_set
-    from kineflow.eval.benchmark import evaluate_model, summary
+    from kineflow.eval.benchmark import summary
     from kineflow.eval.detector import detect
     from kineflow.eval.scores import contact_sheet
 
@@ -33,18 +55,7 @@ def evaluate_run(name: str, out: Path, settings: EvalSettings, log: Callable) ->
     # UniFluid takes one backbone step per token: it has no steps option.
     steps = s.steps if pipe.uses_option("text_to_image", "steps") else None
     start = time.perf_counter()
-    report = evaluate_model(
-        pipe,
-        images_per_prompt=s.images_per_prompt,
-        max_prompts_per_category=s.max_prompts_per_category,
-        vqa_items=s.vqa_items,
-        caption_items=s.caption_items,
-        edit_items=s.edit_items if pipe.supports("edit") else 0,
-        steps=steps,
-        cfg_scale=s.cfg_scale,
-        seed=s.seed,
-        progress=False,
-    )
+    report = benchmark_report(pipe, s)
     result = summary(report)
     result["eval_seconds"] = time.perf_counter() - start
 
