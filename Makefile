@@ -9,7 +9,7 @@ DEV    := $(VENV)/.kineflow-dev
 # Pinned: an unpinned torch, asked for by any package, pulls a multi-GB CUDA build.
 PIN    := $(VENV)/constraints.txt
 
-.PHONY: demo demo-flow reproduce test bench lint clean finetune-example
+.PHONY: demo demo-flow reproduce claims test bench lint clean finetune-example
 
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ demo-flow: $(BASE)
 # Everything behind the shipped checkpoints, from scratch (~105 min on 2 CPU cores).
 reproduce: $(BASE)
 	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
+
+# The papers' claims on three training seeds (resumable; docs/reproduction/claims.md).
+claims: $(BASE)
+	$(PY) -m kineflow reproduce --config configs/claims.yaml
 
 # LoRA fine-tuning of the shipped FUDOKI model on Fashion-MNIST (docs/finetune.md); installs
 # Debian's dataset-fashion-mnist when its files are missing (needs root or sudo).

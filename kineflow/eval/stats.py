@@ -11,17 +11,21 @@ redrawn statistic (the *percentile* interval, Efron & Tibshirani ch. 13):
 - :func:`stratified_ci`: the mean of per-group means (GenEval's overall score: the mean of the
   per-category accuracies), each group redrawn within itself so every redraw keeps every group.
 
+With a handful of values -- one score per training seed -- a bootstrap has too few distinct
+redraws; :func:`t_interval` gives Student's ``mean ± t_{(1+level)/2, n−1} · sd / √n`` instead.
+
 The same ``seed`` gives the same interval; all-pass or all-fail units give a degenerate
 interval at the point estimate.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["LEVEL", "bootstrap_ci", "ci_pair", "stratified_ci"]
+__all__ = ["LEVEL", "bootstrap_ci", "ci_pair", "stratified_ci", "t_interval", "t_quantile"]
 
 LEVEL = 0.95
 DRAWS = 10_000
@@ -101,3 +105,43 @@ def stratified_ci(
 def ci_pair(result: tuple[float, float, float]) -> list[float]:
     """``[low, high]`` of a ``(mean, low, high)`` triple (the JSON form of an interval)."""
     return [result[1], result[2]]
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p``-quantile of Student's t with ``df`` degrees of freedom, ``p`` in [0.5, 1):
+    bisection on the CDF ``F(x) = 1/2 + ∫_0^x f(u) du`` with the density
+    ``f(u) = Γ((ν+1)/2) / (√(νπ) Γ(ν/2)) · (1 + u²/ν)^(−(ν+1)/2)`` integrated by Simpson's
+    rule (substituting ``u = tan θ`` so the heavy tail of ν = 1 costs nothing)."""
+    if not 0.5 <= p < 1 or df < 1:
+        raise ValueError(f"need 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
+    nu = float(df)
+    log_c = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
+
+    def cdf(x: float) -> float:
+        theta = np.linspace(0.0, math.atan(x), 2001)  # u = tan θ, du = dθ / cos² θ
+        u = np.tan(theta)
+        g = np.exp(log_c - (nu + 1) / 2 * np.log1p(u * u / nu)) / np.cos(theta) ** 2
+        h = theta[1] - theta[0]
+        return 0.5 + h / 3 * float(g[0] + g[-1] + 4 * g[1:-1:2].sum() + 2 * g[2:-1:2].sum())
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
+    """``(mean, low, high)``: Student's interval ``mean ± t_{(1+level)/2, n−1} · sd / √n`` of
+    ``n ≥ 2`` values (``sd`` with ``n − 1`` in the denominator); equal values give a
+    zero-width interval."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"t_interval needs two or more values, got {len(x)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    mean = float(x.mean())
+    half = t_quantile((1 + level) / 2, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half

@@ -163,6 +163,39 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     assert set(cats) == {"single_object", "two_object", "counting", "colors", "position",
                          "color_attr"}  # fmt: skip
 
+    # The claims study: two seeds of each compared run on the encoders trained above.
+    claims = {
+        **config, "out": str(tmp_path / "claims"), "seeds": [0, 1], "steps": 2,
+        "runs": ["ar", "fudoki", "fudoki_from_ar"],
+        "prebuilt": {"text_tokenizer": str(run / "text_tokenizer"), "vq": str(run / "vq/model"),
+                     "siglip": str(run / "siglip/vision"), "kl": str(run / "kl/model")},
+        "unifluid_runs": {"unifluid": {}, "unifluid_gen_only": {
+            "understanding_ratio": 0.0, "edit_ratio": 0.0}},
+    }  # fmt: skip
+    (tmp_path / "claims.yaml").write_text(yaml.safe_dump(claims))
+    assert main(["reproduce", "--config", str(tmp_path / "claims.yaml")]) == 0
+    study = tmp_path / "claims"
+    results = json.loads((study / "results.json").read_text())
+    assert set(results["runs"]) == {f"{r}_s{k}" for r in ("ar", "fudoki", "fudoki_from_ar",
+                                    "unifluid", "unifluid_gen_only") for k in (0, 1)}  # fmt: skip
+    assert not (study / "vq").exists() and not (study / "text_tokenizer").exists()
+    seeded = yaml.safe_load((study / "configs" / "fudoki_s1.yaml").read_text())
+    assert seeded["optim"]["seed"] == 1 and seeded["data"]["seed"] == 1
+    assert seeded["vq"] == str(run / "vq/model")
+    gen_only = yaml.safe_load((study / "configs" / "unifluid_gen_only_s0.yaml").read_text())
+    assert gen_only["data"]["understanding_ratio"] == 0.0
+    verdicts = {c["what"]: c for c in results["claims"]}
+    assert set(verdicts) == {"FUDOKI generates as well as AR", "FUDOKI understands as well as AR",
+                             "AR initialisation helps generation",
+                             "AR initialisation helps understanding",
+                             "unified beats generation-only (generation)"}  # fmt: skip
+    helps = verdicts["AR initialisation helps generation"]
+    assert helps["a_scores"] == [results["runs"][f"fudoki_from_ar_s{k}"]["t2i_test"]["overall"]
+                                 for k in (0, 1)]  # fmt: skip
+    low, high = helps["interval"]
+    assert low <= helps["difference"] <= high
+    assert "## Claims" in (study / "results.md").read_text() and results["targets"] == {}
+
 
 def test_reproduce_config_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="runs must be"):

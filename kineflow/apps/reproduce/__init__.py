@@ -20,6 +20,11 @@ checkpoint, so re-running the command continues where it stopped)::
                      self-contained), the UniFluid one (``unifluid``, weights in float16)
                      and, standalone, the VQ tokenizer and SigLIP encoder
 
+With several ``seeds`` every run trains once per seed (``out/<run>_s<seed>``) and the results
+add the papers' claims, each with its interval over the seeds and a verdict
+(:mod:`kineflow.apps.reproduce.claims`); ``prebuilt`` skips encoder stages by reading trained
+folders instead (``configs/claims.yaml``, ``make claims``).
+
 Every discrete model trains on the same batches for the same number of optimizer steps of the
 same network (equal training compute); ``fudoki_from_ar`` splits its N steps into N/2 AR + N/2
 DFM. The UniFluid runs share that backbone size and batch size on continuous tokens.
@@ -38,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kineflow.apps.reproduce.claims import claim_verdicts
 from kineflow.apps.reproduce.config import (
     FLAGSHIP,
     RUNS,
@@ -64,7 +70,10 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // config.jobs)
     jobs = plan_jobs(config, out, threads)  # reads the stage configs first: fail before training
-    if not (out / "text_tokenizer" / "tokenizer.json").is_file():
+    if (
+        "text_tokenizer" not in config.prebuilt
+        and not (out / "text_tokenizer" / "tokenizer.json").is_file()
+    ):
         tokenizer = train_text_tokenizer(
             corpus(n=config.text_corpus_items), vocab_size=config.text_vocab_size
         )
@@ -87,13 +96,16 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
     atomic_write_json(timings_file, timings)
     train_seconds = {k: v for k, v in timings["jobs"].items() if not k.startswith("eval_")}
     evals = {n: json.loads((out / n / "eval.json").read_text()) for n in config.all_runs}
-    curves = {name: read_metrics(out / name / "metrics.jsonl") for name in config.runs}
+    discrete = [n for run in config.runs for n in config.seeded(run)]
+    curves = {name: read_metrics(out / name / "metrics.jsonl") for name in discrete}
     plot_metrics(curves, ["loss", "loss_gen", "loss_und"], out / "figures" / "loss.png")
     if config.unifluid is not None:
-        curves = {n: read_metrics(out / n / "metrics.jsonl") for n in config.unifluid_runs}
+        names = [n for run in config.unifluid_runs for n in config.seeded(run)]
+        curves = {n: read_metrics(out / n / "metrics.jsonl") for n in names}
         plot_metrics(curves, ["loss", "loss_image", "loss_text"],
                      out / "figures" / "loss_unifluid.png")  # fmt: skip
-    flagship = FLAGSHIP if FLAGSHIP in evals else "fudoki"
+    first = {run: config.seeded(run)[0] for run in (*RUNS, UNIFLUID_FLAGSHIP)}
+    flagship = FLAGSHIP if first[FLAGSHIP] in evals else "fudoki"
     results = {
         "config": config.to_dict(),
         "train_seconds": train_seconds,
@@ -101,31 +113,34 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
         "calls": timings["calls"],
         "flagship": flagship,
         "runs": evals,
-        "targets": {n: target_checks(evals, n) for n in ("fudoki", "fudoki_from_ar") if n in evals},
+        "targets": {}
+        if len(config.seeds) > 1
+        else {n: target_checks(evals, n) for n in ("fudoki", "fudoki_from_ar") if n in evals},
+        "claims": claim_verdicts(evals, config) if len(config.seeds) > 1 else [],
         "stages": {
-            "vq": json.loads((out / "vq" / "eval.json").read_text()),
-            "siglip": json.loads((out / "siglip" / "eval.json").read_text()),
+            stage: json.loads((out / stage / "eval.json").read_text())
+            for stage in ("vq", "siglip", *(("kl",) if config.unifluid else ()))
+            if stage not in config.prebuilt
         },
     }
-    if config.unifluid is not None:
-        results["stages"]["kl"] = json.loads((out / "kl" / "eval.json").read_text())
     if config.ship:
+        # Prebuilt encoders are not copied: they are someone's trained folders already.
         results["shipped"] = {
-            name: ship(src, Path(config.ship) / name) for name, src in (
-                ("fudoki-shapes", out / flagship / "model"),
-                ("vq-shapes", out / "vq" / "model"),
-                ("siglip-shapes", out / "siglip" / "vision"),
-            )
+            name: ship(src, Path(config.ship) / name) for stage, name, src in (
+                (None, "fudoki-shapes", out / first[flagship] / "model"),
+                ("vq", "vq-shapes", out / "vq" / "model"),
+                ("siglip", "siglip-shapes", out / "siglip" / "vision"),
+            ) if stage not in config.prebuilt
         }  # fmt: skip
-        if config.unifluid is not None:
+        if config.unifluid is not None and "kl" not in config.prebuilt:
             # The configs in configs/ read the KL-VAE from here, so a fresh clone can train
             # UniFluid without running the tokenizer stage first.
             results["shipped"]["kl-shapes"] = ship(
                 out / "kl" / "model", Path(config.ship) / "kl-shapes", save_half_vae
             )
-        if UNIFLUID_FLAGSHIP in evals:
+        if first[UNIFLUID_FLAGSHIP] in evals:
             results["shipped"]["unifluid-shapes"] = ship(
-                out / UNIFLUID_FLAGSHIP / "model", Path(config.ship) / "unifluid-shapes",
+                out / first[UNIFLUID_FLAGSHIP] / "model", Path(config.ship) / "unifluid-shapes",
                 save_half,
             )  # fmt: skip
     write_results(results, out)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from kineflow.config import RunConfig
 
-__all__ = ["FLAGSHIP", "RUNS", "UNIFLUID_FLAGSHIP", "UNIFLUID_KNOBS", "EvalSettings",
+__all__ = ["FLAGSHIP", "PREBUILT", "RUNS", "UNIFLUID_FLAGSHIP", "UNIFLUID_KNOBS", "EvalSettings",
            "ReproduceConfig"]  # fmt: skip
 
 #: The compared models: name -> (objective, label).
@@ -24,9 +24,24 @@ RUNS: dict[str, tuple[str, str]] = {
 }
 #: The UniFluid run that ``ship`` copies (the others are its ablations).
 UNIFLUID_FLAGSHIP = "unifluid"
-#: What a UniFluid run may change from the base config: the paper's ablations, and its own
+#: What a UniFluid run may change from the base config, and the config section each lives in:
+#: the paper's ablations (λ, order), the batch mix (``understanding_ratio: 0, edit_ratio: 0`` is
+#: the generation-only model, ``understanding_ratio: 1`` the understanding-only one), and its own
 #: optimizer steps.
-UNIFLUID_KNOBS = ("text_loss_weight", "order", "steps")
+UNIFLUID_KNOBS: dict[str, str] = {
+    "text_loss_weight": "model",
+    "order": "model",
+    "understanding_ratio": "data",
+    "edit_ratio": "data",
+    "steps": "optim",
+}
+#: The stages ``prebuilt`` may replace with a trained folder: what each folder must hold.
+PREBUILT: dict[str, str] = {
+    "text_tokenizer": "tokenizer.json",
+    "vq": "model.safetensors",
+    "siglip": "model.safetensors",
+    "kl": "model.safetensors",
+}
 
 
 @dataclass
@@ -73,6 +88,8 @@ class ReproduceConfig(RunConfig):
     siglip_steps: int | None = None
     steps: int = 3000
     runs: list[str] = field(default_factory=lambda: list(RUNS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    prebuilt: dict[str, str] = field(default_factory=dict)
     jobs: int = 2
     eval: EvalSettings = field(default_factory=EvalSettings)
     ship: str | None = None
@@ -97,6 +114,18 @@ class ReproduceConfig(RunConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.steps < 2:
             raise ValueError(f"steps must be >= 2 (the AR -> DFM run splits it), got {self.steps}")
+        seeds = self.seeds
+        if (
+            not isinstance(seeds, list)
+            or not seeds
+            or len(set(seeds)) != len(seeds)
+            or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in seeds)
+        ):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0, got "
+                             f"{seeds!r}")  # fmt: skip
+        bad = [k for k in self.prebuilt if k not in PREBUILT]
+        if not isinstance(self.prebuilt, dict) or bad:
+            raise ValueError(f"prebuilt: {bad or self.prebuilt!r} not among {list(PREBUILT)}")
 
     def _check_unifluid_runs(self) -> None:
         runs = self.unifluid_runs
@@ -121,10 +150,36 @@ class ReproduceConfig(RunConfig):
 
     def unifluid_run_steps(self, name: str) -> int:
         """The optimizer steps of UniFluid run ``name``."""
-        own = (self.unifluid_runs[name] or {}).get("steps")
+        own = (self.unifluid_runs[self.base_run(name)] or {}).get("steps")
         return own or self.unifluid_steps or self.steps
+
+    def seeded(self, run: str) -> list[str]:
+        """The folder names of run ``run``, one per seed: ``run`` itself with one seed,
+        ``run_s<seed>`` with several."""
+        if len(self.seeds) == 1:
+            return [run]
+        return [f"{run}_s{k}" for k in self.seeds]
+
+    def seed_of(self, name: str) -> int:
+        """The seed of folder name ``name`` (the only seed with one)."""
+        if len(self.seeds) == 1:
+            return self.seeds[0]
+        return int(name.rsplit("_s", 1)[1])
+
+    def base_run(self, name: str) -> str:
+        """The run a folder name belongs to (``ar_s2`` -> ``ar``)."""
+        return name if len(self.seeds) == 1 else name.rsplit("_s", 1)[0]
 
     @property
     def all_runs(self) -> list[str]:
-        """The discrete runs, then the UniFluid ones."""
-        return [*self.runs, *(self.unifluid_runs if self.unifluid else {})]
+        """The folder names of every run and seed: the discrete runs, then the UniFluid ones."""
+        runs = [*self.runs, *(self.unifluid_runs if self.unifluid else {})]
+        return [name for run in runs for name in self.seeded(run)]
+
+    def stage_folder(self, stage: str, out: Any) -> str:
+        """Where stage ``stage``'s trained model is: its ``prebuilt`` folder, or under
+        ``out`` (``text_tokenizer``, ``vq/model``, ``siglip/vision``, ``kl/model``)."""
+        if stage in self.prebuilt:
+            return str(self.prebuilt[stage])
+        return str(out / {"text_tokenizer": "text_tokenizer", "vq": "vq/model",
+                          "siglip": "siglip/vision", "kl": "kl/model"}[stage])  # fmt: skip

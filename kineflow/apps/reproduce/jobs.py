@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kineflow.apps.reproduce.config import RUNS, ReproduceConfig
+from kineflow.apps.reproduce.config import RUNS, UNIFLUID_KNOBS, ReproduceConfig
 from kineflow.io import atomic_write
 
 __all__ = ["Job", "plan_jobs", "read_yaml", "run_jobs"]
@@ -56,38 +56,43 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 def plan_jobs(config: ReproduceConfig, out: Path, threads: int) -> list[Job]:
-    # The two encoders come first and alone, each with every thread: everything waits for them.
+    """Every job of the run (done ones included; :func:`run_jobs` skips them): the encoder
+    stages not in ``prebuilt``, one training job per run and seed, one evaluation per model."""
+    # The encoders come first and alone, each with every thread: everything waits for them.
     every = os.cpu_count() or 1
-    vq = read_yaml(config.vq) | {"out": str(out / "vq"), "threads": every}
-    if config.vq_steps is not None:
-        vq["optim"] = {**vq.get("optim", {}), "steps": config.vq_steps}
-    siglip = read_yaml(config.siglip) | {"out": str(out / "siglip"), "threads": every}
-    if config.siglip_steps is not None:
-        siglip["optim"] = {**siglip.get("optim", {}), "steps": config.siglip_steps}
-    jobs = [
-        Job("vq", "tokenizer", vq, out / "vq" / "eval.json", exclusive=True),
-        Job("siglip", "siglip", siglip, out / "siglip" / "eval.json",
-             extra_args=("--tokenizer", str(out / "text_tokenizer")), exclusive=True),
-    ]  # fmt: skip
+    jobs = []
+    for stage, kind in (("vq", "tokenizer"), ("siglip", "siglip")):
+        if stage in config.prebuilt:
+            continue
+        stage_config = read_yaml(getattr(config, stage)) | {"out": str(out / stage),
+                                                            "threads": every}  # fmt: skip
+        own_steps = getattr(config, f"{stage}_steps")
+        if own_steps is not None:
+            stage_config["optim"] = {**stage_config.get("optim", {}), "steps": own_steps}
+        tokenizer = config.stage_folder("text_tokenizer", out)
+        extra = ("--tokenizer", tokenizer) if stage == "siglip" else ()
+        jobs.append(Job(stage, kind, stage_config, out / stage / "eval.json", extra_args=extra,
+                        exclusive=True))  # fmt: skip
     unifluid_runs = []
     if config.unifluid is not None:  # the KL-VAE is the third encoder stage, alone too
-        kl, *unifluid_runs = _unifluid_jobs(config, out, threads, every)
-        jobs.append(kl)
-    base = _model_base(config.model, out, threads, vq=str(out / "vq" / "model"))
+        kl, unifluid_runs = _unifluid_jobs(config, out, threads, every)
+        jobs += kl
+    base = _model_base(config, config.model, out, threads, vq=config.stage_folder("vq", out))
     N = config.steps
-    for name in config.runs:
-        run = json.loads(json.dumps(base))
-        run["out"] = str(out / name)
-        run["objective"] = {**run.get("objective", {}), "kind": RUNS[name][0]}
-        run["optim"] = {**run.get("optim", {}), "steps": N}
-        needs: tuple[str, ...] = ("vq", "siglip")
-        if name == "ar" and "fudoki_from_ar" in config.runs:
-            run["export_steps"] = [N // 2]
-        if name == "fudoki_from_ar":
-            run["init_from"] = str(out / "ar" / f"model_step{N // 2}")
-            run["optim"]["steps"] = N - N // 2
-            needs = ("ar",)
-        jobs.append(Job(name, "fudoki", run, out / name / "summary.json", needs))
+    for run_name in config.runs:
+        for name, seed in zip(config.seeded(run_name), config.seeds, strict=True):
+            run = _seeded(base, out / name, seed, len(config.seeds) > 1)
+            run["objective"] = {**run.get("objective", {}), "kind": RUNS[run_name][0]}
+            run["optim"]["steps"] = N
+            needs = _stages(config, "vq", "siglip")
+            if run_name == "ar" and "fudoki_from_ar" in config.runs:
+                run["export_steps"] = [N // 2]
+            if run_name == "fudoki_from_ar":
+                ar = config.seeded("ar")[config.seeds.index(seed)]
+                run["init_from"] = str(out / ar / f"model_step{N // 2}")
+                run["optim"]["steps"] = N - N // 2
+                needs = (ar,)
+            jobs.append(Job(name, "fudoki", run, out / name / "summary.json", needs))
     jobs += unifluid_runs
     # Evaluations are jobs too: a finished model is scored while others still train.
     for name in config.all_runs:
@@ -96,33 +101,61 @@ def plan_jobs(config: ReproduceConfig, out: Path, threads: int) -> list[Job]:
     return jobs
 
 
-def _model_base(path: str, out: Path, threads: int, **image_tokenizer: str) -> dict[str, Any]:
+def _stages(config: ReproduceConfig, *stages: str) -> tuple[str, ...]:
+    """The stage jobs a model waits for: those not ``prebuilt``."""
+    return tuple(s for s in stages if s not in config.prebuilt)
+
+
+def _seeded(base: dict[str, Any], out: Path, seed: int, several: bool) -> dict[str, Any]:
+    """A copy of run config ``base`` writing to ``out``; with several seeds, ``seed`` drives
+    both the initialisation (``optim.seed``) and every sample's draws (``data.seed``)."""
+    run = json.loads(json.dumps(base))
+    run["out"] = str(out)
+    run["optim"] = dict(run.get("optim", {}))
+    if several:
+        run["optim"]["seed"] = seed
+        run["data"] = {**run.get("data", {}), "seed": seed}
+    return run
+
+
+def _model_base(
+    config: ReproduceConfig, path: str, out: Path, threads: int, **image_tokenizer: str
+) -> dict[str, Any]:
     """A model's run config with the stages it shares filled in: the image tokenizer (``vq``
     or ``vae``), the SigLIP tower, the text tokenizer; ``threads`` per job."""
     return (
         read_yaml(path)
         | image_tokenizer
         | {
-            "vision": str(out / "siglip" / "vision"),
-            "text_tokenizer": str(out / "text_tokenizer"),
+            "vision": config.stage_folder("siglip", out),
+            "text_tokenizer": config.stage_folder("text_tokenizer", out),
             "threads": threads,
         }
     )
 
 
-def _unifluid_jobs(config: ReproduceConfig, out: Path, threads: int, every: int) -> list[Job]:
-    """The KL-VAE (alone, every thread), then the UniFluid runs on it."""
-    kl = read_yaml(config.kl) | {"out": str(out / "kl"), "threads": every}
-    jobs = [Job("kl", "tokenizer", kl, out / "kl" / "eval.json", exclusive=True)]
-    base = _model_base(config.unifluid, out, threads, vae=str(out / "kl" / "model"))
-    for name in config.unifluid_runs:
-        run = json.loads(json.dumps(base))
-        run["out"] = str(out / name)
-        knobs = {k: v for k, v in (config.unifluid_runs[name] or {}).items() if k != "steps"}
-        run["model"] = {**run.get("model", {}), **knobs}
-        run["optim"] = {**run.get("optim", {}), "steps": config.unifluid_run_steps(name)}
-        jobs.append(Job(name, "unifluid", run, out / name / "summary.json", ("kl", "siglip")))
-    return jobs
+def _unifluid_jobs(
+    config: ReproduceConfig, out: Path, threads: int, every: int
+) -> tuple[list[Job], list[Job]]:
+    """The KL-VAE (alone, every thread; none when ``prebuilt``), then the UniFluid runs on
+    it, once per seed; each run's knobs go to their config sections (:data:`UNIFLUID_KNOBS`)."""
+    kl = []
+    if "kl" not in config.prebuilt:
+        kl_config = read_yaml(config.kl) | {"out": str(out / "kl"), "threads": every}
+        kl.append(Job("kl", "tokenizer", kl_config, out / "kl" / "eval.json", exclusive=True))
+    base = _model_base(config, config.unifluid, out, threads, vae=config.stage_folder("kl", out))
+    jobs = []
+    for run_name, knobs in config.unifluid_runs.items():
+        for name, seed in zip(config.seeded(run_name), config.seeds, strict=True):
+            run = _seeded(base, out / name, seed, len(config.seeds) > 1)
+            for knob, value in (knobs or {}).items():
+                if knob != "steps":
+                    section = UNIFLUID_KNOBS[knob]
+                    run[section] = {**run.get(section, {}), knob: value}
+            run["optim"]["steps"] = config.unifluid_run_steps(name)
+            needs = _stages(config, "kl", "siglip")
+            jobs.append(Job(name, "unifluid", run, out / name / "summary.json", needs))
+    return kl, jobs
 
 
 def run_jobs(

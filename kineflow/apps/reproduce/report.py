@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kineflow.apps.reproduce.claims import claims_table
 from kineflow.apps.reproduce.config import ReproduceConfig
 from kineflow.data.shapes.prompts import CATEGORIES
 from kineflow.io import atomic_write, atomic_write_json
@@ -99,6 +100,14 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
                      _score(r["vqa"], "accuracy"), _score(r["caption"], "accuracy"),
                      _score(r.get("edit"), "accuracy")]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
+    if results.get("claims"):
+        seeds = results["config"]["seeds"]
+        lines += ["", "## Claims", "",
+                  f"Each claim on {len(seeds)} training seeds ({', '.join(map(str, seeds))}): "
+                  "`a − b` per seed (same initialisation seed and per-sample draws), the mean "
+                  "difference and its 95 % Student t interval over the seeds "
+                  "(`kineflow/apps/reproduce/claims.py` states the rule).", "",
+                  *claims_table(results["claims"])]  # fmt: skip
     minutes = results["wall_seconds"] / 60
     lines += ["", f"Wall time of the whole reproduction: {minutes:.1f} min."]
     for name, targets in results["targets"].items():
