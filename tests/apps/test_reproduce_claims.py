@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kineflow.apps.reproduce.claims import CLAIMS, MARGIN, claim_verdicts, claims_table
-from kineflow.apps.reproduce.config import ReproduceConfig
+from kineflow.apps.reproduce.config import PREBUILT, ReproduceConfig
 from kineflow.apps.reproduce.jobs import plan_jobs
 from kineflow.eval.stats import t_interval, t_quantile
 
@@ -101,6 +101,10 @@ def test_plan_of_several_seeds_on_prebuilt_encoders(tmp_path: Path) -> None:
     ):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))  # fmt: skip
     prebuilt = {"text_tokenizer": "tok", "vq": "vq-folder", "siglip": "sig", "kl": "kl-folder"}
+    for stage, folder in prebuilt.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / PREBUILT[stage]).write_text("")
+    prebuilt = {stage: str(tmp_path / folder) for stage, folder in prebuilt.items()}
     config = _config(model=str(tmp_path / "model.yaml"), unifluid=str(tmp_path / "u.yaml"),
                      prebuilt=prebuilt, seeds=[3, 5])  # fmt: skip
     jobs = {j.name: j for j in plan_jobs(config, tmp_path / "out", threads=1)}
@@ -110,13 +114,17 @@ def test_plan_of_several_seeds_on_prebuilt_encoders(tmp_path: Path) -> None:
     )
     ar = jobs["ar_s5"].config
     assert ar["optim"]["seed"] == 5 and ar["data"]["seed"] == 5 and ar["export_steps"] == [5]
-    assert (ar["vq"], ar["vision"], ar["text_tokenizer"]) == ("vq-folder", "sig", "tok")
+    assert (ar["vq"], ar["vision"], ar["text_tokenizer"]) == (
+        prebuilt["vq"],
+        prebuilt["siglip"],
+        prebuilt["text_tokenizer"],
+    )
     assert jobs["ar_s5"].needs == ()
     from_ar = jobs["fudoki_from_ar_s5"]
     assert from_ar.needs == ("ar_s5",) and from_ar.config["init_from"].endswith("ar_s5/model_step5")
     gen_only = jobs["unifluid_gen_only_s3"].config
     assert gen_only["data"] == {"edit_ratio": 0.0, "understanding_ratio": 0.0, "seed": 3}
-    assert gen_only["optim"]["steps"] == 9 and gen_only["vae"] == "kl-folder"
+    assert gen_only["optim"]["steps"] == 9 and gen_only["vae"] == prebuilt["kl"]
     assert jobs["unifluid_raster_s5"].config["model"]["order"] == "raster"
     assert jobs["eval_ar_s3"].needs == ("ar_s3",)
     # One seed keeps the plain names and the configs' own seeds.
@@ -125,6 +133,11 @@ def test_plan_of_several_seeds_on_prebuilt_encoders(tmp_path: Path) -> None:
     assert {"vq", "siglip", "ar", "eval_ar"} <= names and "ar_s0" not in names
     plain = next(j for j in plan_jobs(single, tmp_path / "out1", 1) if j.name == "ar")
     assert "seed" not in plain.config["optim"]
+    # A prebuilt folder without its model fails before any training, naming the field.
+    missing = _config(model=str(tmp_path / "model.yaml"), unifluid=None,
+                      prebuilt={"vq": str(tmp_path / "tok")})  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"prebuilt\.vq: .*tok: no model\.safetensors"):
+        plan_jobs(missing, tmp_path / "out2", threads=1)
 
 
 def test_claims_config_errors() -> None:
@@ -139,4 +152,3 @@ def test_claims_config_errors() -> None:
     config = ReproduceConfig(seeds=[0, 4])
     assert config.seeded("ar") == ["ar_s0", "ar_s4"]
     assert config.base_run("fudoki_from_ar_s4") == "fudoki_from_ar"
-    assert config.seed_of("fudoki_from_ar_s4") == 4

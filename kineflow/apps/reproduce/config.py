@@ -160,12 +160,6 @@ class ReproduceConfig(RunConfig):
             return [run]
         return [f"{run}_s{k}" for k in self.seeds]
 
-    def seed_of(self, name: str) -> int:
-        """The seed of folder name ``name`` (the only seed with one)."""
-        if len(self.seeds) == 1:
-            return self.seeds[0]
-        return int(name.rsplit("_s", 1)[1])
-
     def base_run(self, name: str) -> str:
         """The run a folder name belongs to (``ar_s2`` -> ``ar``)."""
         return name if len(self.seeds) == 1 else name.rsplit("_s", 1)[0]

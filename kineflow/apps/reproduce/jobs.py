@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kineflow.apps.reproduce.config import RUNS, UNIFLUID_KNOBS, ReproduceConfig
+from kineflow.apps.reproduce.config import PREBUILT, RUNS, UNIFLUID_KNOBS, ReproduceConfig
 from kineflow.io import atomic_write
 
 __all__ = ["Job", "plan_jobs", "read_yaml", "run_jobs"]
@@ -58,6 +58,9 @@ def read_yaml(path: str) -> dict[str, Any]:
 def plan_jobs(config: ReproduceConfig, out: Path, threads: int) -> list[Job]:
     """Every job of the run (done ones included; :func:`run_jobs` skips them): the encoder
     stages not in ``prebuilt``, one training job per run and seed, one evaluation per model."""
+    for stage, folder in config.prebuilt.items():  # fail now, not in the first training job
+        if not (Path(folder) / PREBUILT[stage]).is_file():
+            raise FileNotFoundError(f"prebuilt.{stage}: {folder}: no {PREBUILT[stage]} there")
     # The encoders come first and alone, each with every thread: everything waits for them.
     every = os.cpu_count() or 1
     jobs = []
