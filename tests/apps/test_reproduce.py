@@ -194,7 +194,10 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
                                  for k in (0, 1)]  # fmt: skip
     low, high = helps["interval"]
     assert low <= helps["difference"] <= high
-    assert "## Claims" in (study / "results.md").read_text() and results["targets"] == {}
+    md = (study / "results.md").read_text()
+    assert "## Claims" in md and results["targets"] == {}
+    assert "### `fudoki_s0`" in md and "### `fudoki_s1`" not in md  # one seed's figures
+    assert (study / "figures" / "fudoki_s1_samples.png").is_file()
 
 
 def test_reproduce_config_errors(tmp_path) -> None:

@@ -141,7 +141,10 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
                   f"passes. ![corrected](figures/{n}_corrected.gif) "
                   f"![strip](figures/{n}_corrected.png)"]  # fmt: skip
     lines += ["", "## Samples and refinement", ""]
-    for name in runs:
+    seeds = results["config"].get("seeds", [0])
+    if len(seeds) > 1:  # one seed's figures (every seed's are in figures/)
+        lines += [f"Seed {seeds[0]}'s runs.", ""]
+    for name in [n for n in runs if len(seeds) == 1 or n.endswith(f"_s{seeds[0]}")]:
         lines += [f"### `{name}`", "", f"![samples](figures/{name}_samples.png)", "",
                   f"![refine](figures/{name}_refine_0.gif) ![refine](figures/{name}_refine_1.gif)"
                   f" ![strip](figures/{name}_refine_0.png)", ""]  # fmt: skip
