@@ -30,6 +30,8 @@ TRAINING = {
     "siglip_shapes.yaml": "siglip",
 }
 REPRODUCTION = "reproduce.yaml"
+#: The claims study (``make claims``): the reproduction's machinery on the shipped encoders.
+CLAIMS = "claims.yaml"
 #: Configs whose data an app writes first (the manifest under outputs/): each is run by its
 #: app's test instead (tests/apps/test_finetune_example.py).
 APP_CONFIGS = {"finetune_fudoki_fashion.yaml", "vq_fashion.yaml"}
@@ -40,7 +42,7 @@ SECOND_STAGE = {"fudoki_from_ar_shapes.yaml": "ar_shapes.yaml"}
 def test_every_config_is_covered() -> None:
     """A new config must be added to this file's table, so that it gets run too."""
     assert {p.name for p in CONFIGS.glob("*.yaml")} == (
-        set(TRAINING) | {REPRODUCTION} | APP_CONFIGS | set(SECOND_STAGE)
+        set(TRAINING) | {REPRODUCTION, CLAIMS} | APP_CONFIGS | set(SECOND_STAGE)
     )
 
 
@@ -108,3 +110,21 @@ def test_reproduction_config_names_existing_stage_configs() -> None:
         assert Path(path).name in TRAINING
     raw = yaml.safe_load((CONFIGS / REPRODUCTION).read_text())
     assert raw["out"].startswith("outputs/")
+
+
+def test_claims_config_plans_on_a_fresh_clone(fresh_clone: Path) -> None:
+    """``make claims`` trains nothing before its models: every encoder is a shipped folder
+    (checked by the planner), every compared run is there on three seeds, and each claim of
+    ``claims.py`` has both of its runs at the same step count."""
+    from kineflow.apps.reproduce.claims import CLAIMS as CLAIM_LIST
+    from kineflow.apps.reproduce.jobs import plan_jobs
+
+    config = ReproduceConfig.from_yaml(CONFIGS / CLAIMS)
+    assert Path(config.model).name in TRAINING and Path(config.unifluid).name in TRAINING
+    jobs = {j.name: j for j in plan_jobs(config, fresh_clone / "outputs" / "claims", 1)}
+    assert not {"vq", "siglip", "kl"} & set(jobs) and len(config.seeds) >= 3
+    trained = {*config.runs, *config.unifluid_runs}
+    for claim in CLAIM_LIST:
+        assert {claim.a, claim.b} <= trained, claim.what
+        steps = {jobs[config.seeded(r)[0]].config["optim"]["steps"] for r in (claim.a, claim.b)}
+        assert len(steps) == 1 or "fudoki_from_ar" in (claim.a, claim.b), claim.what
