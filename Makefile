@@ -41,7 +41,7 @@ demo-flow: $(BASE)
 reproduce: $(BASE)
 	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
 
-# The papers' claims on three training seeds (resumable; docs/reproduction/claims.md).
+# The papers' claims on three training seeds (resumable; docs/reproduction/claims/results.md).
 claims: $(BASE)
 	$(PY) -m kineflow reproduce --config configs/claims.yaml
 
