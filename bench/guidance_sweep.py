@@ -5,7 +5,8 @@ Question: how much of a model's generation score is the sampler's? Every setting
 3, "steps": 64}]``) samples the same ShapesWorld test prompts (``--prompts`` per category,
 ``--pictures`` each, seed 0, as the reproduction's evaluation), the detector reads the
 pictures back, and :func:`kineflow.eval.scores.score_t2i` gives the GenEval-style score and the
-strict-scene one (no extra objects), each with its 95 % bootstrap interval, and per category.
+strict-scene one (no extra objects), each with its 95 % bootstrap interval, and per category
+(the benchmark's own generation and summary: :mod:`kineflow.eval.benchmark`).
 
 Usage: ``python bench/guidance_sweep.py --model checkpoints/fudoki-shapes --out FILE``.
 Output: one JSON object on stdout (and ``--out``), progress on stderr.
@@ -20,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 #: The default grid: guidance off / the reproduction's w = 3 / stronger, more steps, colder.
 GRID = [{"cfg_scale": 1.0}, {"cfg_scale": 2.0}, {"cfg_scale": 3.0}, {"cfg_scale": 6.0},
         {"cfg_scale": 3.0, "steps": 64}, {"cfg_scale": 1.0, "steps": 64},
@@ -29,24 +28,13 @@ GRID = [{"cfg_scale": 1.0}, {"cfg_scale": 2.0}, {"cfg_scale": 3.0}, {"cfg_scale"
 
 
 def sweep_setting(pipe: Any, prompts: list[Any], pictures: int, options: dict[str, Any]) -> dict:
-    """The scores of ``pipe`` on ``prompts`` with ``text_to_image`` ``options``."""
-    from kineflow.eval.detector import detect
-    from kineflow.eval.scores import score_t2i
+    """The scores of ``pipe`` on ``prompts`` with ``text_to_image`` ``options``, generated and
+    summarised as the benchmark does (:func:`kineflow.eval.benchmark.text_to_image_report`,
+    :func:`~kineflow.eval.benchmark.summary`)."""
+    from kineflow.eval.benchmark import summary, text_to_image_report
 
-    texts = [p.text for p in prompts for _ in range(pictures)]
-    images = []
-    for k, lo in enumerate(range(0, len(texts), 64)):  # the evaluation's batches and seeds
-        images += pipe.text_to_image(texts[lo : lo + 64], seed=k, **options).images
-    scenes = iter(detect(np.stack([np.asarray(im) for im in images])))
-    report = score_t2i(prompts, {p.id: [next(scenes) for _ in range(pictures)] for p in prompts})
-    cats = report["by_category"]
-    return {
-        "options": options,
-        "overall": report["accuracy"], "overall_ci": report["accuracy_ci"],
-        "strict": report["strict_accuracy"], "strict_ci": report["strict_accuracy_ci"],
-        "by_category": {c: v["accuracy"] for c, v in cats.items()},
-        "strict_by_category": {c: v["strict_accuracy"] for c, v in cats.items()},
-    }  # fmt: skip
+    report = text_to_image_report(pipe, prompts, images_per_prompt=pictures, **options)
+    return {"options": options, **summary({"t2i_test": report})["t2i_test"]}
 
 
 def main(argv: list[str] | None = None) -> int:

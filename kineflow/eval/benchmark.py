@@ -18,17 +18,45 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kineflow.data.shapes.dataset import draw_item
-from kineflow.data.shapes.prompts import prompt_set
+from kineflow.data.shapes.prompts import Prompt, prompt_set
 from kineflow.data.shapes.render import render_image
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.eval.detector import detect
 from kineflow.eval.scores import score_captions, score_edits, score_t2i, score_vqa
 
-__all__ = ["evaluate_model", "summary"]
+__all__ = ["evaluate_model", "summary", "text_to_image_report"]
 
 
 def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def text_to_image_report(
+    pipe: Any,
+    prompts: list[Prompt],
+    *,
+    images_per_prompt: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "generate",
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`~kineflow.eval.scores.score_t2i` of ``pipe``'s pictures for ``prompts`` (each
+    drawn ``images_per_prompt`` times, in batches of ``batch_size``, batch ``k`` seeded
+    ``seed + k``, ``options`` passed to ``text_to_image``), read back by the detector; the
+    pictures are kept under ``"pictures"``."""
+    texts = [p.text for p in prompts for _ in range(images_per_prompt)]
+    pictures: list[Image.Image] = []
+    for k, rows in enumerate(tqdm(_batches(len(texts), batch_size), disable=not progress,
+                                  desc=desc)):  # fmt: skip
+        out = pipe.text_to_image([texts[i] for i in rows], seed=seed + k, **options)
+        pictures += out.images
+    scenes = iter(detect(np.stack([np.asarray(p) for p in pictures])))
+    detected = {p.id: [next(scenes) for _ in range(images_per_prompt)] for p in prompts}
+    report = score_t2i(prompts, detected)
+    report["pictures"] = pictures
+    return report
 
 
 def evaluate_model(
@@ -54,18 +82,11 @@ def evaluate_model(
     report: dict[str, Any] = {}
     for split in ("test", "heldout"):
         prompts = prompt_set(split, max_per_category=max_prompts_per_category, seed=seed)
-        texts = [p.text for p in prompts for _ in range(images_per_prompt)]
-        pictures: list[Image.Image] = []
-        for k, rows in enumerate(tqdm(_batches(len(texts), batch_size), disable=not progress,
-                                      desc=f"generate {split}")):  # fmt: skip
-            out = pipe.text_to_image(
-                [texts[i] for i in rows], steps=steps, cfg_scale=cfg_scale, seed=seed + k
-            )
-            pictures += out.images
-        scenes = iter(detect(np.stack([np.asarray(p) for p in pictures])))
-        detected = {p.id: [next(scenes) for _ in range(images_per_prompt)] for p in prompts}
-        report[f"t2i_{split}"] = score_t2i(prompts, detected)
-        report[f"t2i_{split}"]["pictures"] = pictures
+        report[f"t2i_{split}"] = text_to_image_report(
+            pipe, prompts, images_per_prompt=images_per_prompt, batch_size=batch_size,
+            seed=seed, progress=progress, desc=f"generate {split}", steps=steps,
+            cfg_scale=cfg_scale,
+        )  # fmt: skip
 
     tasks = (("vqa", vqa_items), ("caption", caption_items))
     for task, n in tasks:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from kineflow.config import RunConfig
@@ -170,7 +171,7 @@ class ReproduceConfig(RunConfig):
         runs = [*self.runs, *(self.unifluid_runs if self.unifluid else {})]
         return [name for run in runs for name in self.seeded(run)]
 
-    def stage_folder(self, stage: str, out: Any) -> str:
+    def stage_folder(self, stage: str, out: Path) -> str:
         """Where stage ``stage``'s trained model is: its ``prebuilt`` folder, or under
         ``out`` (``text_tokenizer``, ``vq/model``, ``siglip/vision``, ``kl/model``)."""
         if stage in self.prebuilt:

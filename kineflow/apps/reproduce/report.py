@@ -60,6 +60,7 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
     atomic_write_json(out / "results.json", results)
     runs = results["runs"]
     steps = results["config"]["steps"]
+    seeds = results["config"].get("seeds", [0])  # results from before seeds have one
     discrete = {n: r for n, r in runs.items() if r.get("family") != "unifluid"}
     unifluid = {n: r for n, r in runs.items() if r.get("family") == "unifluid"}
     lines = [
@@ -101,7 +102,6 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
                      _score(r.get("edit"), "accuracy")]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     if results.get("claims"):
-        seeds = results["config"]["seeds"]
         lines += ["", "## Claims", "",
                   f"Each claim on {len(seeds)} training seeds ({', '.join(map(str, seeds))}): "
                   "`a − b` per seed (same initialisation seed and per-sample draws), the mean "
@@ -141,7 +141,6 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
                   f"passes. ![corrected](figures/{n}_corrected.gif) "
                   f"![strip](figures/{n}_corrected.png)"]  # fmt: skip
     lines += ["", "## Samples and refinement", ""]
-    seeds = results["config"].get("seeds", [0])
     if len(seeds) > 1:  # one seed's figures (every seed's are in figures/)
         lines += [f"Seed {seeds[0]}'s runs.", ""]
     for name in [n for n in runs if len(seeds) == 1 or n.endswith(f"_s{seeds[0]}")]:
