@@ -76,6 +76,7 @@ from kineflow.train.loop import Optim, sample_generator
 from kineflow.train.lora import LoraSettings, finish_lora, prepare_lora
 from kineflow.train.own_data import FUDOKI_TASKS, OwnData, fudoki_record
 from kineflow.train.run_config import TrainRunConfig
+from kineflow.train.run_folder import process_rank
 from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = ["FudokiData", "FudokiTask", "FudokiTrainConfig", "Objective", "train_fudoki"]
@@ -440,15 +441,12 @@ class FudokiTask:
 
 
 # -- the run ------------------------------------------------------------------------------------
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def train_fudoki(config: FudokiTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; writes ``out/model`` (a kineflow FUDOKI folder that
     :func:`kineflow.load` reads), ``out/model_step{s}`` for each of ``export_steps``, and
     returns the loop's summary. ``out`` is held for the whole run
-    (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
+    (:func:`~kineflow.train.run_folder.hold_run_folder`). Under torchrun only rank 0 writes
+    ``out/model`` and the summary; every rank returns the summary."""
     with held_run(config) as out:
         return _train(config, out, progress)
 
@@ -484,7 +482,7 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
 
     def export(done: int) -> None:
         # The live (not EMA) weights, e.g. the AR half of an AR -> DFM run at equal compute.
-        if done in config.export_steps and _rank() == 0:
+        if done in config.export_steps and process_rank() == 0:
             training = model.training
             with merged_view(model):  # a LoRA run's adapters folded in: base key names
                 pipeline().save_pretrained(out / f"model_step{done}")
@@ -495,6 +493,7 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     summary = train_task(task, config, out, progress, f"train {config.objective.kind}", export)
     if config.lora is not None:
         finish_lora(model, config.lora, out, "fudoki")  # out/adapter, then merged in place
-    pipeline().save_pretrained(out / "model", training=card_record(config, summary))
-    atomic_write_json(out / "summary.json", summary)
+    if process_rank() == 0:  # every rank holds the same whole model by now
+        pipeline().save_pretrained(out / "model", training=card_record(config, summary))
+        atomic_write_json(out / "summary.json", summary)
     return summary

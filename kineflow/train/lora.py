@@ -47,6 +47,7 @@ from kineflow.pipelines.adapters import (
     load_adapter,
     merge_adapter,
 )
+from kineflow.train.run_folder import process_rank
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -89,6 +90,7 @@ class LoraSettings:
 
 
 def _rank0() -> bool:
+    # Inside a joined group only; before it, every rank counts as 0 (see prepare_lora).
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
@@ -203,7 +205,7 @@ def save_adapter(
     (``model.lora_swapped``) their weights join the adapter's and the run's metric ``tables``
     file is copied beside them."""
     folder = Path(folder)
-    if not _rank0():
+    if process_rank() != 0:  # after training the loop has left its process group
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     swapped = list(getattr(model, "lora_swapped", []))

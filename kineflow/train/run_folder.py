@@ -31,6 +31,7 @@ __all__ = [
     "RunFolderInUseError",
     "hold_run_folder",
     "last_metrics",
+    "process_rank",
     "truncate_metrics",
 ]
 
@@ -44,12 +45,15 @@ class RunFolderInUseError(ValueError):
     """Another process holds the run folder (the message names it)."""
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's rank: the process group's when one is joined, else torchrun's ``RANK``
+    (before the group exists, and after the training loop has left the group it made), else 0.
+    Only rank 0 writes what every rank would write alike (the final model, the summary)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))  # torchrun, before the process group exists
+    return int(os.environ.get("RANK", "0"))
 
 
 def _holder(fd: int) -> str:
@@ -74,7 +78,7 @@ def hold_run_folder(out: str | os.PathLike[str]) -> Iterator[None]:
     # Every rank: the others write into ``out`` too (e.g. FUDOKI's metric tables, each rank's
     # own atomic write of the same bytes) and may get there before rank 0 has created it.
     out.mkdir(parents=True, exist_ok=True)
-    if fcntl is None or _rank() != 0:
+    if fcntl is None or process_rank() != 0:
         yield
         return
     key = out.resolve()

@@ -54,6 +54,7 @@ from kineflow.train.loop import Optim, sample_generator
 from kineflow.train.lora import LoraSettings, finish_lora, prepare_lora
 from kineflow.train.own_data import UNIFLUID_TASKS, OwnData, unifluid_record
 from kineflow.train.run_config import TrainRunConfig
+from kineflow.train.run_folder import process_rank
 from kineflow.train.siglip import load_pretrained_tower
 
 __all__ = [
@@ -350,7 +351,8 @@ class UnifluidTask:
 def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a UniFluid training run; writes ``out/model`` (a pipeline folder that
     :func:`kineflow.load` reads) and ``out/summary.json``; ``out`` is held for the whole run
-    (:func:`~kineflow.train.run_folder.hold_run_folder`)."""
+    (:func:`~kineflow.train.run_folder.hold_run_folder`). Under torchrun only rank 0 writes
+    ``out/model`` and the summary; every rank returns the summary."""
     with held_run(config) as out:
         tokenizer = TextTokenizer.load(config.text_tokenizer)
         torch.manual_seed(config.optim.seed)
@@ -369,8 +371,9 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
             caption_tokens=config.data.caption_tokens,
             caption_instruction=config.data.caption_instruction,
         )
-        UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(
-            out / "model", training=card_record(config, summary)
-        )
-        atomic_write_json(out / "summary.json", summary)
+        if process_rank() == 0:  # every rank holds the same whole model by now
+            UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(
+                out / "model", training=card_record(config, summary)
+            )
+            atomic_write_json(out / "summary.json", summary)
     return summary

@@ -92,6 +92,20 @@ def prepared(task: FudokiTask, indices: list[int]) -> dict:
     return {**batch, "x1": x1, "xt": task.corrupt(batch, x1), "pictures": None}
 
 
+def test_only_rank_0_writes_the_final_model(assets, tmp_path, monkeypatch) -> None:
+    """After the loop has left torchrun's process group, ranks are told apart by ``RANK``:
+    a rank other than 0 trains and returns the summary but writes no model folder (every
+    rank holds the same weights; writing them all into one folder raced)."""
+    monkeypatch.setenv("RANK", "1")
+    summary = train_fudoki(make_config(assets, tmp_path / "r1", steps=2), progress=False)
+    assert summary["steps"] == 2
+    assert not (tmp_path / "r1" / "model").exists()
+    assert not (tmp_path / "r1" / "summary.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    train_fudoki(make_config(assets, tmp_path / "r0", steps=2), progress=False)
+    assert (tmp_path / "r0" / "model" / "model.safetensors").is_file()
+
+
 def test_loss_is_the_shifted_region_cross_entropy(assets, tmp_path) -> None:
     task = make_task(assets, tmp_path)
     batch = prepared(task, list(range(8)))

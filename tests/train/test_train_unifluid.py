@@ -134,6 +134,13 @@ def test_resumed_run_equals_straight_run(assets, tmp_path) -> None:
     assert (straight / "model" / "tokenizer.json").is_file()
 
 
+def test_only_rank_0_writes_the_final_model(assets, tmp_path, monkeypatch) -> None:
+    """As for FUDOKI (tests/train/test_train_fudoki.py): RANK 1 trains, writes no model."""
+    monkeypatch.setenv("RANK", "1")
+    summary = train_unifluid(make_config(assets, tmp_path / "r1", steps=2), progress=False)
+    assert summary["steps"] == 2 and not (tmp_path / "r1" / "model").exists()
+
+
 def test_vocabulary_mismatch(assets, tmp_path) -> None:
     config = make_config(assets, tmp_path)
     config.model = {**MODEL, "language": {**MODEL["language"], "vocab_size": 99}}
