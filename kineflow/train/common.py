@@ -63,6 +63,9 @@ class ShapesData:
     vqa_answer_tokens: int = 4
     caption_tokens: int = 32
     caption_instruction: str = "Describe the picture."
+    #: The share of VQA rows that ask which row or column an object is in instead (training
+    #: only: the stepping stone that makes relation questions learnable; docs/understanding.md).
+    position_questions: float = 0.0
     text_budget: int = 64
     cfg_dropout: float = 0.1
     #: A folder of ``kineflow data encode`` shards to read samples from (None: ShapesWorld
@@ -76,7 +79,7 @@ class ShapesData:
     STEP_ONLY: ClassVar[tuple[str, ...]] = ("shards",)
 
     def __post_init__(self) -> None:
-        for name in ("understanding_ratio", "caption_ratio", "cfg_dropout"):
+        for name in ("understanding_ratio", "caption_ratio", "cfg_dropout", "position_questions"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("vqa_answer_tokens", "caption_tokens", "text_budget", "image_size"):
@@ -111,7 +114,7 @@ def understanding_sample(
     """
     caption = float(torch.rand((), generator=g)) < data.caption_ratio
     task = "caption" if caption else "vqa"
-    item = draw_item(world, task, data.split, index)
+    item = draw_item(world, task, data.split, index, data.position_questions)
     question = data.caption_instruction if caption else item.texts["question"]
     answer = item.texts["caption" if caption else "answer"]
     slots = data.caption_tokens if caption else data.vqa_answer_tokens

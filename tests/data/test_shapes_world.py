@@ -19,13 +19,16 @@ from torch.utils.data import default_collate
 
 from kineflow.data.example import image_to_tensor
 from kineflow.data.manifest import ManifestDataset, validate_manifest
-from kineflow.data.shapes.dataset import SHAPES_TASKS, ShapesWorldDataset
+from kineflow.data.shapes.dataset import SHAPES_TASKS, ShapesWorldDataset, draw_item
 from kineflow.data.shapes.language import (
     CAPTION_TEMPLATES,
     EDIT_KINDS,
+    ORDINAL_ANSWERS,
+    POSITION_TYPE,
     QUESTION_TYPES,
     caption,
     parse_caption,
+    position_questions,
     possible_edits,
     questions,
     reference,
@@ -626,6 +629,41 @@ def test_references_name_exactly_one_object(world: ShapesWorld) -> None:
     assert reference(scene.at(0, 0), scene) == "small red circle"
     twins = Scene((obj("top", "circle"), obj("bottom", "circle")))
     assert reference(twins.at(2, 1), twins) == "circle at the bottom"
+
+
+def test_position_questions_name_the_row_and_column_counted_from_the_top_left(
+    world: ShapesWorld,
+) -> None:
+    ordinal = {"one": 0, "two": 1, "three": 2}  # the oracle's own numbering
+    for scene in varied_scenes(world, 300, seed=8):
+        qs = position_questions(scene)
+        named = [o for o in scene if " at the " not in reference(o, scene)]
+        assert len(qs) == 2 * len(named)  # a row and a column question per object
+        for qa in qs:
+            m = re.fullmatch(r"what (row|column) is the (.+) in\?", qa.question)
+            assert m is not None and qa.type == POSITION_TYPE, qa
+            (o,) = resolve(m.group(2), scene)
+            assert ordinal[qa.answer] == (o.row if m.group(1) == "row" else o.col), qa
+    assert POSITION_TYPE not in QUESTION_TYPES  # training only: the benchmark never asks them
+
+
+def test_position_share_replaces_that_share_of_vqa_items_only(world: ShapesWorld) -> None:
+    n, share = 600, 0.3
+    plain = [draw_item(world, "vqa", "train", i) for i in range(n)]
+    mixed = [draw_item(world, "vqa", "train", i, position_share=share) for i in range(n)]
+    moved = [i for i in range(n) if mixed[i] != plain[i]]
+    # A binomial(600, 0.3) count, less the few scenes whose every reference names a cell.
+    assert 0.22 * n < len(moved) < 0.36 * n
+    for i in moved:
+        assert mixed[i].kind == POSITION_TYPE and mixed[i].scene_key == plain[i].scene_key
+        qa = (mixed[i].texts["question"], mixed[i].texts["answer"])
+        scene = Scene.from_key(plain[i].scene_key)
+        assert qa in {(q.question, q.answer) for q in position_questions(scene)}
+    assert all(mixed[i].kind != POSITION_TYPE for i in set(range(n)) - set(moved))
+    assert all(a.answer in ORDINAL_ANSWERS for s in world.scenes("train", 20)
+               for a in position_questions(s))  # fmt: skip
+    # Other tasks ignore the share.
+    assert draw_item(world, "caption", "train", 3, 0.9) == draw_item(world, "caption", "train", 3)
 
 
 # -- language: edits ------------------------------------------------------------------------------

@@ -38,6 +38,11 @@ from kineflow.data.shapes.scene import (
 
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES: tuple[str, ...] = ("count", "colour", "shape", "relation", "exist")
+#: Training-only questions, never asked by the benchmark: which row / column an object is in
+#: (:func:`position_questions`), the stepping stone to relation questions.
+POSITION_TYPE = "position"
+#: Rows counted from the top, columns from the left; one-token answers in the shipped tokenizer.
+ORDINAL_ANSWERS: tuple[str, ...] = ("one", "two", "three")
 EDIT_KINDS: tuple[str, ...] = ("recolour", "remove", "add", "move")
 _POSITION_OF_NAME = {
     name: (r, c) for r, row in enumerate(POSITION_NAMES) for c, name in enumerate(row)
@@ -176,6 +181,26 @@ def _relation_questions(scene: Scene, heldout: HeldOut | None) -> list[QA]:
                 rel = next(r for r in RELATIONS if holds(r, a, b))
                 word = rel.removesuffix(" of")
                 qs.append(QA(f"where is the {ra} relative to the {rb}?", word, "relation"))
+    return qs
+
+
+def position_questions(scene: Scene) -> list[QA]:
+    """``"what row is the {ref} in?"`` -> ``"one"`` / ``"two"`` / ``"three"`` (rows from the
+    top) and the same for its column (from the left), for every object whose reference does
+    not already name its cell.
+
+    Why: a relation question ("is the red circle left of the square?") needs two skills at
+    once, finding each referent's image token and reading its row or column, and its answer
+    depends on both; trained alone it stays at chance for every model here. These questions
+    train the second skill with one referent, after which relations are learnt
+    (docs/understanding.md, "Relations")."""
+    qs = []
+    for o in scene:
+        ref = reference(o, scene)
+        if " at the " in ref:
+            continue  # the question would name the answer
+        qs.append(QA(f"what row is the {ref} in?", ORDINAL_ANSWERS[o.row], POSITION_TYPE))
+        qs.append(QA(f"what column is the {ref} in?", ORDINAL_ANSWERS[o.col], POSITION_TYPE))
     return qs
 
 
