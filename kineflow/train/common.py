@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from kineflow.data.shapes.dataset import draw_item
+from kineflow.data.shapes.language import check_question_weights
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.data.shards import ShardReader, file_digest, write_shards
@@ -63,9 +64,11 @@ class ShapesData:
     vqa_answer_tokens: int = 4
     caption_tokens: int = 32
     caption_instruction: str = "Describe the picture."
-    #: The share of VQA rows that ask which row or column an object is in instead (training
-    #: only: the stepping stone that makes relation questions learnable; docs/understanding.md).
-    position_questions: float = 0.0
+    #: How often VQA rows ask each question type, e.g. ``{relation: 3, position: 2}``
+    #: (unnamed types weigh 1; ``position``, which row / column an object is in, 0): training
+    #: only, the benchmark asks every type equally (docs/understanding.md, relations). None:
+    #: the benchmark's draw.
+    question_weights: dict[str, float] | None = None
     text_budget: int = 64
     cfg_dropout: float = 0.1
     #: A folder of ``kineflow data encode`` shards to read samples from (None: ShapesWorld
@@ -79,13 +82,15 @@ class ShapesData:
     STEP_ONLY: ClassVar[tuple[str, ...]] = ("shards",)
 
     def __post_init__(self) -> None:
-        for name in ("understanding_ratio", "caption_ratio", "cfg_dropout", "position_questions"):
+        for name in ("understanding_ratio", "caption_ratio", "cfg_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("vqa_answer_tokens", "caption_tokens", "text_budget", "image_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        if self.question_weights is not None:
+            check_question_weights(self.question_weights, "data.question_weights")
 
 
 class UnderstandingSample(NamedTuple):
@@ -114,7 +119,7 @@ def understanding_sample(
     """
     caption = float(torch.rand((), generator=g)) < data.caption_ratio
     task = "caption" if caption else "vqa"
-    item = draw_item(world, task, data.split, index, data.position_questions)
+    item = draw_item(world, task, data.split, index, data.question_weights)
     question = data.caption_instruction if caption else item.texts["question"]
     answer = item.texts["caption" if caption else "answer"]
     slots = data.caption_tokens if caption else data.vqa_answer_tokens

@@ -647,23 +647,36 @@ def test_position_questions_name_the_row_and_column_counted_from_the_top_left(
     assert POSITION_TYPE not in QUESTION_TYPES  # training only: the benchmark never asks them
 
 
-def test_position_share_replaces_that_share_of_vqa_items_only(world: ShapesWorld) -> None:
-    n, share = 600, 0.3
-    plain = [draw_item(world, "vqa", "train", i) for i in range(n)]
-    mixed = [draw_item(world, "vqa", "train", i, position_share=share) for i in range(n)]
-    moved = [i for i in range(n) if mixed[i] != plain[i]]
-    # A binomial(600, 0.3) count, less the few scenes whose every reference names a cell.
-    assert 0.22 * n < len(moved) < 0.36 * n
-    for i in moved:
-        assert mixed[i].kind == POSITION_TYPE and mixed[i].scene_key == plain[i].scene_key
-        qa = (mixed[i].texts["question"], mixed[i].texts["answer"])
-        scene = Scene.from_key(plain[i].scene_key)
-        assert qa in {(q.question, q.answer) for q in position_questions(scene)}
-    assert all(mixed[i].kind != POSITION_TYPE for i in set(range(n)) - set(moved))
+def test_question_weights_set_the_type_frequencies(world: ShapesWorld) -> None:
+    weights = {"relation": 3, "position": 2}  # the other types weigh 1
+    rng = np.random.default_rng(9)
+    scenes = [world.random_scene(rng, 4) for _ in range(250)]  # every type is supported
+    types: Counter[str] = Counter()
+    for scene in scenes:
+        for _ in range(8):
+            qa = sample_question(scene, rng, weights=weights)
+            types[qa.type] += 1
+            if qa.type == POSITION_TYPE:
+                assert qa in position_questions(scene)
+            else:
+                assert oracle_answer(qa.question, scene) == (qa.type, qa.answer)
+    n = sum(types.values())
+    expected = {t: weights.get(t, 1) / 9 for t in (*QUESTION_TYPES, POSITION_TYPE)}
+    for t, share in expected.items():  # 2000 draws: 4 standard errors at most
+        assert abs(types[t] / n - share) < 4 * (share * (1 - share) / n) ** 0.5, (t, types)
+    # A scene that supports no type of positive weight falls back to the uniform draw.
+    one = Scene((obj("top left", "circle"),))
+    only_relations = {t: 0 for t in QUESTION_TYPES} | {"relation": 1}
+    assert sample_question(one, rng, weights=only_relations).type in QUESTION_TYPES
+    # Items: the weights apply to vqa only; None is the benchmark's draw.
+    assert draw_item(world, "vqa", "train", 5, None) == draw_item(world, "vqa", "train", 5)
+    assert draw_item(world, "caption", "train", 3, weights) == draw_item(
+        world, "caption", "train", 3
+    )
+    kinds = Counter(draw_item(world, "vqa", "train", i, {"position": 50}).kind for i in range(60))
+    assert kinds[POSITION_TYPE] > 45  # 50 / 55 of the scenes that have a position question
     assert all(a.answer in ORDINAL_ANSWERS for s in world.scenes("train", 20)
                for a in position_questions(s))  # fmt: skip
-    # Other tasks ignore the share.
-    assert draw_item(world, "caption", "train", 3, 0.9) == draw_item(world, "caption", "train", 3)
 
 
 # -- language: edits ------------------------------------------------------------------------------

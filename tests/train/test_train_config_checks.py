@@ -57,8 +57,11 @@ def shipped(name: str, tmp_path: Path, **changes) -> Path:
          "export_steps[0] must be an integer, got '10'"),
         ("fudoki", "fudoki_shapes.yaml", {"optim__betas": [0.9]},
          "optim.betas must be a list of 2 items, got [0.9]"),
-        ("fudoki", "fudoki_shapes.yaml", {"data__position_questions": 1.5},
-         "data.position_questions must be in [0, 1], got 1.5"),
+        ("fudoki", "fudoki_shapes.yaml", {"data__question_weights": {"where": 1}},
+         "data.question_weights: unknown question type 'where'; the types are ['count', "
+         "'colour', 'shape', 'relation', 'exist', 'position']"),
+        ("unifluid", "unifluid_shapes.yaml", {"data__question_weights": {"colour": -1}},
+         "data.question_weights.colour must be a number >= 0, got -1"),
         ("unifluid", "unifluid_shapes.yaml", {"model__head__width": 12.5},
          "model.head.width must be an integer, got 12.5"),
         ("unifluid", "unifluid_shapes.yaml", {"model__vision__patch_size": None},

@@ -21,6 +21,7 @@ id or edit kind, which is all the evaluators need.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
@@ -31,7 +32,6 @@ from kineflow.data.shapes.language import (
     CAPTION_TEMPLATES,
     EDIT_KINDS,
     caption,
-    position_questions,
     sample_edit,
     sample_question,
 )
@@ -42,8 +42,6 @@ from kineflow.data.shapes.scene import HeldOut, Scene, ShapesWorld, WorldConfig
 SHAPES_TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "edit")
 #: Independent random streams of one item index (see :meth:`ShapesWorld.rng`).
 _STREAM = {"t2i": 1, "caption": 2, "vqa": 3, "edit": 4}
-#: The stream of the draw that turns a training ``vqa`` item into a position question.
-_POSITION_STREAM = 5
 
 
 def _check_task(task: str) -> None:
@@ -79,23 +77,18 @@ class ShapesItem:
 
 
 def draw_item(
-    world: ShapesWorld, task: str, split: str, index: int, position_share: float = 0.0
+    world: ShapesWorld,
+    task: str,
+    split: str,
+    index: int,
+    question_weights: Mapping[str, float] | None = None,
 ) -> ShapesItem:
     """Item ``index`` of ``task`` in ``split``, as scenes and texts (deterministic).
 
-    ``position_share`` (``vqa`` only, for training): that share of the items ask instead which
-    row or column an object of the same scene is in (:func:`position_questions`, kind
-    ``"position"``), decided by a draw of its own stream, so the other items are unchanged."""
+    ``question_weights`` (``vqa`` only, for training): how often each question type is asked
+    (:func:`~kineflow.data.shapes.language.sample_question`); None is the benchmark's uniform
+    draw."""
     _check_task(task)
-    if task == "vqa" and position_share > 0:
-        item = draw_item(world, task, split, index)
-        pick = world.rng(split, index, _POSITION_STREAM)
-        qs = position_questions(Scene.from_key(item.scene_key))
-        if pick.random() >= position_share or not qs:
-            return item
-        qa = qs[pick.integers(len(qs))]
-        texts = {"question": qa.question, "answer": qa.answer}
-        return ShapesItem("vqa", item.id, item.scene_key, texts, kind=qa.type)
     rng = world.rng(split, index, _STREAM[task])
     item_id = f"{split}-{task}-{index:06d}"
     if task == "t2i":
@@ -113,7 +106,8 @@ def draw_item(
     if task == "caption":
         return ShapesItem("caption", item_id, scene.key(), {"caption": caption(scene)})
     if task == "vqa":
-        qa = sample_question(scene, rng, None if split == "heldout" else world.config.heldout)
+        heldout = None if split == "heldout" else world.config.heldout
+        qa = sample_question(scene, rng, heldout, question_weights)
         texts = {"question": qa.question, "answer": qa.answer}
         return ShapesItem("vqa", item_id, scene.key(), texts, kind=qa.type)
     # The kind is drawn first and scenes are redrawn until one admits an edit of that kind

@@ -17,7 +17,7 @@ and "left" / "right" / "above" / "below".
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,13 +235,45 @@ def questions(
     }
 
 
-def sample_question(scene: Scene, rng: np.random.Generator, heldout: HeldOut | None = None) -> QA:
-    """One question: a uniform type among those the scene supports, then a uniform question
-    (``heldout`` as in :func:`questions`)."""
+def sample_question(
+    scene: Scene,
+    rng: np.random.Generator,
+    heldout: HeldOut | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> QA:
+    """One question: a type among those the scene supports, then a uniform question of it
+    (``heldout`` as in :func:`questions`).
+
+    The type is uniform (the benchmark's draw) unless ``weights`` are given (training only):
+    then ``P(type) ∝ weights[type]`` over the supported types, where a type not named weighs 1
+    and :data:`POSITION_TYPE` (:func:`position_questions`) weighs 0 unless named; a scene that
+    supports no type of positive weight falls back to the uniform draw."""
     by_type = {t: qs for t, qs in questions(scene, rng, heldout).items() if qs}
+    if weights is not None:
+        by_type[POSITION_TYPE] = position_questions(scene)
+        w = {t: float(weights.get(t, 0.0 if t == POSITION_TYPE else 1.0)) for t in by_type}
+        types = sorted(t for t in by_type if by_type[t] and w[t] > 0)
+        if types:
+            p = np.array([w[t] for t in types])
+            qs = by_type[types[rng.choice(len(types), p=p / p.sum())]]
+            return qs[rng.integers(len(qs))]
+        by_type = {t: qs for t, qs in by_type.items() if qs and t != POSITION_TYPE}
     types = sorted(by_type)
     qs = by_type[types[rng.integers(len(types))]]
     return qs[rng.integers(len(qs))]
+
+
+def check_question_weights(weights: object, where: str) -> None:
+    """Raise ValueError (naming ``where`` and the key) unless ``weights`` maps question types
+    (:data:`QUESTION_TYPES` or :data:`POSITION_TYPE`) to numbers >= 0."""
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"{where} must be a mapping of question types to weights, got {weights!r}")
+    for name, value in weights.items():
+        if name not in (*QUESTION_TYPES, POSITION_TYPE):
+            raise ValueError(f"{where}: unknown question type {name!r}; the types are "
+                             f"{[*QUESTION_TYPES, POSITION_TYPE]}")  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e300:
+            raise ValueError(f"{where}.{name} must be a number >= 0, got {value!r}")
 
 
 def normalise_answer(text: str) -> str:
