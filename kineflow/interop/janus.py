@@ -195,6 +195,8 @@ def janus_config_from_fudoki(config: FudokiConfig) -> dict[str, Any]:
         raise ValueError("a Janus config needs an understanding encoder (vision is None)")
     if config.image_mask_token:
         raise ValueError("Janus has no image mask token (image_mask_token=True)")
+    if config.understanding_positions:
+        raise ValueError("Janus has no understanding position table (understanding_positions=True)")
     lang = config.language.to_dict()
     language_config = {k: lang[k] for k in (*_REQUIRED_LLAMA, *_HF_LLAMA_DEFAULTS)}
     language_config["num_key_value_heads"] = lang["num_key_value_heads"]

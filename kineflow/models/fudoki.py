@@ -5,7 +5,7 @@ A sequence of ``N`` positions mixes three kinds of inputs, each embedded to widt
     text id t              -> language_model.model.embed_tokens(t)
     generation image id k  -> gen_aligner(gen_embed(k))          (VQ code, k in [0, K))
     understanding image    -> aligner(vision_tower(pixels))      (one row per SigLIP patch,
-                                                                   replacing the placeholders)
+                              [+ understanding_pos_embed]          replacing the placeholders)
 
 with ``gen_embed`` an ``[K, d]`` table (Janus: 16384 x 8), ``gen_aligner`` and ``aligner`` MLPs
 ``Linear, GELU, Linear`` (``d -> D -> D`` and ``D_vision -> D -> D``). The Llama backbone runs
@@ -64,6 +64,12 @@ class FudokiConfig:
     ``layers.2``). ``gen_head_hidden`` is Janus's ``image_token_embed``.
     ``image_mask_token`` adds one input-only image id ``K`` (a row of ``gen_embed``, never
     predicted by ``gen_head``) for the masked-path baseline; Janus has none.
+    ``understanding_positions`` adds a learnt ``[P, D]`` table, one row per SigLIP patch, to
+    the aligner's output (zeros at first; Janus has none). Why: the backbone's rotary
+    positions tell attention how far apart two tokens are, not which patch a token is, and the
+    aligner, trained only through the language model, keeps little of the tower's position
+    (a linear probe reads a token's own cell from 0.93 of tower outputs, 0.61 of aligner
+    outputs; docs/understanding.md, relations).
     """
 
     language: LlamaConfig
@@ -75,6 +81,7 @@ class FudokiConfig:
     gen_aligner_depth: int = 2
     gen_head_hidden: int = 2048
     image_mask_token: bool = False
+    understanding_positions: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.language, Mapping):
@@ -208,6 +215,9 @@ class FudokiModel(nn.Module):
             self.aligner = MlpAligner(
                 config.vision.hidden_size, config.aligner_hidden, config.aligner_depth
             )
+        self.understanding_pos_embed: nn.Parameter | None = None
+        if config.vision is not None and config.understanding_positions:
+            self.understanding_pos_embed = nn.Parameter(torch.zeros(config.vision.num_patches, D))
         self.gen_vision_model = VQModel(config.gen_vision)
         self.gen_aligner = MlpAligner(d, config.gen_aligner_hidden, config.gen_aligner_depth)
         self.gen_head = VisionHead(D, config.gen_head_hidden, K)
@@ -283,13 +293,16 @@ class FudokiModel(nn.Module):
         return embeds
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """Understanding features ``aligner(vision_tower(x))``: [I, 3, S, S] (or [B, n, 3, S, S])
-        -> [I, num_patches, D]."""
+        """Understanding features ``aligner(vision_tower(x))`` (``+ understanding_pos_embed``
+        with ``understanding_positions``): [I, 3, S, S] (or [B, n, 3, S, S]) -> [I, P, D]."""
         if self.vision_model is None or self.aligner is None:
             raise ValueError("this model has no understanding encoder (config.vision is None)")
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.flatten(0, 1)
-        return self.aligner(self.vision_model.vision_tower(pixel_values))
+        feats = self.aligner(self.vision_model.vision_tower(pixel_values))
+        if self.understanding_pos_embed is not None:
+            feats = feats + self.understanding_pos_embed.to(feats.dtype)
+        return feats
 
     @staticmethod
     def _check_mask(name: str, mask: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:

@@ -232,6 +232,33 @@ def test_understanding_features_replace_exactly_the_placeholders(model):
         model.embed(ids.clamp_min(0), pixel_values=pixels, understanding_mask=bad)
 
 
+def test_understanding_positions_add_one_learnt_row_per_patch(janus_state_dict):
+    """``understanding_positions``: each patch's feature gains its own row of a table that
+    starts at zero (the model then equals the one without) and is trained by the loss; Janus
+    has no such table, so exporting its config refuses."""
+    cfg = tiny_config()
+    cfg.understanding_positions = True
+    with_pos = FudokiModel(cfg)
+    missing = with_pos.load_state_dict(janus_state_dict, strict=False).missing_keys
+    assert missing == ["understanding_pos_embed"]
+    plain = fudoki_model_from_janus(janus_state_dict, tiny_config())
+    P = cfg.understanding_token_count
+    assert with_pos.understanding_pos_embed.shape == (P, D)
+    pixels = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(with_pos.encode_images(pixels), plain.encode_images(pixels))
+        table = torch.randn(P, D, generator=torch.Generator().manual_seed(4))
+        with_pos.understanding_pos_embed.copy_(table)
+        torch.testing.assert_close(with_pos.encode_images(pixels),
+                                   plain.encode_images(pixels) + table)  # fmt: skip
+    with_pos.encode_images(pixels).pow(2).sum().backward()
+    assert with_pos.understanding_pos_embed.grad.abs().sum() > 0
+    again = FudokiConfig.from_dict(copy.deepcopy(cfg.to_dict()))
+    assert again.understanding_positions
+    with pytest.raises(ValueError, match="understanding_positions=True"):
+        janus_config_from_fudoki(cfg)
+
+
 def test_config_round_trip():
     cfg = tiny_config()
     again = FudokiConfig.from_dict(copy.deepcopy(cfg.to_dict()))

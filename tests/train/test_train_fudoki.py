@@ -218,6 +218,27 @@ def test_ar_initialises_the_flow_model(assets, tmp_path) -> None:
     assert not torch.equal(half[key], ar[key])  # step 1 of 2, exported mid-run
 
 
+def test_init_from_a_model_without_a_position_table_starts_it_at_zero(assets, tmp_path) -> None:
+    """``model.understanding_positions`` on a run that starts from a model without the
+    table: every shared tensor is copied, the table starts at zero and trains."""
+    train_fudoki(make_config(assets, tmp_path / "base", steps=1), progress=False)
+    config = make_config(assets, tmp_path / "pos", steps=2, understanding_ratio=1.0)
+    config.model = {**MODEL, "understanding_positions": True}
+    config.init_from = str(tmp_path / "base" / "model")
+    config.optim.lr = 1e-12  # steps that barely move: the weights stay the copied ones
+    task = make_task(assets, tmp_path / "probe")  # the shapes of a model without the table
+    assert "understanding_pos_embed" not in task.model.state_dict()
+    train_fudoki(config, progress=False)
+    pipe = kineflow.load(tmp_path / "pos" / "model")
+    table = pipe.model.understanding_pos_embed
+    assert table is not None and table.shape == (4, 32)  # 32 px / 16-px patches, width 32
+    assert 0 < table.abs().max() < 1e-9  # two AdamW steps from zero moved it, by ~lr
+    base = kineflow.load(tmp_path / "base" / "model").model.state_dict()
+    for key in ("vision_model.vision_tower.patch_embed.proj.weight", "aligner.layers.0.weight",
+                "language_model.model.layers.0.mlp.up_proj.weight"):  # fmt: skip
+        torch.testing.assert_close(pipe.model.state_dict()[key], base[key], atol=1e-6, rtol=0)
+
+
 def test_config_errors(assets, tmp_path) -> None:
     config = make_config(assets, tmp_path)
     config.model = {**MODEL, "language": {**MODEL["language"], "vocab_size": 99}}
