@@ -14,6 +14,12 @@ A token grid that lines up with the objects gives local ≈ 1 and remote near ch
 embeddings; a remote score that rises with depth says the blocks spread every cell over every
 token. ``docs/understanding.md`` reads the result.
 
+With one token per grid cell (9 tokens), a second probe reads *which cell a token is* from
+that one token's features (9 classes, chance 1/9), for tokens over an object
+(``own_cell_occupied``) and over an empty cell (``own_cell_empty``): the position a language
+model with rotary positions can only take from the token itself when a question asks where
+something is.
+
 Usage: ``python bench/token_locality.py --model checkpoints/fudoki-shapes``; JSON on stdout.
 """
 
@@ -105,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
                                     train, test, classes, probe)  # fmt: skip
                     accs.append(fit["accuracy"])
                 row[f"{target}_{where}"] = round(float(np.mean(accs)), 3)
+        if tokens == labels["occupied"].shape[1]:  # one token per cell: token k is cell k
+            cell = np.tile(np.arange(tokens), n)  # row s * tokens + k is scene s, token k
+
+            def rows_of(scenes: np.ndarray) -> np.ndarray:
+                return (scenes[:, None] * tokens + np.arange(tokens)).ravel()
+
+            for name_, on in (("own_cell_occupied", 1), ("own_cell_empty", 0)):
+                y = np.where(labels["occupied"].ravel() == on, cell, -1)[:, None]
+                fit = fit_probe(feats.flatten(0, 1), y, rows_of(train), rows_of(test), tokens,
+                                probe)  # fmt: skip
+                row[name_] = round(float(fit["accuracy"]), 3)
         result[name] = row
         print(f"[token_locality] {name} {row}", file=sys.stderr, flush=True)
     report = {"model": str(Path(args.model)), "image_size": vision.image_size,

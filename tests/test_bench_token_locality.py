@@ -37,5 +37,6 @@ def test_report_has_every_depth_and_target(tmp_path):
     assert report["tokens"] == 9 and report["cells"] == [0, 4, 8]
     assert list(report["accuracy"]) == ["embeddings", "block 1", "block 2", "block 3", "aligner"]
     for row in report["accuracy"].values():
-        assert set(row) == {"colour_local", "colour_remote", "shape_local", "shape_remote"}
+        assert set(row) == {"colour_local", "colour_remote", "shape_local", "shape_remote",
+                            "own_cell_occupied", "own_cell_empty"}  # fmt: skip
         assert all(0 <= v <= 1 for v in row.values())
