@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from binding_reader import MAX_WORDS, Reader, words_of
 
 from kineflow.data.shapes import ShapesWorld
-from kineflow.data.shapes.language import QA, position_questions, questions
+from kineflow.data.shapes.language import ORDINAL_ANSWERS, QA, position_questions, questions
 from kineflow.data.shapes.scene import COLOURS, GRID, SHAPES, SIZES, Scene
 from kineflow.eval.stats import bootstrap_ci
 
@@ -66,16 +66,30 @@ def cell_tokens(scene: Scene) -> np.ndarray:
     return x
 
 
+#: ``--position-answers words``: rows and columns named with the words relation answers use.
+WORDS = {"row": ("top", "middle", "bottom"), "column": ("left", "center", "right")}
+
+
+def worded(qa: QA) -> QA:
+    """A position question answered with :data:`WORDS` instead of "one" / "two" / "three"."""
+    axis = "row" if qa.question.startswith("what row") else "column"
+    return QA(qa.question, WORDS[axis][ORDINAL_ANSWERS.index(qa.answer)], qa.type)
+
+
 def draw(
-    world: ShapesWorld, split: str, n: int, kind: str, share: float, seed: int
-) -> tuple[Tensor, list[QA]]:
+    world: ShapesWorld, split: str, n: int, kind: str, share: float, seed: int,
+    answers: str = "ordinal",
+) -> tuple[Tensor, list[QA]]:  # fmt: skip
     """``n`` (tokens, question) pairs of ``split`` scenes: ``kind`` "relation" (with ``share``
-    of them position questions instead) or "position"."""
+    of them position questions instead) or "position"; position ``answers`` "ordinal" (as the
+    trainers ask them) or "words" (:data:`WORDS`)."""
     rng = np.random.default_rng(seed)
     xs, qas = [], []
     while len(qas) < n:
         scene = world.sample(rng, split)
         rel, pos = questions(scene, rng)["relation"], position_questions(scene)
+        if answers == "words":
+            pos = [worded(qa) for qa in pos]
         use = pos if kind == "position" or (pos and rng.random() < share) else rel
         if not use:
             continue
@@ -87,9 +101,12 @@ def draw(
 def run_arm(arm: str, args: argparse.Namespace, world: ShapesWorld) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     share = args.position_share if arm == "relation+position" else 0.0
+    a = args.position_answers
     train_x, train_qa = draw(world, "train", args.steps * args.batch_size, "relation", share,
-                             args.seed)  # fmt: skip
-    test = {k: draw(world, "test", 1000, k, 0.0, args.seed + 1) for k in ("relation", "position")}
+                             args.seed, a)  # fmt: skip
+    test = {
+        k: draw(world, "test", 1000, k, 0.0, args.seed + 1, a) for k in ("relation", "position")
+    }
     everything = train_qa + [qa for _, qas in test.values() for qa in qas]
     vocab = sorted({w for qa in everything for w in words_of(qa.question)})
     answers = sorted({qa.answer for qa in everything})
@@ -144,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--position-share", type=float, default=0.5)
+    p.add_argument("--position-answers", choices=("ordinal", "words"), default="ordinal",
+                   help="answer row / column questions with one / two / three (as the "
+                   "trainers) or with top / middle / bottom, left / center / right")  # fmt: skip
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -160,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     _, test_rel = draw(world, "test", 1000, "relation", 0.0, args.seed + 1)
     chance = Counter(qa.answer for qa in test_rel).most_common(1)[0][1] / len(test_rel)
     report = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "position_share": args.position_share, "position_answers": args.position_answers,
               "layers": args.layers, "width": args.width, "seed": args.seed,
               "test_questions": 1000, "relation_chance": chance,
               "arms": {arm: run_arm(arm, args, world) for arm in args.arms}}  # fmt: skip

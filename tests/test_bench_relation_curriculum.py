@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kineflow.data.shapes import ShapesWorld
 from kineflow.data.shapes.scene import COLOURS, SHAPES, SIZES, Obj, Scene
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from relation_curriculum import cell_tokens, draw  # noqa: E402
+from relation_curriculum import cell_tokens, draw, worded  # noqa: E402
 
 
 def test_cell_tokens_are_the_one_hot_truth_of_each_cell() -> None:
@@ -29,14 +30,21 @@ def test_cell_tokens_are_the_one_hot_truth_of_each_cell() -> None:
 
 
 def test_draw_mixes_in_position_questions_at_the_share() -> None:
-    from kineflow.data.shapes import ShapesWorld
-
     _, qas = draw(ShapesWorld(), "train", 400, "relation", 0.5, seed=0)
     kinds = [qa.type for qa in qas]
     assert set(kinds) == {"relation", "position"}
     assert 0.4 < kinds.count("position") / len(kinds) < 0.6
     _, only = draw(ShapesWorld(), "test", 50, "position", 0.0, seed=1)
     assert {qa.type for qa in only} == {"position"}
+
+
+def test_worded_answers_name_rows_and_columns_like_relation_answers() -> None:
+    from kineflow.data.shapes.language import QA
+
+    assert worded(QA("what row is the circle in?", "one", "position")).answer == "top"
+    assert worded(QA("what column is the red square in?", "three", "position")).answer == "right"
+    _, qas = draw(ShapesWorld(), "test", 40, "position", 0.0, seed=2, answers="words")
+    assert {qa.answer for qa in qas} <= {"top", "middle", "bottom", "left", "center", "right"}
 
 
 @pytest.mark.slow  # two tiny readers (~10 s)

@@ -36,7 +36,16 @@ CLAIMS = "claims.yaml"
 #: app's test instead (tests/apps/test_finetune_example.py).
 APP_CONFIGS = {"finetune_fudoki_fashion.yaml", "vq_fashion.yaml"}
 #: Configs that start from another config's model (``init_from``): config -> that config.
-SECOND_STAGE = {"fudoki_from_ar_shapes.yaml": "ar_shapes.yaml"}
+SECOND_STAGE = {"fudoki_from_ar_shapes.yaml": "ar_shapes.yaml",
+                "fudoki_understanding_shapes.yaml": "fudoki_from_ar_shapes.yaml"}  # fmt: skip
+
+
+def stages(name: str) -> list[str]:
+    """The configs to run, in order, before and including ``name``."""
+    chain = [name]
+    while chain[-1] in SECOND_STAGE:
+        chain.append(SECOND_STAGE[chain[-1]])
+    return chain[::-1]
 
 
 def test_every_config_is_covered() -> None:
@@ -77,14 +86,16 @@ def test_config_trains_on_a_fresh_clone(
 def test_second_stage_starts_from_the_first_stage_model(
     name: str, fresh_clone: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The shipped FUDOKI recipe: the AR stage writes the model the second stage starts from
-    (its ``init_from``, under ``outputs/``), in the order the config's comment gives."""
+    """The shipped FUDOKI recipe: each stage writes the model the next starts from (its
+    ``init_from``, under ``outputs/``), in the order the configs' comments give."""
     first = SECOND_STAGE[name]
     init_from = Path(yaml.safe_load((CONFIGS / name).read_text())["init_from"])
     assert init_from.name == "model" and init_from.parts[0] == "outputs"
     first_out = yaml.safe_load((CONFIGS / first).read_text())["out"]
     assert init_from.parent == Path(first_out)
-    for config, out in ((first, first_out), (name, "run")):
+    chain = stages(name)
+    outs = [yaml.safe_load((CONFIGS / c).read_text())["out"] for c in chain[:-1]] + ["run"]
+    for config, out in zip(chain, outs, strict=True):
         argv = ["train", "fudoki", "--config", f"configs/{config}", "--steps", "2",
                 "--out", str(fresh_clone / out), "--no-progress"]  # fmt: skip
         status = main(argv)
