@@ -190,10 +190,12 @@ def position_questions(scene: Scene) -> list[QA]:
     not already name its cell.
 
     Why: a relation question ("is the red circle left of the square?") needs two skills at
-    once, finding each referent's image token and reading its row or column, and its answer
+    once, finding each referent's image token and comparing rows or columns, and its answer
     depends on both; trained alone it stays at chance for every model here. These questions
-    train the second skill with one referent, after which relations are learnt
-    (docs/understanding.md, "Relations")."""
+    train finding one referent's cell. On ideal tokens relations then follow only when these
+    answers use relation words (top / middle / bottom, left / center / right), not numbers
+    (docs/understanding.md, "Relations"); numbers are used here because they are single tokens
+    of the shipped tokenizer."""
     qs = []
     for o in scene:
         ref = reference(o, scene)
