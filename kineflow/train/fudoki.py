@@ -207,9 +207,7 @@ def _init_from(model: FudokiModel, folder: str) -> None:
     weights = load_file(str(file))
     own = model.state_dict()
     bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    # The frozen VQ comes from the run's own folder; a position table the source lacks starts
-    # at zero (model.understanding_positions), so the model begins as the source's.
-    fresh = ("gen_vision_model.", "understanding_pos_embed")
+    fresh = ("gen_vision_model.", "understanding_pos_embed")  # the run's own VQ; a zero table
     missing = [k for k in own if k not in weights and not k.startswith(fresh)]
     if bad or missing:
         detail = f"mis-shaped {bad[:5]}, missing {missing[:5]}"
