@@ -44,6 +44,39 @@ def words_of(question: str) -> list[str]:
     return question.replace("?", " ?").split()
 
 
+def question_ids(pairs: list[tuple[str, str]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Word ids (from 1; 0 pads) and answer ids of every ``(question, answer)`` in ``pairs``."""
+    vocab = sorted({w for q, _ in pairs for w in words_of(q)})
+    answers = sorted({a for _, a in pairs})
+    return {w: i + 1 for i, w in enumerate(vocab)}, {a: i for i, a in enumerate(answers)}
+
+
+def encode_questions(
+    pairs: list[tuple[str, str]], word_id: dict[str, int], answer_id: dict[str, int]
+) -> tuple[Tensor, Tensor]:
+    """``(words Long[n, MAX_WORDS], answers Long[n])`` of ``(question, answer)`` pairs."""
+    q = torch.zeros(len(pairs), MAX_WORDS, dtype=torch.long)
+    for k, (question, _) in enumerate(pairs):
+        ids = [word_id[w] for w in words_of(question)]
+        q[k, : len(ids)] = torch.tensor(ids)
+    return q, torch.tensor([answer_id[a] for _, a in pairs])
+
+
+def optimiser(model: nn.Module, lr: float, steps: int) -> tuple[Any, Any]:
+    """AdamW (weight decay 0.01) and its one-cycle schedule (5 % warm-up) over ``steps``."""
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+
+
+def write_report(report: dict[str, Any], out: str | None) -> None:
+    """Print ``report`` as JSON (and write it to ``out`` when given)."""
+    text = json.dumps(report, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)
+
+
 def tower_tokens(tower: nn.Module, items: list[Any], layer: str) -> Tensor:
     """Float[n, P, D]: the frozen tower's tokens for the items' 32-px renders."""
     size = tower.config.image_size
@@ -104,25 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     train_items = [draw_item(world, "vqa", "train", i) for i in range(args.train)]
     test_items = [draw_item(world, "vqa", "test", i) for i in range(1000)]
     train_x, test_x = (tower_tokens(tower, s, args.layer) for s in (train_items, test_items))
-    everything = train_items + test_items
-    vocab = sorted({w for it in everything for w in words_of(it.texts["question"])})
-    answers = sorted({it.texts["answer"] for it in everything})
-    word_id = {w: i + 1 for i, w in enumerate(vocab)}
-    answer_id = {a: i for i, a in enumerate(answers)}
-
-    def encode(items: list[Any]) -> tuple[Tensor, Tensor]:
-        q = torch.zeros(len(items), MAX_WORDS, dtype=torch.long)
-        for k, it in enumerate(items):
-            ids = [word_id[w] for w in words_of(it.texts["question"])]
-            q[k, : len(ids)] = torch.tensor(ids)
-        return q, torch.tensor([answer_id[it.texts["answer"]] for it in items])
-
-    (train_q, train_y), (test_q, test_y) = encode(train_items), encode(test_items)
-    model = Reader(train_x.shape[-1], train_x.shape[1], len(vocab), len(answers), args.width,
+    train_pairs, test_pairs = (
+        [(it.texts["question"], it.texts["answer"]) for it in items]
+        for items in (train_items, test_items)
+    )
+    word_id, answer_id = question_ids(train_pairs + test_pairs)
+    train_q, train_y = encode_questions(train_pairs, word_id, answer_id)
+    test_q, test_y = encode_questions(test_pairs, word_id, answer_id)
+    model = Reader(train_x.shape[-1], train_x.shape[1], len(word_id), len(answer_id), args.width,
                    args.layers)  # fmt: skip
-    opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
-                                                pct_start=0.05)  # fmt: skip
+    opt, sched = optimiser(model, args.lr, args.steps)
     g = torch.Generator().manual_seed(args.seed)
 
     def score() -> dict[str, Any]:
@@ -151,11 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size": args.batch_size, "lr": args.lr, "layers": args.layers,
               "width": args.width, "seed": args.seed,
               "seconds": round(time.perf_counter() - started, 1), "curve": curve}  # fmt: skip
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

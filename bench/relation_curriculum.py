@@ -29,7 +29,6 @@ Usage: ``python bench/relation_curriculum.py --out FILE``. Output: one JSON obje
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from binding_reader import MAX_WORDS, Reader, words_of
+from binding_reader import Reader, encode_questions, optimiser, question_ids, write_report
 
 from kineflow.data.shapes import ShapesWorld
 from kineflow.data.shapes.language import ORDINAL_ANSWERS, QA, position_questions, questions
@@ -107,25 +106,16 @@ def run_arm(arm: str, args: argparse.Namespace, world: ShapesWorld) -> dict[str,
     test = {
         k: draw(world, "test", 1000, k, 0.0, args.seed + 1, a) for k in ("relation", "position")
     }
-    everything = train_qa + [qa for _, qas in test.values() for qa in qas]
-    vocab = sorted({w for qa in everything for w in words_of(qa.question)})
-    answers = sorted({qa.answer for qa in everything})
-    word_id = {w: i + 1 for i, w in enumerate(vocab)}
-    answer_id = {a: i for i, a in enumerate(answers)}
 
-    def encode(qas: list[QA]) -> tuple[Tensor, Tensor]:
-        q = torch.zeros(len(qas), MAX_WORDS, dtype=torch.long)
-        for k, qa in enumerate(qas):
-            ids = [word_id[w] for w in words_of(qa.question)]
-            q[k, : len(ids)] = torch.tensor(ids)
-        return q, torch.tensor([answer_id[qa.answer] for qa in qas])
+    def pairs(qas: list[QA]) -> list[tuple[str, str]]:
+        return [(qa.question, qa.answer) for qa in qas]
 
-    train_q, train_y = encode(train_qa)
-    tests = {k: (x, *encode(qas)) for k, (x, qas) in test.items()}
-    model = Reader(FEATURES, GRID * GRID, len(vocab), len(answers), args.width, args.layers)
-    opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
-                                                pct_start=0.05)  # fmt: skip
+    word_id, answer_id = question_ids(pairs(train_qa + [qa for _, q in test.values() for qa in q]))
+    train_q, train_y = encode_questions(pairs(train_qa), word_id, answer_id)
+    tests = {k: (x, *encode_questions(pairs(qas), word_id, answer_id))
+             for k, (x, qas) in test.items()}  # fmt: skip
+    model = Reader(FEATURES, GRID * GRID, len(word_id), len(answer_id), args.width, args.layers)
+    opt, sched = optimiser(model, args.lr, args.steps)
 
     def score() -> dict[str, Any]:
         model.eval()
@@ -184,11 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               "layers": args.layers, "width": args.width, "seed": args.seed,
               "test_questions": 1000, "relation_chance": chance,
               "arms": {arm: run_arm(arm, args, world) for arm in args.arms}}  # fmt: skip
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    write_report(report, args.out)
     return 0
 
 
