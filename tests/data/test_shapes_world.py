@@ -22,10 +22,13 @@ from kineflow.data.manifest import ManifestDataset, validate_manifest
 from kineflow.data.shapes.dataset import SHAPES_TASKS, ShapesWorldDataset, draw_item
 from kineflow.data.shapes.language import (
     CAPTION_TEMPLATES,
+    COLUMN_WORDS,
     EDIT_KINDS,
     ORDINAL_ANSWERS,
     POSITION_TYPE,
+    POSITION_WORDS_TYPE,
     QUESTION_TYPES,
+    ROW_WORDS,
     caption,
     parse_caption,
     position_questions,
@@ -644,11 +647,19 @@ def test_position_questions_name_the_row_and_column_counted_from_the_top_left(
             assert m is not None and qa.type == POSITION_TYPE, qa
             (o,) = resolve(m.group(2), scene)
             assert ordinal[qa.answer] == (o.row if m.group(1) == "row" else o.col), qa
-    assert POSITION_TYPE not in QUESTION_TYPES  # training only: the benchmark never asks them
+        # In words: the same questions, each answer the word of the same row / column.
+        words = position_questions(scene, words=True)
+        assert [q.question for q in words] == [q.question for q in qs]
+        for qa, qw in zip(qs, words, strict=True):
+            assert qw.type == POSITION_WORDS_TYPE
+            names = ROW_WORDS if qa.question.startswith("what row") else COLUMN_WORDS
+            assert qw.answer == names[ordinal[qa.answer]], qw
+    assert ROW_WORDS == ("top", "center", "bottom") and COLUMN_WORDS == ("left", "center", "right")
+    assert {POSITION_TYPE, POSITION_WORDS_TYPE}.isdisjoint(QUESTION_TYPES)  # benchmark never asks
 
 
 def test_question_weights_set_the_type_frequencies(world: ShapesWorld) -> None:
-    weights = {"relation": 3, "position": 2}  # the other types weigh 1
+    weights = {"relation": 3, "position": 2, "position_words": 1}  # the others weigh 1
     rng = np.random.default_rng(9)
     scenes = [world.random_scene(rng, 4) for _ in range(250)]  # every type is supported
     types: Counter[str] = Counter()
@@ -658,10 +669,12 @@ def test_question_weights_set_the_type_frequencies(world: ShapesWorld) -> None:
             types[qa.type] += 1
             if qa.type == POSITION_TYPE:
                 assert qa in position_questions(scene)
+            elif qa.type == POSITION_WORDS_TYPE:
+                assert qa in position_questions(scene, words=True)
             else:
                 assert oracle_answer(qa.question, scene) == (qa.type, qa.answer)
     n = sum(types.values())
-    expected = {t: weights.get(t, 1) / 9 for t in (*QUESTION_TYPES, POSITION_TYPE)}
+    expected = {t: weights.get(t, 1) / 10 for t in (*QUESTION_TYPES, *weights)}
     for t, share in expected.items():  # 2000 draws: 4 standard errors at most
         assert abs(types[t] / n - share) < 4 * (share * (1 - share) / n) ** 0.5, (t, types)
     # A scene that supports no type of positive weight falls back to the uniform draw.
@@ -675,6 +688,7 @@ def test_question_weights_set_the_type_frequencies(world: ShapesWorld) -> None:
     )
     kinds = Counter(draw_item(world, "vqa", "train", i, {"position": 50}).kind for i in range(60))
     assert kinds[POSITION_TYPE] > 45  # 50 / 55 of the scenes that have a position question
+    assert kinds[POSITION_WORDS_TYPE] == 0  # training-only types weigh 0 unless named
     assert all(a.answer in ORDINAL_ANSWERS for s in world.scenes("train", 20)
                for a in position_questions(s))  # fmt: skip
 

@@ -4,6 +4,7 @@ per-sample corruption, and samples read from shards equal those made on the fly.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -119,3 +120,30 @@ def test_position_questions_fit_the_shipped_answer_slots() -> None:
             positions += 1
             assert got.target[1] == tok.eos_id
     assert positions > 30  # every scene whose objects are not all named by their cell
+
+
+def test_position_words_fit_four_answer_slots() -> None:
+    """Position questions answered in words (``position_words``) need ``vqa_answer_tokens: 4``
+    with the shipped tokenizer: each answer is at most 3 tokens, then EOS, and decodes back."""
+    from pathlib import Path
+
+    from kineflow.data.shapes.language import COLUMN_WORDS, QUESTION_TYPES, ROW_WORDS
+    from kineflow.data.shapes.scene import ShapesWorld
+    from kineflow.tokenizers.text import TextTokenizer
+    from kineflow.train.common import ShapesData, understanding_sample
+
+    tok = TextTokenizer.load(Path(__file__).resolve().parents[2] / "checkpoints/fudoki-shapes")
+    assert max(len(tok.encode(a)) for a in (*ROW_WORDS, *COLUMN_WORDS)) == 3
+    only_words = {t: 0 for t in QUESTION_TYPES} | {"position_words": 1}
+    data = ShapesData(vqa_answer_tokens=4, caption_tokens=40, caption_ratio=0.0,
+                      question_weights=only_words)  # fmt: skip
+    answers = Counter()
+    for i in range(40):
+        got = understanding_sample(ShapesWorld(), data, tok, i, sample_generator(0, i), 9)
+        ids = list(got.target)
+        n = ids.index(tok.eos_id)
+        assert set(ids[n:]) == {tok.eos_id} and len(ids) == 4
+        answers[tok.decode(ids[:n])] += 1
+    words = {a: n for a, n in answers.items() if a in (*ROW_WORDS, *COLUMN_WORDS)}
+    assert sum(words.values()) > 30  # the rest: scenes whose objects are all named by cell
+    assert len(words) == 5  # top, center, bottom, left, right all asked

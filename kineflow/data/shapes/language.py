@@ -39,10 +39,17 @@ from kineflow.data.shapes.scene import (
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES: tuple[str, ...] = ("count", "colour", "shape", "relation", "exist")
 #: Training-only questions, never asked by the benchmark: which row / column an object is in
-#: (:func:`position_questions`), the stepping stone to relation questions.
+#: (:func:`position_questions`), the stepping stone to relation questions. ``position`` answers
+#: with numbers, ``position_words`` with the words of relations and captions.
 POSITION_TYPE = "position"
+POSITION_WORDS_TYPE = "position_words"
+TRAINING_TYPES: tuple[str, ...] = (POSITION_TYPE, POSITION_WORDS_TYPE)
 #: Rows counted from the top, columns from the left; one-token answers in the shipped tokenizer.
 ORDINAL_ANSWERS: tuple[str, ...] = ("one", "two", "three")
+#: Rows and columns in words, the captions' position words (up to 3 tokens + EOS in the shipped
+#: tokenizer, hence ``vqa_answer_tokens: 4``).
+ROW_WORDS: tuple[str, ...] = ("top", "center", "bottom")
+COLUMN_WORDS: tuple[str, ...] = ("left", "center", "right")
 EDIT_KINDS: tuple[str, ...] = ("recolour", "remove", "add", "move")
 _POSITION_OF_NAME = {
     name: (r, c) for r, row in enumerate(POSITION_NAMES) for c, name in enumerate(row)
@@ -184,25 +191,26 @@ def _relation_questions(scene: Scene, heldout: HeldOut | None) -> list[QA]:
     return qs
 
 
-def position_questions(scene: Scene) -> list[QA]:
+def position_questions(scene: Scene, words: bool = False) -> list[QA]:
     """``"what row is the {ref} in?"`` -> ``"one"`` / ``"two"`` / ``"three"`` (rows from the
     top) and the same for its column (from the left), for every object whose reference does
-    not already name its cell.
+    not already name its cell; with ``words``, the answers are :data:`ROW_WORDS` /
+    :data:`COLUMN_WORDS` (type :data:`POSITION_WORDS_TYPE`).
 
     Why: a relation question ("is the red circle left of the square?") needs two skills at
     once, finding each referent's image token and comparing rows or columns, and its answer
     depends on both; trained alone it stays at chance for every model here. These questions
     train finding one referent's cell. On ideal tokens relations then follow only when these
-    answers use relation words (top / middle / bottom, left / center / right), not numbers
-    (docs/understanding.md, "Relations"); numbers are used here because they are single tokens
-    of the shipped tokenizer."""
+    answers use relation words, not numbers (docs/understanding.md, "Relations")."""
+    rows, cols, kind = (ROW_WORDS, COLUMN_WORDS, POSITION_WORDS_TYPE) if words else (
+        ORDINAL_ANSWERS, ORDINAL_ANSWERS, POSITION_TYPE)  # fmt: skip
     qs = []
     for o in scene:
         ref = reference(o, scene)
         if " at the " in ref:
             continue  # the question would name the answer
-        qs.append(QA(f"what row is the {ref} in?", ORDINAL_ANSWERS[o.row], POSITION_TYPE))
-        qs.append(QA(f"what column is the {ref} in?", ORDINAL_ANSWERS[o.col], POSITION_TYPE))
+        qs.append(QA(f"what row is the {ref} in?", rows[o.row], kind))
+        qs.append(QA(f"what column is the {ref} in?", cols[o.col], kind))
     return qs
 
 
@@ -248,18 +256,19 @@ def sample_question(
 
     The type is uniform (the benchmark's draw) unless ``weights`` are given (training only):
     then ``P(type) ∝ weights[type]`` over the supported types, where a type not named weighs 1
-    and :data:`POSITION_TYPE` (:func:`position_questions`) weighs 0 unless named; a scene that
-    supports no type of positive weight falls back to the uniform draw."""
+    and the :data:`TRAINING_TYPES` (:func:`position_questions`) weigh 0 unless named; a scene
+    that supports no type of positive weight falls back to the uniform draw."""
     by_type = {t: qs for t, qs in questions(scene, rng, heldout).items() if qs}
     if weights is not None:
         by_type[POSITION_TYPE] = position_questions(scene)
-        w = {t: float(weights.get(t, 0.0 if t == POSITION_TYPE else 1.0)) for t in by_type}
+        by_type[POSITION_WORDS_TYPE] = position_questions(scene, words=True)
+        w = {t: float(weights.get(t, 0.0 if t in TRAINING_TYPES else 1.0)) for t in by_type}
         types = sorted(t for t in by_type if by_type[t] and w[t] > 0)
         if types:
             p = np.array([w[t] for t in types])
             qs = by_type[types[rng.choice(len(types), p=p / p.sum())]]
             return qs[rng.integers(len(qs))]
-        by_type = {t: qs for t, qs in by_type.items() if qs and t != POSITION_TYPE}
+        by_type = {t: qs for t, qs in by_type.items() if qs and t not in TRAINING_TYPES}
     types = sorted(by_type)
     qs = by_type[types[rng.integers(len(types))]]
     return qs[rng.integers(len(qs))]
@@ -267,13 +276,13 @@ def sample_question(
 
 def check_question_weights(weights: object, where: str) -> None:
     """Raise ValueError (naming ``where`` and the key) unless ``weights`` maps question types
-    (:data:`QUESTION_TYPES` or :data:`POSITION_TYPE`) to numbers >= 0."""
+    (:data:`QUESTION_TYPES` or :data:`TRAINING_TYPES`) to numbers >= 0."""
     if not isinstance(weights, Mapping):
         raise ValueError(f"{where} must be a mapping of question types to weights, got {weights!r}")
     for name, value in weights.items():
-        if name not in (*QUESTION_TYPES, POSITION_TYPE):
+        if name not in (*QUESTION_TYPES, *TRAINING_TYPES):
             raise ValueError(f"{where}: unknown question type {name!r}; the types are "
-                             f"{[*QUESTION_TYPES, POSITION_TYPE]}")  # fmt: skip
+                             f"{[*QUESTION_TYPES, *TRAINING_TYPES]}")  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e300:
             raise ValueError(f"{where}.{name} must be a number >= 0, got {value!r}")
 
