@@ -72,6 +72,7 @@ from kineflow.train.common import (
     train_task,
     understanding_sample,
 )
+from kineflow.train.init_from import init_weights_from
 from kineflow.train.loop import Optim, sample_generator
 from kineflow.train.lora import LoraSettings, finish_lora, prepare_lora
 from kineflow.train.own_data import FUDOKI_TASKS, OwnData, fudoki_record
@@ -197,22 +198,6 @@ def build_model(config: FudokiTrainConfig, tokenizer: TextTokenizer) -> FudokiMo
         tower = model.vision_model.vision_tower if model.vision_model is not None else None
         load_pretrained_tower(tower, model.config.vision, config.vision, config.train_vision)
     return model
-
-
-def _init_from(model: FudokiModel, folder: str) -> None:
-    """Copy every shared tensor of a saved FUDOKI / AR model (ValueError if none or misfit)."""
-    file = Path(folder) / "model.safetensors"
-    if not file.is_file():
-        raise ValueError(f"init_from {folder}: no model.safetensors there (train that model first)")
-    weights = load_file(str(file))
-    own = model.state_dict()
-    bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    fresh = ("gen_vision_model.", "understanding_pos_embed")  # the run's own VQ; a zero table
-    missing = [k for k in own if k not in weights and not k.startswith(fresh)]
-    if bad or missing:
-        detail = f"mis-shaped {bad[:5]}, missing {missing[:5]}"
-        raise ValueError(f"init_from {folder} does not fit the model: {detail}")
-    model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 
 
 # -- the task -----------------------------------------------------------------------------------
@@ -464,7 +449,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     torch.manual_seed(config.optim.seed)
     model = build_model(config, tokenizer)
     if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
-        _init_from(model, config.init_from)
+        # The run's own VQ; a position table starts at zero.
+        init_weights_from(model, config.init_from, ("gen_vision_model.", "understanding_pos_embed"))
     if config.lora is not None:  # a vq other than the base's replaces it (kineflow.train.lora)
         codebook = {"image": _metric_tables(model)["image"]}
         prepare_lora(model, config.lora, out, ("gen_vision_model", "gen_embed"), codebook)

@@ -36,6 +36,7 @@ from kineflow.io import atomic_write_json
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
+from kineflow.train.checkpoint import has_checkpoint
 from kineflow.train.common import (
     ShapesData,
     card_record,
@@ -50,6 +51,7 @@ from kineflow.train.common import (
     train_task,
     understanding_sample,
 )
+from kineflow.train.init_from import init_weights_from
 from kineflow.train.loop import Optim, sample_generator
 from kineflow.train.lora import LoraSettings, finish_lora, prepare_lora
 from kineflow.train.own_data import UNIFLUID_TASKS, OwnData, unifluid_record
@@ -101,6 +103,7 @@ class UnifluidTrainConfig(TrainRunConfig):
     text_tokenizer: str
     out: str
     vision: str | None = None
+    init_from: str | None = None
     data: UnifluidData = field(default_factory=UnifluidData)
     optim: Optim = field(default_factory=Optim)
     log_every: int = 25
@@ -357,6 +360,8 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
         tokenizer = TextTokenizer.load(config.text_tokenizer)
         torch.manual_seed(config.optim.seed)
         model = build_unifluid(config, tokenizer)
+        if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
+            init_weights_from(model, config.init_from)
         if config.lora is not None:
             prepare_lora(model, config.lora, out)
         task = UnifluidTask(model, tokenizer, config)

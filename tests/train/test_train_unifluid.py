@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -153,6 +154,36 @@ def trained_folder(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train_unifluid(make_config(assets, out, steps=2), progress=False)
     return out / "model"
+
+
+def test_init_from_starts_a_stage_from_a_saved_model(assets, trained_folder, tmp_path) -> None:
+    """``init_from`` (a second stage of a recipe): the run starts from the folder's weights,
+    with its own data mix and schedule; a folder of another shape is named in the error."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(trained_folder / "model.safetensors"))
+    config = make_config(assets, tmp_path / "stage2", steps=1, understanding_ratio=0.6)
+    config.init_from = str(trained_folder)
+    config.optim.lr = 1e-12  # one step that barely moves: the weights are the saved ones
+    train_unifluid(config, progress=False)
+    got = load_file(str(tmp_path / "stage2" / "model" / "model.safetensors"))
+    assert got.keys() == saved.keys()
+    for key in ("backbone.layers.0.mlp.up_proj.weight", "diffusion_head.net.blocks.0.mlp.0.weight"):
+        torch.testing.assert_close(got[key], saved[key], atol=1e-6, rtol=0)
+    fresh = make_config(assets, tmp_path / "fresh", steps=1)
+    tok = TextTokenizer.load(assets["text"])
+    torch.manual_seed(1)  # a model built afresh differs: the copy is what made them equal
+    key = "backbone.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(build_unifluid(fresh, tok).state_dict()[key], saved[key])
+    wide = make_config(assets, tmp_path / "wide", steps=1)
+    wide.model = {**MODEL, "head": {**MODEL["head"], "width": 48}}
+    wide.init_from = str(trained_folder)
+    misfit = re.escape(f"init_from {trained_folder} does not fit the model: mis-shaped")
+    with pytest.raises(ValueError, match=misfit):
+        train_unifluid(wide, progress=False)
+    wide.init_from = str(tmp_path)
+    with pytest.raises(ValueError, match=r"no model\.safetensors there"):
+        train_unifluid(wide, progress=False)
 
 
 @pytest.fixture(scope="module")
