@@ -37,7 +37,11 @@ CLAIMS = "claims.yaml"
 APP_CONFIGS = {"finetune_fudoki_fashion.yaml", "vq_fashion.yaml"}
 #: Configs that start from another config's model (``init_from``): config -> that config.
 SECOND_STAGE = {"fudoki_from_ar_shapes.yaml": "ar_shapes.yaml",
-                "fudoki_understanding_shapes.yaml": "fudoki_from_ar_shapes.yaml"}  # fmt: skip
+                "fudoki_understanding_shapes.yaml": "fudoki_from_ar_shapes.yaml",
+                "fudoki_relations_shapes.yaml": "fudoki_understanding_shapes.yaml",
+                "fudoki_relations2_shapes.yaml": "fudoki_relations_shapes.yaml"}  # fmt: skip
+#: The last stage of each recipe: its test trains the whole chain.
+LAST_STAGES = sorted(set(SECOND_STAGE) - set(SECOND_STAGE.values()))
 
 
 def stages(name: str) -> list[str]:
@@ -82,32 +86,46 @@ def test_config_trains_on_a_fresh_clone(
     assert not (fresh_clone / "outputs").exists()
 
 
-@pytest.mark.parametrize("name", sorted(SECOND_STAGE))
-def test_second_stage_starts_from_the_first_stage_model(
+def _read(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def test_each_stage_starts_from_the_model_of_the_stage_before() -> None:
+    """A later stage's ``init_from`` is the ``model`` folder its earlier stage writes, under
+    ``outputs/``; the comments at the top of a stage list every command of its recipe."""
+    for name, before in SECOND_STAGE.items():
+        init_from = Path(_read(name)["init_from"])
+        assert init_from.name == "model" and init_from.parts[0] == "outputs", name
+        assert init_from.parent == Path(_read(before)["out"]), name
+        command = TRAINING[stages(name)[0]]
+        for config in stages(name):
+            assert f"kineflow train {command} --config configs/{config}" in (
+                (CONFIGS / name).read_text()), (name, config)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", LAST_STAGES)
+def test_a_recipe_trains_stage_after_stage(
     name: str, fresh_clone: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The shipped FUDOKI recipe: each stage writes the model the next starts from (its
-    ``init_from``, under ``outputs/``), in the order the configs' comments give."""
-    first = SECOND_STAGE[name]
-    init_from = Path(yaml.safe_load((CONFIGS / name).read_text())["init_from"])
-    assert init_from.name == "model" and init_from.parts[0] == "outputs"
-    first_out = yaml.safe_load((CONFIGS / first).read_text())["out"]
-    assert init_from.parent == Path(first_out)
+    """A shipped recipe run stage after stage (2 steps each) on a fresh clone: each stage
+    writes the model the next starts from."""
     chain = stages(name)
-    outs = [yaml.safe_load((CONFIGS / c).read_text())["out"] for c in chain[:-1]] + ["run"]
+    command = TRAINING[chain[0]]
+    outs = [_read(c)["out"] for c in chain[:-1]] + ["run"]
     for config, out in zip(chain, outs, strict=True):
-        argv = ["train", "fudoki", "--config", f"configs/{config}", "--steps", "2",
+        argv = ["train", command, "--config", f"configs/{config}", "--steps", "2",
                 "--out", str(fresh_clone / out), "--no-progress"]  # fmt: skip
         status = main(argv)
         printed = capsys.readouterr().out
         assert status == 0, printed
     assert (fresh_clone / "run" / "checkpoint" / "trainer.pt").is_file()
-    # Without the first stage's model the second stage says which folder is missing.
-    shutil.rmtree(fresh_clone / first_out)
-    status = main(["train", "fudoki", "--config", f"configs/{name}", "--steps", "2",
+    # Without the stage before's model the last stage says which folder is missing.
+    shutil.rmtree(fresh_clone / outs[-2])
+    status = main(["train", command, "--config", f"configs/{name}", "--steps", "2",
                    "--out", str(fresh_clone / "again"), "--no-progress"])  # fmt: skip
     said = capsys.readouterr()
     assert status == 2
+    init_from = _read(name)["init_from"]
     assert f"error: init_from {init_from}: no model.safetensors there" in said.out + said.err
 
 

@@ -94,9 +94,9 @@ def test_bad_shards_are_named(assets, tmp_path) -> None:  # noqa: F811
 
 
 def test_position_questions_fit_the_shipped_answer_slots() -> None:
-    """``data.question_weights`` with position questions: with the shipped tokenizer and the
-    shipped configs' two answer slots, every position answer is one token and EOS; the
-    weights change the question, not the picture."""
+    """``data.question_weights`` with number-answered position questions: with the shipped
+    tokenizer and two answer slots, every position answer is one token and EOS; the weights
+    change the question, not the picture."""
     from pathlib import Path
 
     from kineflow.data.shapes.language import ORDINAL_ANSWERS, QUESTION_TYPES
