@@ -6,7 +6,8 @@ is intercepted and the call stops there. Three feature sets per picture, flatten
 
 - ``pixels``: what the vision tower reads, ``Float[I, 3·S·S]``;
 - ``tower``: the vision tower's output, the aligner's input, ``Float[I, P·D_v]``;
-- ``aligner``: the aligner's output, what the language model reads, ``Float[I, P·D]``.
+- ``aligner``: what the language model reads (the aligner's output, plus FUDOKI's position table
+  when it has one), ``Float[I, P·D]``.
 
 Each feature set gets one multinomial logistic regression per target and grid cell
 (:func:`fit_probe`): ``occupied`` (9 cells, 2 classes), ``colour`` and ``shape`` of the object
@@ -110,19 +111,19 @@ class _CapturedError(Exception):  # stops ``answer`` once the picture features a
 def capture_features(pipe: Any, pictures: list[Any], batch_size: int = 100) -> dict[str, Tensor]:
     """``{"pixels", "tower", "aligner"}`` -> ``Float[I, F]`` for ``pictures``, taken from the
     pipeline's own ``answer`` path: its preprocessing, then ``model.encode_images`` (which is
-    ``aligner(tower(pixels))`` in every family with an understanding encoder); the aligner's
-    forward hook gives the tower output."""
+    ``aligner(tower(pixels))`` in every family with an understanding encoder, plus FUDOKI's
+    position table when it has one): ``aligner`` is what ``encode_images`` returns, the
+    aligner's forward hook gives the tower output."""
     model, out = pipe.model, {k: [] for k in FEATURES}
     original = model.encode_images
 
     def grab(pixels: Tensor) -> Tensor:
-        def hook(_module: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        def hook(_module: Any, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
             out["tower"].append(inputs[0].flatten(1).float().cpu())
-            out["aligner"].append(output.flatten(1).float().cpu())
 
         handle = model.aligner.register_forward_hook(hook)
         try:
-            original(pixels)
+            out["aligner"].append(original(pixels).flatten(1).float().cpu())
         finally:
             handle.remove()
         out["pixels"].append(pixels.flatten(1).float().cpu())

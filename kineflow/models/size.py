@@ -164,6 +164,7 @@ def fudoki_params(config: FudokiConfig) -> int:
     if c.vision is not None:
         n += siglip_params(c.vision)
         n += _aligner(c.vision.hidden_size, c.aligner_hidden, c.aligner_depth)
+        n += c.vision.num_patches * D if c.understanding_positions else 0  # the position table
     n += vq_params(c.gen_vision) + _aligner(d, c.gen_aligner_hidden, c.gen_aligner_depth)
     n += _linear(D, c.gen_head_hidden) + _linear(c.gen_head_hidden, K)
     return n + (K + int(c.image_mask_token)) * d

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import kineflow
 from kineflow.cli import main
+from kineflow.data.shapes.render import render_image
+from kineflow.data.shapes.scene import Obj, Scene
 from kineflow.models.lora import apply_lora
 from kineflow.pipelines.adapters import is_adapter_folder, load_adapter, merge_adapter
 from kineflow.train.lora import LoraSettings, save_adapter
@@ -90,12 +91,13 @@ def test_cli_answer_on_an_adapter_folder(adapter: Path, tmp_path: Path) -> None:
     """``kineflow answer --model ADAPTER`` answers what the merged folder answers."""
     merged = merge_adapter(adapter, tmp_path / "merged")
     picture = tmp_path / "p.png"
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(picture)
+    render_image(Scene((Obj(1, 1, "circle", "red", "large"),))).save(picture)
     answers = {}
     for name, model in (("adapter", adapter), ("merged", merged)):
         out = tmp_path / name
-        argv = ["answer", "--model", str(model), "--image", str(picture), "how many shapes?",
-                "--steps", "4", "--out", str(out), "--no-progress"]  # fmt: skip
+        argv = ["answer", "--model", str(model), "--image", str(picture),
+                "what colour is the circle?", "--steps", "4", "--out", str(out),
+                "--no-progress"]  # fmt: skip
         assert main(argv) == 0
         answers[name] = json.loads((out / "answers.json").read_text())
     assert answers["adapter"] == answers["merged"] and answers["adapter"][0]["answer"]
