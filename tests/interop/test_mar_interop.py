@@ -188,9 +188,22 @@ def test_head_state_dict_without_norms_loads_as_identity() -> None:
         DiffusionHead(config).load_state_dict(half)
 
 
-def test_shipped_unifluid_checkpoint_still_loads() -> None:
-    """checkpoints/unifluid-shapes predates the affine norms: it loads, with identity norms."""
-    pipe = kineflow.load(ROOT / "checkpoints" / "unifluid-shapes")
+def test_a_unifluid_folder_without_affine_norms_still_loads(tmp_path: Path) -> None:
+    """A UniFluid folder saved before the head's norms were affine (the shipped one until
+    2026-12-07) loads, with identity norms: built here from the shipped folder, norms dropped."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "old"
+    shutil.copytree(ROOT / "checkpoints" / "unifluid-shapes", folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    is_norm = lambda k: k.startswith("diffusion_head.net.blocks.") and ".norm." in k  # noqa: E731
+    dropped = [k for k in weights if is_norm(k)]
+    assert dropped  # the shipped folder has them now
+    kept = {k: v for k, v in weights.items() if not is_norm(k)}
+    save_file(kept, str(folder / "model.safetensors"), metadata={"kineflow_type": "unifluid"})
+    pipe = kineflow.load(folder)
     blocks = pipe.model.diffusion_head.net.blocks
     assert len(blocks) > 0
     for block in blocks:
