@@ -57,7 +57,6 @@ from kineflow.pipelines.fudoki import FudokiPipeline
 from kineflow.pipelines.fudoki_config import FudokiPipelineConfig, make_paths
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.tokenizers.vq import VQModel
-from kineflow.train.checkpoint import has_checkpoint
 from kineflow.train.common import (
     ShapesData,
     card_record,
@@ -448,9 +447,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     tokenizer = TextTokenizer.load(config.text_tokenizer)
     torch.manual_seed(config.optim.seed)
     model = build_model(config, tokenizer)
-    if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
-        # The run's own VQ; a position table starts at zero.
-        init_weights_from(model, config.init_from, ("gen_vision_model.", "understanding_pos_embed"))
+    fresh = ("gen_vision_model.", "understanding_pos_embed")  # own VQ; a table starts at zero
+    init_weights_from(model, config.init_from, out, fresh)
     if config.lora is not None:  # a vq other than the base's replaces it (kineflow.train.lora)
         codebook = {"image": _metric_tables(model)["image"]}
         prepare_lora(model, config.lora, out, ("gen_vision_model", "gen_embed"), codebook)

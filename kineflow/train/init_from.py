@@ -13,9 +13,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
+from kineflow.train.checkpoint import has_checkpoint
 
-def init_weights_from(model: nn.Module, folder: str | Path, fresh: tuple[str, ...] = ()) -> None:
-    """Copy every tensor of ``folder/model.safetensors`` that ``model`` has.
+
+def init_weights_from(
+    model: nn.Module, folder: str | Path | None, out: Path, fresh: tuple[str, ...] = ()
+) -> None:
+    """Copy every tensor of ``folder/model.safetensors`` that ``model`` has, unless ``folder``
+    is None or the run in ``out`` has a checkpoint to resume (resuming wins).
 
     ``fresh``: key prefixes the run may lack in the folder (they keep their initial values, e.g.
     a table that starts at zero, or a frozen part loaded from the run's own config).
@@ -24,6 +29,8 @@ def init_weights_from(model: nn.Module, folder: str | Path, fresh: tuple[str, ..
         ValueError: no ``model.safetensors`` in ``folder``, a shared tensor of another shape,
             or a tensor of ``model`` (outside ``fresh``) the folder does not hold — naming it.
     """
+    if folder is None or has_checkpoint(out / "checkpoint"):
+        return
     file = Path(folder) / "model.safetensors"
     if not file.is_file():
         raise ValueError(f"init_from {folder}: no model.safetensors there (train that model first)")

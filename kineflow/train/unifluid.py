@@ -36,7 +36,6 @@ from kineflow.io import atomic_write_json
 from kineflow.models.unifluid import UnifluidConfig, UnifluidModel, generation_order
 from kineflow.tokenizers.kl_vae import AutoencoderKL
 from kineflow.tokenizers.text import TextTokenizer
-from kineflow.train.checkpoint import has_checkpoint
 from kineflow.train.common import (
     ShapesData,
     card_record,
@@ -360,8 +359,7 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
         tokenizer = TextTokenizer.load(config.text_tokenizer)
         torch.manual_seed(config.optim.seed)
         model = build_unifluid(config, tokenizer)
-        if config.init_from is not None and not has_checkpoint(out / "checkpoint"):
-            init_weights_from(model, config.init_from)
+        init_weights_from(model, config.init_from, out)
         if config.lora is not None:
             prepare_lora(model, config.lora, out)
         task = UnifluidTask(model, tokenizer, config)

@@ -260,8 +260,9 @@ def sample_question(
     that supports no type of positive weight falls back to the uniform draw."""
     by_type = {t: qs for t, qs in questions(scene, rng, heldout).items() if qs}
     if weights is not None:
-        by_type[POSITION_TYPE] = position_questions(scene)
-        by_type[POSITION_WORDS_TYPE] = position_questions(scene, words=True)
+        for kind in TRAINING_TYPES:  # built only when asked for: this runs per training row
+            if weights.get(kind, 0) > 0:
+                by_type[kind] = position_questions(scene, words=kind == POSITION_WORDS_TYPE)
         w = {t: float(weights.get(t, 0.0 if t in TRAINING_TYPES else 1.0)) for t in by_type}
         types = sorted(t for t in by_type if by_type[t] and w[t] > 0)
         if types:
