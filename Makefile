@@ -9,7 +9,7 @@ DEV    := $(VENV)/.kineflow-dev
 # Pinned: an unpinned torch, asked for by any package, pulls a multi-GB CUDA build.
 PIN    := $(VENV)/constraints.txt
 
-.PHONY: demo demo-flow reproduce claims test bench lint clean finetune-example
+.PHONY: demo demo-flow reproduce compare claims test bench lint clean finetune-example
 
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +37,14 @@ demo: $(BASE)
 demo-flow: $(BASE)
 	$(PY) -m kineflow demo --out outputs/demo
 
-# Everything behind the shipped checkpoints, from scratch (~105 min on 2 CPU cores).
+# Everything behind the shipped checkpoints, from scratch: the encoders, then each shipped
+# model's recipe stage by stage (resumable; README "Reproduction on ShapesWorld").
 reproduce: $(BASE)
 	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
+
+# The compared models at equal training compute, one seed (~105 min on 2 CPU cores).
+compare: $(BASE)
+	$(PY) -m kineflow reproduce --config configs/compare.yaml
 
 # The papers' claims on three training seeds (resumable; docs/reproduction/claims/results.md).
 claims: $(BASE)

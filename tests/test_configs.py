@@ -2,7 +2,8 @@
 
 Each training config is run for two steps with the working directory set to a copy of what a
 fresh clone holds (``configs/`` and the shipped ``checkpoints/``, nothing under ``outputs/``),
-so a config that points at a part only ``make reproduce`` creates fails here.
+so a config that points at a part only ``make reproduce`` / ``make compare`` creates fails
+here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ TRAINING = {
     "kl_shapes.yaml": "tokenizer",
     "siglip_shapes.yaml": "siglip",
 }
+#: ``make reproduce``: the shipped models by their recipes.
 REPRODUCTION = "reproduce.yaml"
+#: ``make compare``: the compared runs at equal compute.
+COMPARISON = "compare.yaml"
 #: The claims study (``make claims``): the reproduction's machinery on the shipped encoders.
 CLAIMS = "claims.yaml"
 #: Configs whose data an app writes first (the manifest under outputs/): each is run by its
@@ -58,7 +62,7 @@ def stages(name: str) -> list[str]:
 def test_every_config_is_covered() -> None:
     """A new config must be added to this file's table, so that it gets run too."""
     assert {p.name for p in CONFIGS.glob("*.yaml")} == (
-        set(TRAINING) | {REPRODUCTION, CLAIMS} | APP_CONFIGS | set(SECOND_STAGE)
+        set(TRAINING) | {REPRODUCTION, COMPARISON, CLAIMS} | APP_CONFIGS | set(SECOND_STAGE)
     )
 
 
@@ -132,16 +136,47 @@ def test_a_recipe_trains_stage_after_stage(
     assert f"error: init_from {init_from}: no model.safetensors there" in said.out + said.err
 
 
-def test_reproduction_config_names_existing_stage_configs() -> None:
-    """``make reproduce`` reads configs/reproduce.yaml; the stage configs it names are the
-    ones run above (the reproduction machinery itself runs end to end in test_reproduce)."""
-    config = ReproduceConfig.from_yaml(CONFIGS / REPRODUCTION)
+def test_comparison_config_names_existing_stage_configs() -> None:
+    """``make compare`` reads configs/compare.yaml; the stage configs it names are the ones
+    run above (the reproduction machinery itself runs end to end in test_reproduce)."""
+    config = ReproduceConfig.from_yaml(CONFIGS / COMPARISON)
     named = {config.vq, config.siglip, config.model, config.kl, config.unifluid}
     for path in named:
         assert (ROOT / path).is_file(), path
         assert Path(path).name in TRAINING
-    raw = yaml.safe_load((CONFIGS / REPRODUCTION).read_text())
-    assert raw["out"].startswith("outputs/")
+    assert _read(COMPARISON)["out"].startswith("outputs/") and not config.recipes
+
+
+def test_reproduction_trains_every_shipped_recipe(fresh_clone: Path) -> None:
+    """``make reproduce`` plans each shipped model's whole recipe — the chain this file's table
+    states, read back by the planner from the configs' ``init_from`` links — on its own
+    encoders, each stage starting from the folder its stage before writes, and ships the last
+    stage under the model's name."""
+    from kineflow.apps.reproduce.jobs import plan_jobs
+    from kineflow.apps.reproduce.recipes import recipe_chain
+
+    config = ReproduceConfig.from_yaml(CONFIGS / REPRODUCTION)
+    assert set(config.recipes) == {"fudoki-shapes", "unifluid-shapes"}
+    assert {Path(p).name for p in config.recipes.values()} <= set(LAST_STAGES)
+    out = fresh_clone / "outputs" / "reproduce"
+    jobs = {j.name: j for j in plan_jobs(config, out, 1)}
+    assert {"vq", "siglip", "kl"} <= set(jobs) and not config.runs
+    for last in config.recipes.values():
+        chain = recipe_chain(last)
+        assert [s.path.name for s in chain] == stages(Path(last).name)
+        for k, stage in enumerate(chain):
+            job = jobs[stage.name]
+            assert job.kind == TRAINING[stages(Path(last).name)[0]]
+            assert job.config["out"] == str(out / stage.name)
+            tokenizer = job.config.get("vq") or job.config["vae"]
+            assert tokenizer in (str(out / "vq" / "model"), str(out / "kl" / "model"))
+            assert job.config["text_tokenizer"] == str(out / "text_tokenizer")
+            if k:
+                assert job.config["init_from"] == str(out / chain[k - 1].name / "model")
+                assert job.needs == (chain[k - 1].name,)
+            else:
+                assert "init_from" not in job.config
+        assert f"eval_{chain[-1].name}" in jobs
 
 
 def test_claims_config_plans_on_a_fresh_clone(fresh_clone: Path) -> None:

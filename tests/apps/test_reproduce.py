@@ -286,3 +286,67 @@ def test_eval_job_entry_point() -> None:
     )
     assert proc.returncode == 2
     assert "usage: python -m kineflow.apps.reproduce eval RUN CONFIG_YAML" in proc.stdout
+
+
+def _write_recipe(root: Path, stages: dict[str, str], kind: str, names: tuple[str, str]) -> str:
+    """Two stage configs of one recipe in ``root``: the first writes ``outputs/<first>``, the
+    second starts from its model (``init_from``); returns the last stage's config path."""
+    base = yaml.safe_load(Path(stages[kind]).read_text())
+    first, second = names
+    for k, name in enumerate(names):
+        data = {**base, "out": f"outputs/{name}", "optim": {**base["optim"], "steps": 2}}
+        if k:
+            data["init_from"] = f"outputs/{first}/model"
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    return str(root / f"{second}.yaml")
+
+
+@pytest.mark.slow  # two recipes trained stage after stage, evaluated and shipped
+def test_reproduce_trains_recipes_stage_after_stage_and_ships_their_last_stage(tmp_path) -> None:
+    stages = write_stage_configs(tmp_path)
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    config = {
+        "vq": stages["vq"], "siglip": stages["siglip"], "kl": stages["kl"],
+        "out": str(tmp_path / "run"), "text_corpus_items": 100, "runs": [], "jobs": 2,
+        "recipes": {
+            "fudoki-shapes": _write_recipe(recipes, stages, "model", ("f_one", "f_two")),
+            "unifluid-shapes": _write_recipe(recipes, stages, "unifluid", ("u_one", "u_two")),
+        },
+        "eval": {"steps": 2, "max_prompts_per_category": 1, "images_per_prompt": 1,
+                 "vqa_items": 4, "caption_items": 2, "edit_items": 3, "trajectories": 2,
+                 "grid_prompts_per_category": 1, "grid_samples": 1},
+    }  # fmt: skip
+    (tmp_path / "reproduce.yaml").write_text(yaml.safe_dump(config))
+    ship = tmp_path / "shipped"
+    args = ["reproduce", "--config", str(tmp_path / "reproduce.yaml"), "--ship", str(ship)]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["runs"] == {}
+    assert {n: r["final"] for n, r in results["recipes"].items()} == {
+        "fudoki-shapes": "f_two", "unifluid-shapes": "u_two"}  # fmt: skip
+    assert [s["name"] for s in results["recipes"]["fudoki-shapes"]["stages"]] == ["f_one", "f_two"]
+    assert results["recipes"]["unifluid-shapes"]["eval"]["edit"]["n"] == 3
+    # Each later stage started from the model its stage before wrote, inside this run.
+    for first, second in (("f_one", "f_two"), ("u_one", "u_two")):
+        written = yaml.safe_load((run / "configs" / f"{second}.yaml").read_text())
+        assert written["init_from"] == str(run / first / "model")
+        assert (run / first / "model" / "model.safetensors").is_file()
+    # The last stages are shipped under the recipes' names (UniFluid in float16), with the
+    # encoders they were trained on.
+    from safetensors import safe_open
+
+    for name in ("fudoki-shapes", "unifluid-shapes", "vq-shapes", "siglip-shapes", "kl-shapes"):
+        assert (ship / name / "model.safetensors").is_file(), name
+    with safe_open(ship / "unifluid-shapes" / "model.safetensors", "pt") as f:
+        names = f.keys()  # safe_open is not iterable
+        dtypes = {f.get_slice(k).get_dtype() for k in names}
+    assert dtypes == {"F16"}
+    md = (run / "results.md").read_text()
+    assert "The shipped models, by their recipes" in md and "| `fudoki-shapes` |" in md
+    assert "`f_one` (" in md and "Targets" not in md
+    # Re-running finds every stage done and trains nothing.
+    assert main(args) == 0
+    timings = json.loads((run / "timings.json").read_text())
+    assert timings["calls"][-1]["jobs_run"] == []

@@ -52,6 +52,7 @@ from kineflow.apps.reproduce.config import (
     ReproduceConfig,
 )
 from kineflow.apps.reproduce.jobs import plan_jobs, run_jobs
+from kineflow.apps.reproduce.recipes import recipe_chain, recipe_result
 from kineflow.apps.reproduce.report import target_checks, write_results
 from kineflow.apps.reproduce.ship import save_half, save_half_vae, ship
 from kineflow.io import atomic_write_json
@@ -98,7 +99,8 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
     evals = {n: json.loads((out / n / "eval.json").read_text()) for n in config.all_runs}
     discrete = [n for run in config.runs for n in config.seeded(run)]
     curves = {name: read_metrics(out / name / "metrics.jsonl") for name in discrete}
-    plot_metrics(curves, ["loss", "loss_gen", "loss_und"], out / "figures" / "loss.png")
+    if curves:
+        plot_metrics(curves, ["loss", "loss_gen", "loss_und"], out / "figures" / "loss.png")
     if config.unifluid is not None:
         names = [n for run in config.unifluid_runs for n in config.seeded(run)]
         curves = {n: read_metrics(out / n / "metrics.jsonl") for n in names}
@@ -117,32 +119,47 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
         if len(config.seeds) > 1
         else {n: target_checks(evals, n) for n in ("fudoki", "fudoki_from_ar") if n in evals},
         "claims": claim_verdicts(evals, config) if len(config.seeds) > 1 else [],
+        "recipes": {
+            name: recipe_result(chain, out, timings["jobs"])
+            for name, chain in ((n, recipe_chain(p)) for n, p in config.recipes.items())
+        },
         "stages": {
             stage: json.loads((out / stage / "eval.json").read_text())
-            for stage in ("vq", "siglip", *(("kl",) if config.unifluid else ()))
-            if stage not in config.prebuilt
+            for stage in ("vq", "siglip", "kl")
+            if stage not in config.prebuilt and (out / stage / "eval.json").is_file()
         },
     }
     if config.ship:
         # Prebuilt encoders are not copied: they are someone's trained folders already.
         results["shipped"] = {
             name: ship(src, Path(config.ship) / name) for stage, name, src in (
-                (None, "fudoki-shapes", out / first[flagship] / "model"),
                 ("vq", "vq-shapes", out / "vq" / "model"),
                 ("siglip", "siglip-shapes", out / "siglip" / "vision"),
             ) if stage not in config.prebuilt
         }  # fmt: skip
-        if config.unifluid is not None and "kl" not in config.prebuilt:
+        # A recipe makes the model it is named after; without one, the compared run does.
+        if "fudoki-shapes" not in config.recipes and first[flagship] in evals:
+            results["shipped"]["fudoki-shapes"] = ship(
+                out / first[flagship] / "model", Path(config.ship) / "fudoki-shapes"
+            )
+        if (config.unifluid is not None or (out / "kl" / "model").is_dir()) and (
+            "kl" not in config.prebuilt
+        ):
             # The configs in configs/ read the KL-VAE from here, so a fresh clone can train
             # UniFluid without running the tokenizer stage first.
             results["shipped"]["kl-shapes"] = ship(
                 out / "kl" / "model", Path(config.ship) / "kl-shapes", save_half_vae
             )
-        if first[UNIFLUID_FLAGSHIP] in evals:
+        if first[UNIFLUID_FLAGSHIP] in evals and "unifluid-shapes" not in config.recipes:
             results["shipped"]["unifluid-shapes"] = ship(
                 out / first[UNIFLUID_FLAGSHIP] / "model", Path(config.ship) / "unifluid-shapes",
                 save_half,
             )  # fmt: skip
+        for name, recipe in results["recipes"].items():
+            # UniFluid is shipped in float16, as the comparison's shipped run.
+            half = save_half if recipe["family"] == "unifluid" else None
+            results["shipped"][name] = ship(out / recipe["final"] / "model",
+                                            Path(config.ship) / name, half)  # fmt: skip
     write_results(results, out)
     log(f"results: {out / 'results.md'}")
     return results

@@ -6,9 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kineflow.apps.reproduce.config import ReproduceConfig
+from kineflow.apps.reproduce.config import ReproduceConfig, read_yaml
 from kineflow.apps.reproduce.evaluate import evaluate_run
-from kineflow.apps.reproduce.jobs import read_yaml
 from kineflow.io import atomic_write_json
 
 

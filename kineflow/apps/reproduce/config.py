@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from kineflow.config import RunConfig
 
 __all__ = ["FLAGSHIP", "PREBUILT", "RUNS", "UNIFLUID_FLAGSHIP", "UNIFLUID_KNOBS", "EvalSettings",
-           "ReproduceConfig"]  # fmt: skip
+           "ReproduceConfig", "read_yaml"]  # fmt: skip
 
 #: The compared models: name -> (objective, label).
 #: The FUDOKI model the targets are read on and that ``ship`` copies: FUDOKI's own recipe
@@ -74,6 +74,10 @@ class ReproduceConfig(RunConfig):
     ``unifluid_runs`` maps run names to what each changes (:data:`UNIFLUID_KNOBS`) in the
     UniFluid model config, or its own ``steps``; ``unifluid_steps`` (default N) the optimizer
     steps of the others.
+
+    ``recipes`` maps a shipped folder name (``fudoki-shapes``) to the config of the last stage
+    of the recipe that makes it (:mod:`kineflow.apps.reproduce.recipes`): every stage trains
+    on this run's encoders, the last one is evaluated, and ``ship`` copies it under that name.
     """
 
     SECTIONS: ClassVar[dict[str, type]] = {"eval": EvalSettings}
@@ -100,13 +104,22 @@ class ReproduceConfig(RunConfig):
         default_factory=lambda: {UNIFLUID_FLAGSHIP: {}}
     )
     unifluid_steps: int | None = None
+    recipes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.unifluid is not None:
             self._check_unifluid_runs()
+        recipes = self.recipes
+        if not isinstance(recipes, dict) or any(
+            not isinstance(k, str) or not k or "/" in k or not isinstance(v, str)
+            for k, v in recipes.items()
+        ):
+            raise ValueError("recipes must map a shipped folder name to its last stage's "
+                             f"config file, got {recipes!r}")  # fmt: skip
         unknown = [r for r in self.runs if r not in RUNS]
-        if unknown or not self.runs:
-            raise ValueError(f"runs must be a non-empty subset of {list(RUNS)}, got {self.runs}")
+        if unknown or not isinstance(self.runs, list) or not (self.runs or recipes):
+            raise ValueError(f"runs must be a subset of {list(RUNS)} (empty only with "
+                             f"recipes), got {self.runs}")  # fmt: skip
         if "fudoki_from_ar" in self.runs and "ar" not in self.runs:
             raise ValueError("fudoki_from_ar starts from the AR run: add 'ar' to runs")
         for name in ("steps", "jobs", "text_vocab_size", "text_corpus_items"):
@@ -178,3 +191,16 @@ class ReproduceConfig(RunConfig):
             return str(self.prebuilt[stage])
         return str(out / {"text_tokenizer": "text_tokenizer", "vq": "vq/model",
                           "siglip": "siglip/vision", "kl": "kl/model"}[stage])  # fmt: skip
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A run config file as a mapping; a missing file or a non-mapping is a named error."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config must be a mapping")
+    return data

@@ -15,10 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kineflow.apps.reproduce.config import PREBUILT, RUNS, UNIFLUID_KNOBS, ReproduceConfig
+from kineflow.apps.reproduce.config import (
+    PREBUILT,
+    RUNS,
+    UNIFLUID_KNOBS,
+    ReproduceConfig,
+    read_yaml,
+)
+from kineflow.apps.reproduce.recipes import Stage, recipe_chain
 from kineflow.io import atomic_write
 
-__all__ = ["Job", "plan_jobs", "read_yaml", "run_jobs"]
+__all__ = ["Job", "plan_jobs", "run_jobs"]
 
 
 @dataclass
@@ -43,21 +50,11 @@ class Job:
                 str(config_file), "--no-progress", *self.extra_args]  # fmt: skip
 
 
-def read_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a run config must be a mapping")
-    return data
-
-
 def plan_jobs(config: ReproduceConfig, out: Path, threads: int) -> list[Job]:
     """Every job of the run (done ones included; :func:`run_jobs` skips them): the encoder
-    stages not in ``prebuilt``, one training job per run and seed, one evaluation per model."""
+    stages not in ``prebuilt``, the stages of every recipe, one training job per run and seed,
+    one evaluation per model (a recipe's last stage, every run)."""
+    chains = {name: recipe_chain(last) for name, last in config.recipes.items()}
     for stage, folder in config.prebuilt.items():  # fail now, not in the first training job
         if not (Path(folder) / PREBUILT[stage]).is_file():
             raise FileNotFoundError(f"prebuilt.{stage}: {folder}: no {PREBUILT[stage]} there")
@@ -76,12 +73,20 @@ def plan_jobs(config: ReproduceConfig, out: Path, threads: int) -> list[Job]:
         extra = ("--tokenizer", tokenizer) if stage == "siglip" else ()
         jobs.append(Job(stage, kind, stage_config, out / stage / "eval.json", extra_args=extra,
                         exclusive=True))  # fmt: skip
-    unifluid_runs = []
-    if config.unifluid is not None:  # the KL-VAE is the third encoder stage, alone too
-        kl, unifluid_runs = _unifluid_jobs(config, out, threads, every)
-        jobs += kl
-    base = _model_base(config, config.model, out, threads, vq=config.stage_folder("vq", out))
+    continuous = any(s.kind == "unifluid" for chain in chains.values() for s in chain)
+    if (config.unifluid is not None or continuous) and "kl" not in config.prebuilt:
+        # The KL-VAE is the third encoder stage, alone too.
+        kl_config = read_yaml(config.kl) | {"out": str(out / "kl"), "threads": every}
+        jobs.append(Job("kl", "tokenizer", kl_config, out / "kl" / "eval.json", exclusive=True))
+    # The recipes first: their chains of stages are the longest path through the run.
+    recipe_jobs = _recipe_jobs(config, chains, out, threads)
+    clash = sorted({j.name for j in recipe_jobs} & set(config.all_runs))
+    if clash:
+        raise ValueError(f"recipes: stage {clash} has the name of a run; rename its 'out'")
+    jobs += recipe_jobs
     N = config.steps
+    base = _model_base(config, read_yaml(config.model), out, threads,
+                       vq=config.stage_folder("vq", out)) if config.runs else {}  # fmt: skip
     for run_name in config.runs:
         for name, seed in zip(config.seeded(run_name), config.seeds, strict=True):
             run = _seeded(base, out / name, seed, len(config.seeds) > 1)
@@ -96,9 +101,11 @@ def plan_jobs(config: ReproduceConfig, out: Path, threads: int) -> list[Job]:
                 run["optim"]["steps"] = N - N // 2
                 needs = (ar,)
             jobs.append(Job(name, "fudoki", run, out / name / "summary.json", needs))
-    jobs += unifluid_runs
+    if config.unifluid is not None:
+        jobs += _unifluid_jobs(config, out, threads)
     # Evaluations are jobs too: a finished model is scored while others still train.
-    for name in config.all_runs:
+    finals = [chain[-1].name for chain in chains.values()]
+    for name in dict.fromkeys(finals + config.all_runs):
         jobs.append(Job(f"eval_{name}", "eval", {"run": name, **config.to_dict()},
                          out / name / "eval.json", (name,)))  # fmt: skip
     return jobs
@@ -122,12 +129,13 @@ def _seeded(base: dict[str, Any], out: Path, seed: int, several: bool) -> dict[s
 
 
 def _model_base(
-    config: ReproduceConfig, path: str, out: Path, threads: int, **image_tokenizer: str
-) -> dict[str, Any]:
+    config: ReproduceConfig, model: dict[str, Any], out: Path, threads: int,
+    **image_tokenizer: str,
+) -> dict[str, Any]:  # fmt: skip
     """A model's run config with the stages it shares filled in: the image tokenizer (``vq``
     or ``vae``), the SigLIP tower, the text tokenizer; ``threads`` per job."""
     return (
-        read_yaml(path)
+        json.loads(json.dumps(model))
         | image_tokenizer
         | {
             "vision": config.stage_folder("siglip", out),
@@ -137,16 +145,41 @@ def _model_base(
     )
 
 
-def _unifluid_jobs(
-    config: ReproduceConfig, out: Path, threads: int, every: int
-) -> tuple[list[Job], list[Job]]:
-    """The KL-VAE (alone, every thread; none when ``prebuilt``), then the UniFluid runs on
-    it, once per seed; each run's knobs go to their config sections (:data:`UNIFLUID_KNOBS`)."""
-    kl = []
-    if "kl" not in config.prebuilt:
-        kl_config = read_yaml(config.kl) | {"out": str(out / "kl"), "threads": every}
-        kl.append(Job("kl", "tokenizer", kl_config, out / "kl" / "eval.json", exclusive=True))
-    base = _model_base(config, config.unifluid, out, threads, vae=config.stage_folder("kl", out))
+def _recipe_jobs(
+    config: ReproduceConfig, chains: dict[str, list[Stage]], out: Path, threads: int
+) -> list[Job]:
+    """One training job per recipe stage (a stage two recipes share trains once): its config
+    with this run's encoders and text tokenizer, ``out/<stage>`` as its folder and, after the
+    first stage, ``init_from`` the folder of the stage before."""
+    jobs: dict[str, Job] = {}
+    sources: dict[str, Path] = {}
+    for recipe, chain in chains.items():
+        for stage in chain:
+            if stage.name in sources and sources[stage.name] == stage.path:
+                continue  # shared with a recipe planned already
+            if stage.name in sources or stage.name in ("vq", "siglip", "kl", "text_tokenizer"):
+                raise ValueError(f"recipes.{recipe}: stage {stage.name!r} ({stage.path}) has "
+                                 "the name of another stage; rename its 'out'")  # fmt: skip
+            sources[stage.name] = stage.path
+            tokenizer = ({"vae": config.stage_folder("kl", out)} if stage.kind == "unifluid"
+                         else {"vq": config.stage_folder("vq", out)})  # fmt: skip
+            run = _model_base(config, stage.config, out, threads, **tokenizer)
+            run["out"] = str(out / stage.name)
+            if stage.before is None:
+                needs = _stages(config, "kl" if stage.kind == "unifluid" else "vq", "siglip")
+            else:
+                run["init_from"] = str(out / stage.before / stage.start)
+                needs = (stage.before,)
+            jobs[stage.name] = Job(stage.name, stage.kind, run, out / stage.name /
+                                   "summary.json", needs)  # fmt: skip
+    return list(jobs.values())
+
+
+def _unifluid_jobs(config: ReproduceConfig, out: Path, threads: int) -> list[Job]:
+    """The UniFluid runs on the KL-VAE, once per seed; each run's knobs go to their config
+    sections (:data:`UNIFLUID_KNOBS`)."""
+    base = _model_base(config, read_yaml(config.unifluid), out, threads,
+                       vae=config.stage_folder("kl", out))  # fmt: skip
     jobs = []
     for run_name, knobs in config.unifluid_runs.items():
         for name, seed in zip(config.seeded(run_name), config.seeds, strict=True):
@@ -158,15 +191,16 @@ def _unifluid_jobs(
             run["optim"]["steps"] = config.unifluid_run_steps(name)
             needs = _stages(config, "kl", "siglip")
             jobs.append(Job(name, "unifluid", run, out / name / "summary.json", needs))
-    return kl, jobs
+    return jobs
 
 
 def run_jobs(
     jobs: list[Job], out: Path, parallel: int, threads: int, log: Callable,
     on_done: Callable[[str, float], None],
 ) -> None:  # fmt: skip
-    """Run the jobs that are not done yet, ``parallel`` at a time, in dependency order;
-    ``on_done(name, wall seconds)`` after each one that succeeds."""
+    """Run the jobs that are not done yet, ``parallel`` at a time, in dependency order, with
+    ``threads`` threads each (every core for an exclusive job, and for a job that nothing can
+    run beside); ``on_done(name, wall seconds)`` after each one that succeeds."""
     import yaml
 
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -182,7 +216,12 @@ def run_jobs(
             if job.exclusive and running:
                 continue
             if all(n in finished for n in job.needs):
-                n = str(os.cpu_count() or 1) if job.exclusive else str(threads)
+                # A job that nothing can run beside (no job running, every other pending job
+                # waits for it) gets every core: the last stages of a long recipe chain.
+                alone = job.exclusive or (not running and _waits_for(job, pending))
+                n = str(os.cpu_count() or 1) if alone else str(threads)
+                if "threads" in job.config:
+                    job.config["threads"] = int(n)
                 env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
                 path = out / "configs" / f"{job.name}.yaml"
                 atomic_write(path, lambda t, c=job.config: t.write_text(yaml.safe_dump(c)))
@@ -214,3 +253,16 @@ def run_jobs(
             took = time.perf_counter() - start
             on_done(name, took)
             log(f"done  {name} in {took / 60:.1f} min")
+
+
+def _waits_for(job: Job, pending: list[Job]) -> bool:
+    """Whether every pending job other than ``job`` depends on it, directly or through others."""
+    after = {job.name}
+    grew = True
+    while grew:
+        grew = False
+        for other in pending:
+            if other.name not in after and after & set(other.needs):
+                after.add(other.name)
+                grew = True
+    return all(other.name in after for other in pending)

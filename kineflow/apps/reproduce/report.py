@@ -63,8 +63,9 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
     seeds = results["config"].get("seeds", [0])  # results from before seeds have one
     discrete = {n: r for n, r in runs.items() if r.get("family") != "unifluid"}
     unifluid = {n: r for n, r in runs.items() if r.get("family") == "unifluid"}
-    lines = [
-        "# ShapesWorld reproduction",
+    lines = ["# ShapesWorld reproduction", *_recipe_lines(results.get("recipes", {}))]
+    if discrete:
+        lines += [
         "",
         f"Every discrete model: the same network ({_params(discrete)} parameters with the "
         f"frozen VQ and SigLIP), {steps} optimizer steps of the same batches (equal training "
@@ -72,7 +73,7 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
         "Generation is scored by the ShapesWorld detector (GenEval-style rules); sampling: "
         f"{results['config']['eval']['steps']} Euler steps for the flow models, one step per "
         f"token for AR, CFG w = {results['config']['eval']['cfg_scale']}.",
-    ]
+        ]  # fmt: skip
     if unifluid:
         uf_steps = results["config"].get("unifluid_steps") or steps
         lines += ["", f"UniFluid runs: the same backbone size on continuous KL-VAE tokens with a "
@@ -82,7 +83,8 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
                   "editing and understanding; one backbone step per token, random order unless "
                   "stated, CFG rising to the same w. Editing: the edited test picture must read "
                   "back as the target scene."]  # fmt: skip
-    lines += ["", *score_table(runs, results["train_seconds"])]
+    if runs:
+        lines += ["", *score_table(runs, results["train_seconds"])]
     if unifluid:
         lines += ["", "## UniFluid ablations", "",
                   "L = L_image + λ·L_text; the paper: larger λ trades generation for "
@@ -111,35 +113,38 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
     minutes = results["wall_seconds"] / 60
     lines += ["", f"Wall time of the whole reproduction: {minutes:.1f} min."]
     for name, targets in results["targets"].items():
-        shipped = " (the shipped model)" if name == results["flagship"] else ""
+        ships = name == results["flagship"] and "fudoki-shapes" not in results.get("recipes", {})
+        shipped = " (the shipped model)" if ships else ""
         lines += ["", f"## Targets: `{name}`{shipped}", ""]
         for t in targets:
             verdict = "met" if t["met"] else f"missed by {t['gap']:.3f}"
             lines.append(f"- {t['what']}: **{_fmt(t['value'])}** (target {t['target']}): {verdict}")
-    lines += ["", "## Self-correction", "",
-              "A token is *set* when it first leaves its source value (mask or uniform draw); "
-              "*revised* when it changes again later. A picture is *corrected* when a frame in "
-              "the second half of its trajectory fails its prompt and the final picture passes.",
-              "", "| model | tokens revised after being set | set to a non-final value | "
-              "changes per token | pictures corrected | pictures broken |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, r in discrete.items():
-        tok = r["self_correction"]["tokens"]
-        pics = r["self_correction"].get("pictures")
-        cells = [f"`{name}`", _fmt(tok["revised_fraction"]),
-                 _fmt(tok["set_value_wrong_fraction"]), f"{tok['mean_changes_per_token']:.2f}",
-                 f"{pics['corrected']}/{pics['samples']}" if pics else "–",
-                 f"{pics['broken']}/{pics['samples']}" if pics else "–"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    example = next((
-        (n, r["self_correction"]["pictures"]["examples"][0]) for n, r in discrete.items()
-        if r["self_correction"].get("pictures", {}).get("examples")), None)  # fmt: skip
-    if example:
-        n, ex = example
-        lines += ["", f"Example (`{n}`): \"{ex['prompt']}\": frame {ex['failed_frame']} of "
-                  f"{ex['frames']} failed ({'; '.join(ex['failures'])}); the final picture "
-                  f"passes. ![corrected](figures/{n}_corrected.gif) "
-                  f"![strip](figures/{n}_corrected.png)"]  # fmt: skip
+    if discrete:
+        lines += ["", "## Self-correction", "",
+                  "A token is *set* when it first leaves its source value (mask or uniform "
+                  "draw); *revised* when it changes again later. A picture is *corrected* when a "
+                  "frame in the second half of its trajectory fails its prompt and the final "
+                  "picture passes.",
+                  "", "| model | tokens revised after being set | set to a non-final value | "
+                  "changes per token | pictures corrected | pictures broken |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in discrete.items():
+            tok = r["self_correction"]["tokens"]
+            pics = r["self_correction"].get("pictures")
+            cells = [f"`{name}`", _fmt(tok["revised_fraction"]),
+                     _fmt(tok["set_value_wrong_fraction"]), f"{tok['mean_changes_per_token']:.2f}",
+                     f"{pics['corrected']}/{pics['samples']}" if pics else "–",
+                     f"{pics['broken']}/{pics['samples']}" if pics else "–"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        example = next((
+            (n, r["self_correction"]["pictures"]["examples"][0]) for n, r in discrete.items()
+            if r["self_correction"].get("pictures", {}).get("examples")), None)  # fmt: skip
+        if example:
+            n, ex = example
+            lines += ["", f"Example (`{n}`): \"{ex['prompt']}\": frame {ex['failed_frame']} of "
+                      f"{ex['frames']} failed ({'; '.join(ex['failures'])}); the final picture "
+                      f"passes. ![corrected](figures/{n}_corrected.gif) "
+                      f"![strip](figures/{n}_corrected.png)"]  # fmt: skip
     lines += ["", "## Samples and refinement", ""]
     if len(seeds) > 1:  # one seed's figures (every seed's are in figures/)
         lines += [f"Seed {seeds[0]}'s runs.", ""]
@@ -151,12 +156,35 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
             lines += ["Token by token above (cells not generated yet are the zero latent); "
                       "editing (instruction, the model's edit, the target):", "",
                       f"![edits](figures/{name}_edits.png)", ""]  # fmt: skip
-    lines += ["## Training curves", "", "![loss](figures/loss.png)", ""]
+    for name, recipe in results.get("recipes", {}).items():
+        final = recipe["final"]
+        lines += [f"### `{name}` (stage `{final}`)", "", f"![samples](figures/{final}_samples.png)",
+                  "", f"![refine](figures/{final}_refine_0.gif)", ""]  # fmt: skip
+    lines += ["## Training curves", ""]
+    if discrete:
+        lines += ["![loss](figures/loss.png)", ""]
     if unifluid:
         lines += ["![UniFluid loss](figures/loss_unifluid.png)", ""]
     path = out / "results.md"
     atomic_write(path, lambda t: t.write_text("\n".join(lines) + "\n"))
     return path
+
+
+def _recipe_lines(recipes: dict[str, Any]) -> list[str]:
+    """The shipped models' section: each recipe's last stage scored, and its stages."""
+    if not recipes:
+        return []
+    lines = ["", "## The shipped models, by their recipes", "",
+             "Each model trains stage after stage, every stage from the model of the one "
+             "before (`kineflow/apps/reproduce/recipes.py`); its last stage is scored below "
+             "and shipped under the model's name. Training minutes: the whole recipe.", "",
+             *score_table({n: r["eval"] for n, r in recipes.items()},
+                          {n: r["train_seconds"] for n, r in recipes.items()}), ""]  # fmt: skip
+    for name, recipe in recipes.items():
+        steps = [f"`{s['name']}` ({(s['train_seconds'] or 0) / 60:.1f} min)"
+                 for s in recipe["stages"]]  # fmt: skip
+        lines.append(f"- `{name}`: " + " → ".join(steps))
+    return lines
 
 
 def _params(runs: dict[str, Any]) -> str:

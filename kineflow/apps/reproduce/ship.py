@@ -12,14 +12,14 @@ __all__ = ["save_half", "save_half_vae", "ship"]
 
 
 def ship(
-    model: Path, dest: Path, write: Callable[[Path, Path], Any] = shutil.copytree
+    model: Path, dest: Path, write: Callable[[Path, Path], Any] | None = None
 ) -> dict[str, Any]:
     """Copy a trained model folder to ``dest`` (replacing it whole; ``write(model, folder)``
-    makes the copy); returns its size."""
+    makes the copy, a plain copy by default); returns its size."""
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    write(model, tmp)
+    (write or shutil.copytree)(model, tmp)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)

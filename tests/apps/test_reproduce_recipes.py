@@ -1,0 +1,60 @@
+"""Recipe chains (``kineflow/apps/reproduce/recipes.py``): the stages read back from the
+configs' ``init_from`` links, the errors a broken link gives, and the scheduler's rule for a
+job that nothing can run beside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kineflow.apps.reproduce.jobs import Job, _waits_for
+from kineflow.apps.reproduce.recipes import recipe_chain
+
+
+def _write(root: Path, name: str, **fields: object) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"vq": "checkpoints/vq", "out": f"outputs/{name}", **fields}))
+    return path
+
+
+def test_chain_follows_init_from_back_to_the_first_stage(tmp_path: Path) -> None:
+    _write(tmp_path, "a")
+    _write(tmp_path, "b", init_from="outputs/a/model_step100")
+    last = _write(tmp_path, "c", init_from="outputs/b/model")
+    _write(tmp_path, "unrelated", init_from="outputs/a/model")
+    (tmp_path / "notes.yaml").write_text("just: [a, list")  # not YAML: skipped
+    chain = recipe_chain(last)
+    assert [s.name for s in chain] == ["a", "b", "c"]
+    assert [(s.before, s.start) for s in chain] == [
+        (None, None), ("a", "model_step100"), ("b", "model")]  # fmt: skip
+    assert {s.kind for s in chain} == {"fudoki"}
+    assert recipe_chain(_write(tmp_path, "u", vae="kl"))[0].kind == "unifluid"
+
+
+def test_a_broken_link_names_the_config_and_its_init_from(tmp_path: Path) -> None:
+    last = _write(tmp_path, "b", init_from="outputs/missing/model")
+    with pytest.raises(ValueError, match=r"b\.yaml: init_from outputs/missing/model: no config"):
+        recipe_chain(last)
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml: no such config file"):
+        recipe_chain(tmp_path / "nope.yaml")
+    circle = _write(tmp_path, "x", init_from="outputs/y/model")
+    _write(tmp_path, "y", init_from="outputs/x/model")
+    with pytest.raises(ValueError, match="circle"):
+        recipe_chain(circle)
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump({"out": "outputs/bare"}))
+    with pytest.raises(ValueError, match=r"bare\.yaml: a recipe stage names its image tokenizer"):
+        recipe_chain(bare)
+
+
+def test_a_job_runs_alone_only_when_every_other_pending_job_waits_for_it() -> None:
+    def job(name: str, *needs: str) -> Job:
+        return Job(name, "fudoki", {}, Path(name), needs)
+
+    a, b, c = job("a"), job("b", "a"), job("c", "b")
+    assert _waits_for(a, [a, b, c])  # b and c come after a, through b
+    other = job("other")
+    assert not _waits_for(a, [a, b, other])  # other could run beside a
+    assert _waits_for(a, [a])
