@@ -67,7 +67,7 @@ def test_showcase_generates_and_answers(tmp_path, capsys) -> None:
     # The showcase is deterministic for its seeds, so the floors sit one below the measured
     # values: room for a float-rounding difference on another CPU to flip one picture or
     # answer, not for a regression.
-    assert summary["t2i"]["passed"] >= 5  # 6 of 14 measured
+    assert summary["t2i"]["passed"] >= 6  # 7 of 14 measured
     assert summary["vqa"]["correct"] >= 15  # 16 of 16 measured
     _same_as_before_the_move(out, "fudoki-shapes")
 
