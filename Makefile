@@ -38,7 +38,8 @@ demo-flow: $(BASE)
 	$(PY) -m kineflow demo --out outputs/demo
 
 # Everything behind the shipped checkpoints, from scratch: the encoders, then each shipped
-# model's recipe stage by stage (resumable; README "Reproduction on ShapesWorld").
+# model's recipe stage by stage (~3 h on 2 CPU cores, estimated from the stages' times;
+# resumable; README "Reproduction on ShapesWorld").
 reproduce: $(BASE)
 	$(PY) -m kineflow reproduce --config configs/reproduce.yaml --ship checkpoints
 
