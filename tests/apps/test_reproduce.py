@@ -78,6 +78,22 @@ def write_stage_configs(root: Path) -> dict[str, str]:
     return paths
 
 
+#: The evaluation at toy size: every task, a handful of items each.
+TINY_EVAL = {"steps": 2, "max_prompts_per_category": 1, "images_per_prompt": 1, "vqa_items": 4,
+             "caption_items": 2, "edit_items": 3, "trajectories": 2,
+             "grid_prompts_per_category": 1, "grid_samples": 1}  # fmt: skip
+
+
+def run_reproduce(tmp_path: Path, config: dict) -> tuple[Path, Path, list[str]]:
+    """``kineflow reproduce --ship`` on ``config`` (written to tmp_path): its out folder, its
+    ship folder and the command's arguments (to run it again)."""
+    (tmp_path / "reproduce.yaml").write_text(yaml.safe_dump(config))
+    ship = tmp_path / "shipped"
+    args = ["reproduce", "--config", str(tmp_path / "reproduce.yaml"), "--ship", str(ship)]
+    assert main(args) == 0
+    return Path(config["out"]), ship, args
+
+
 @pytest.mark.slow  # every stage of the reproduction, end to end
 def test_reproduce_end_to_end(tmp_path, capsys) -> None:
     stages = write_stage_configs(tmp_path)
@@ -87,18 +103,12 @@ def test_reproduce_end_to_end(tmp_path, capsys) -> None:
         "text_corpus_items": 100,
         "steps": 2,
         "jobs": 2,
-        "eval": {"steps": 2, "max_prompts_per_category": 1, "images_per_prompt": 1,
-                 "vqa_items": 4, "caption_items": 2, "edit_items": 3, "trajectories": 2,
-                 "grid_prompts_per_category": 1, "grid_samples": 1},
+        "eval": TINY_EVAL,
         "unifluid_runs": {"unifluid": {"steps": 4}, "unifluid_raster": {
             "order": "raster", "text_loss_weight": 0.5}},
         "unifluid_steps": 3,
     }  # fmt: skip
-    (tmp_path / "reproduce.yaml").write_text(yaml.safe_dump(config))
-    ship = tmp_path / "shipped"
-    args = ["reproduce", "--config", str(tmp_path / "reproduce.yaml"), "--ship", str(ship)]
-    assert main(args) == 0
-    run = tmp_path / "run"
+    run, ship, args = run_reproduce(tmp_path, config)
     results = json.loads((run / "results.json").read_text())
     assert set(results["runs"]) == {"ar", "fudoki", "fudoki_from_ar", "masked", "unifluid",
                                     "unifluid_raster"}  # fmt: skip
@@ -313,15 +323,9 @@ def test_reproduce_trains_recipes_stage_after_stage_and_ships_their_last_stage(t
             "fudoki-shapes": _write_recipe(recipes, stages, "model", ("f_one", "f_two")),
             "unifluid-shapes": _write_recipe(recipes, stages, "unifluid", ("u_one", "u_two")),
         },
-        "eval": {"steps": 2, "max_prompts_per_category": 1, "images_per_prompt": 1,
-                 "vqa_items": 4, "caption_items": 2, "edit_items": 3, "trajectories": 2,
-                 "grid_prompts_per_category": 1, "grid_samples": 1},
+        "eval": TINY_EVAL,
     }  # fmt: skip
-    (tmp_path / "reproduce.yaml").write_text(yaml.safe_dump(config))
-    ship = tmp_path / "shipped"
-    args = ["reproduce", "--config", str(tmp_path / "reproduce.yaml"), "--ship", str(ship)]
-    assert main(args) == 0
-    run = tmp_path / "run"
+    run, ship, args = run_reproduce(tmp_path, config)
     results = json.loads((run / "results.json").read_text())
     assert results["runs"] == {}
     assert {n: r["final"] for n, r in results["recipes"].items()} == {
