@@ -10,15 +10,18 @@ checkpoint, so re-running the command continues where it stopped)::
     masked           masked-path baseline, N steps                        out/masked
     fudoki_from_ar   FUDOKI for N/2 steps from the AR weights at N/2      out/fudoki_from_ar
     kl               KL-VAE image tokenizer (UniFluid's continuous tokens)  out/kl
+    recipes          each shipped model's stages in order (``recipes``: the last stage's
+                     config; :mod:`kineflow.apps.reproduce.recipes`)       out/<stage>
     unifluid…        UniFluid runs (``unifluid_runs``: the model and its λ / order
                      ablations), ``unifluid_steps`` steps each             out/<run name>
     evaluation       ShapesWorld generation (per category, held-out compositions), VQA and
                      captioning (and editing for UniFluid); sample grids, refinement GIFs
                      (token-by-token GIFs for UniFluid), self-correction statistics
     results          out/results.json, out/results.md, out/figures/; optionally copies into
-                     ``ship`` the FUDOKI checkpoint (``fudoki_from_ar``, FUDOKI's recipe;
-                     self-contained), the UniFluid one (``unifluid``, weights in float16)
-                     and, standalone, the VQ tokenizer and SigLIP encoder
+                     ``ship`` each recipe's last stage under the recipe's name (UniFluid in
+                     float16) or, without a recipe of that name, the FUDOKI checkpoint
+                     (``fudoki_from_ar``) and the UniFluid one (``unifluid``); and,
+                     standalone, the VQ tokenizer, SigLIP encoder and KL-VAE
 
 With several ``seeds`` every run trains once per seed (``out/<run>_s<seed>``) and the results
 add the papers' claims, each with its interval over the seeds and a verdict
