@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,8 +40,21 @@ def torchrun(out: Path, parallel: str, *args: str) -> subprocess.CompletedProces
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
+#: What gloo prints when a process aborts in its C++ teardown (a joinable thread destroyed):
+#: seen on CPU under load in about one full-suite run of three, never when the test runs
+#: alone (10 runs); not a wrong result, so a run that started from an empty folder is
+#: repeated once from an empty folder (a resumed run is not: its checkpoint is the input).
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def run_ok(out: Path, parallel: str, *args: str) -> None:
+    fresh = not any(out.iterdir())
     proc = torchrun(out, parallel, *args)
+    if fresh and proc.returncode != 0 and GLOO_ABORT in proc.stdout + proc.stderr:
+        warnings.warn(f"torchrun aborted in gloo ({GLOO_ABORT!r}); running it again", stacklevel=2)
+        for entry in out.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        proc = torchrun(out, parallel, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
