@@ -74,6 +74,7 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // config.jobs)
     jobs = plan_jobs(config, out, threads)  # reads the stage configs first: fail before training
+    planned = {job.name for job in jobs}  # the encoder stages this run trains (not prebuilt)
     if (
         "text_tokenizer" not in config.prebuilt
         and not (out / "text_tokenizer" / "tokenizer.json").is_file()
@@ -129,7 +130,7 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
         "stages": {
             stage: json.loads((out / stage / "eval.json").read_text())
             for stage in ("vq", "siglip", "kl")
-            if stage not in config.prebuilt and (out / stage / "eval.json").is_file()
+            if stage in planned
         },
     }
     if config.ship:
@@ -138,16 +139,14 @@ def reproduce(config: ReproduceConfig, log: Callable[[str], None] = print) -> di
             name: ship(src, Path(config.ship) / name) for stage, name, src in (
                 ("vq", "vq-shapes", out / "vq" / "model"),
                 ("siglip", "siglip-shapes", out / "siglip" / "vision"),
-            ) if stage not in config.prebuilt
+            ) if stage in planned
         }  # fmt: skip
         # A recipe makes the model it is named after; without one, the compared run does.
         if "fudoki-shapes" not in config.recipes and first[flagship] in evals:
             results["shipped"]["fudoki-shapes"] = ship(
                 out / first[flagship] / "model", Path(config.ship) / "fudoki-shapes"
             )
-        if (config.unifluid is not None or (out / "kl" / "model").is_dir()) and (
-            "kl" not in config.prebuilt
-        ):
+        if "kl" in planned:
             # The configs in configs/ read the KL-VAE from here, so a fresh clone can train
             # UniFluid without running the tokenizer stage first.
             results["shipped"]["kl-shapes"] = ship(
