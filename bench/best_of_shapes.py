@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import kineflow
-from kineflow.eval.best_of import run_best_of_benchmark
+from kineflow.eval.best_of import RULES, run_best_of_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,27 +30,39 @@ def main() -> None:
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="FUDOKI solver steps")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance w")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    options = {k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v}
     reports = []
-    print("| model | N | self-judge (95 % CI) | self − N=1 (95 % CI) | oracle (95 % CI) | "
-          "mean of the N | s / prompt |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| model | rule | N | self-judge (95 % CI) | self − N=1 (95 % CI) | "
+          "overall: category mean "
+          "(95 % CI) | oracle (95 % CI) | mean of the N | s / prompt |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         pipe = kineflow.load(ROOT / "checkpoints" / name, device=args.device)
-        r = run_best_of_benchmark(pipe, ns=tuple(args.ns), per_category=args.per_category)
+        if not pipe.uses_option("text_to_image", "steps"):
+            options.pop("steps", None)
+        r = run_best_of_benchmark(
+            pipe, ns=tuple(args.ns), per_category=args.per_category, **options
+        )
         reports.append(r)
-        for n, row in r["by_n"].items():
-            g = row["self_gain"]
-            print(
-                f"| {r['model']} | {n} | {_ci(row['self'])} | {g['mean']:+.1%} "
-                f"[{g['low']:+.1%}, {g['high']:+.1%}] | {_ci(row['oracle'])} "
-                f"| {row['mean']['accuracy']:.1%} | {row['seconds_per_prompt']:.2f} |",
-                flush=True,
-            )
-        auc = f"judge AUC {r['judge_auc']:.3f} over {r['judge_pairs']} pairs"
-        print(f"<!-- {r['model']}: {r['prompts']} prompts, {auc}, API agrees: "
+        for rule in RULES:
+            for n, by_rule in r["by_n"].items():
+                row, g = by_rule[rule], by_rule[rule]["self_gain"]
+                print(
+                    f"| {r['model']} | {rule} | {n} | {_ci(row['self'])} | {g['mean']:+.1%} "
+                    f"[{g['low']:+.1%}, {g['high']:+.1%}] | {_ci(row['self_overall'])} "
+                    f"| {_ci(row['oracle'])} | {row['mean']['accuracy']:.1%} "
+                    f"| {by_rule['seconds_per_prompt']:.2f} |",
+                    flush=True,
+                )
+        auc = ", ".join(
+            f"{rule} {a['auc']:.3f} over {a['pairs']} pairs" for rule, a in r["judge_auc"].items()
+        )
+        print(f"<!-- {r['model']}: {r['prompts']} prompts, judge AUC {auc}, API agrees: "
               f"{r['api_agrees']} -->", flush=True)  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(reports, indent=1))

@@ -91,7 +91,7 @@ def _generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--best-of", type=int_in_range(1, 64), default=None,
         help="draw N candidates per prompt and keep the one the model itself rates likeliest "
-        "to show the prompt (its yes/no answer to 'Does the picture show: PROMPT?'); "
+        "to show the prompt (its yes/no answer to 'does the picture show exactly: PROMPT?'); "
         "default: 1 (one picture, no judging)",
     )  # fmt: skip
     parser.add_argument(

@@ -6,8 +6,9 @@ Every scorer takes the benchmark items and a model's outputs and returns a JSON-
   satisfies every requirement of its prompt (:func:`kineflow.data.shapes.prompts.check`).
   ``accuracy`` is GenEval's overall score, the mean of the per-category accuracies;
   ``image_accuracy`` is the plain pass rate over all pictures. Beside it the *strict-scene*
-  rule (:func:`strict_check`): the detected objects are exactly the prompt's objects, none
-  extra (``strict_accuracy``, ``strict_image_accuracy``, per category too).
+  rule (:func:`~kineflow.data.shapes.prompts.strict_check`): the detected objects are exactly
+  the prompt's objects, none extra (``strict_accuracy``, ``strict_image_accuracy``, per
+  category too).
 - **vqa**: exact match of the normalised one-word answer (lowercase, no final period), per
   question type and overall.
 - **caption**: a caption is right when :func:`~kineflow.data.shapes.language.parse_caption`
@@ -26,14 +27,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from itertools import product
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from kineflow.data.shapes.language import normalise_answer, parse_caption
-from kineflow.data.shapes.prompts import CATEGORIES, Prompt, check
+from kineflow.data.shapes.prompts import CATEGORIES, Prompt, check, strict_check
 from kineflow.data.shapes.scene import Scene
 from kineflow.eval.stats import bootstrap_ci, ci_pair, stratified_ci
 
@@ -59,32 +59,6 @@ def _group(items: list[dict], key: str, order: Sequence[str] | None = None, seed
         }
         for k in names
     }
-
-
-def strict_check(prompt: Prompt, scene: Scene) -> list[str]:
-    """The reasons ``scene`` fails ``prompt`` under the strict-scene rule; empty when it passes.
-
-    Strict rule: the GenEval-style check passes (:func:`~kineflow.data.shapes.prompts.check`:
-    counts, colours, the relation) *and* the detected objects are exactly the prompt's
-    objects: there is an assignment of every object to a requirement it matches (shape, and
-    colour where the prompt states one) that gives each requirement exactly ``count`` objects,
-    so ``len(scene) = Σ count`` and nothing is extra. What a prompt leaves unstated stays free:
-    size always, colour where none is named, cells where there is no relation (a prompt names
-    no absolute position)."""
-    failures = check(prompt, scene)
-    want = sum(r.count for r in prompt.requirements)
-    if len(scene) != want:
-        extra = len(scene) - want
-        what = f"{extra} extra object(s)" if extra > 0 else f"{-extra} object(s) missing"
-        return [*failures, f"strict: {len(scene)} objects, the prompt names {want} ({what})"]
-    # At most MAX_OBJECTS objects: try every assignment of objects to matching requirements.
-    options = [[k for k, r in enumerate(prompt.requirements) if r.matches(o)] for o in scene]
-    counts = [r.count for r in prompt.requirements]
-    if not any([c.count(k) for k in range(len(counts))] == counts for c in product(*options)):
-        stray = [o.colour + " " + o.shape for o, opt in zip(scene, options, strict=True) if not opt]
-        why = f"objects the prompt does not name: {stray}" if stray else "no one-to-one match"
-        return [*failures, f"strict: {why}"]
-    return failures
 
 
 def score_t2i(

@@ -5,8 +5,8 @@ batched call (the B prompts each repeated N times, consecutively: row ``b·N + j
 ``j`` of prompt ``b``), scores every candidate with the model's own understanding path and
 keeps the highest-scoring one per prompt. ``best_of=1`` is exactly the plain call (no judging).
 
-**The score.** The question ``q = "Does the picture show: {prompt}?"`` is asked about each
-candidate picture ``x``; with ``ℓ = first_answer_logits(x, q)`` (Float[B·N, V], the model's
+**The score.** The question ``q = "does the picture show exactly: {prompt}?"`` is asked about
+each candidate picture ``x``; with ``ℓ = first_answer_logits(x, q)`` (Float[B·N, V], the model's
 logits for the *first answer token*)::
 
     score(x, prompt) = ℓ[yes] − ℓ[no] = log p(yes | x, q) − log p(no | x, q)
@@ -24,8 +24,10 @@ GenEval phrasings the models never saw as captions, the order objects are named 
 FUDOKI it is not even available: a discrete flow model has no tractable sequence likelihood,
 only per-slot predictions given a noisy answer. The yes/no log-odds is one token, read the same
 way by both families, cancels the wording's prior (both answers see the same question) and
-costs one forward pass per candidate. Its weakness: it is only as good as the model's yes/no
-answers (near chance on the shipped tiny models, see docs/best_of.md).
+costs one forward pass per candidate. It is only as good as the model's yes/no answers: a
+model never trained on the question answers it near chance; ShapesWorld's training-only
+``verify`` questions (:mod:`kineflow.data.shapes.verify`) teach it, answered yes exactly when the
+picture shows the prompt's objects and nothing else (docs/best_of.md).
 
 The judge reads only the pictures and the prompts: no detector, no ground truth.
 """
@@ -42,6 +44,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from kineflow.data.shapes.language import VERIFY_QUESTION
 from kineflow.inputs.checks import check_options
 from kineflow.pipelines.results import ImageResult
 
@@ -49,8 +52,9 @@ __all__ = ["JUDGES", "QUESTION", "check_best_of", "keep_best", "self_judged", "s
 
 #: The judges ``text_to_image(judge=...)`` accepts.
 JUDGES = ("self",)
-#: The question the model answers about each candidate.
-QUESTION = "Does the picture show: {prompt}?"
+#: The question the model answers about each candidate: ShapesWorld's verification question,
+#: which training can teach (``data.question_weights: {verify: w}``).
+QUESTION = VERIFY_QUESTION
 
 
 def check_best_of(best_of: Any, judge: Any) -> int:

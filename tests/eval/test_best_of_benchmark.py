@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kineflow.eval.best_of import judge_auc, pick_rows
+from kineflow.eval.best_of import RULES, _rule_row, judge_auc, pick_rows
 
 # Two prompts, four candidates each.
 SCORES = np.array([[0.1, 0.9, 0.5, 0.2], [2.0, 1.0, 3.0, 3.0]])
@@ -32,3 +32,15 @@ def test_judge_auc_counts_passing_over_failing_pairs_of_one_prompt() -> None:
     # vs failing {1.0, 3.0}: 2.0 > 1.0, 2.0 < 3.0, 3.0 > 1.0, 3.0 = 3.0 -> 2.5 of 4.
     assert pairs == 7 and auc == pytest.approx((2 + 2.5) / 7)
     assert np.isnan(judge_auc(SCORES, np.ones_like(PASSED))[0])
+
+
+def test_each_rule_row_reports_the_category_mean_of_the_kept_pictures() -> None:
+    scores = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    passed = np.array([[False, True], [True, False], [False, False], [True, True]])
+    row = _rule_row(scores, passed, 2, ["a", "a", "a", "b"], seed=0)
+    # Kept: candidate 1, 0, 1, 1 -> passes T, T, F, T; category a 2/3, b 1/1.
+    assert row["self"]["accuracy"] == pytest.approx(3 / 4)
+    assert row["self_overall"]["accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert row["oracle"]["accuracy"] == pytest.approx(3 / 4)
+    assert row["self_gain"]["mean"] == pytest.approx(1 / 4)  # N = 1 keeps F, T, F, T
+    assert set(RULES) == {"geneval", "strict"}

@@ -10,7 +10,10 @@
   the split with its full caption in a random template, so text-to-image models learn both
   the benchmark's prompt language and full descriptions.
 - ``caption``: a random scene and its canonical caption (the captioning target).
-- ``vqa``: a random scene and one question (type uniform among those it supports).
+- ``vqa``: a random scene and one question (type uniform among those it supports); with a
+  ``verify`` question weight (training only) some rows instead ask whether a picture drawn
+  for a prompt, or a near miss of it, shows exactly that prompt
+  (:mod:`kineflow.data.shapes.verify`).
 - ``edit``: a random scene, an instruction and the edited scene; the target scene belongs to
   the same split, so no test picture leaks into training even as an edit target.
 
@@ -38,6 +41,7 @@ from kineflow.data.shapes.language import (
 from kineflow.data.shapes.prompts import CATEGORIES, Prompt, all_prompts, scene_for_prompt
 from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import HeldOut, Scene, ShapesWorld, WorldConfig
+from kineflow.data.shapes.verify import verify_question, verify_share
 
 SHAPES_TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "edit")
 #: Independent random streams of one item index (see :meth:`ShapesWorld.rng`).
@@ -86,8 +90,8 @@ def draw_item(
     """Item ``index`` of ``task`` in ``split``, as scenes and texts (deterministic).
 
     ``question_weights`` (``vqa`` only, for training): how often each question type is asked
-    (:func:`~kineflow.data.shapes.language.sample_question`); None is the benchmark's uniform
-    draw."""
+    (:func:`~kineflow.data.shapes.language.sample_question`,
+    :func:`~kineflow.data.shapes.verify.verify_share`); None is the benchmark's uniform draw."""
     _check_task(task)
     rng = world.rng(split, index, _STREAM[task])
     item_id = f"{split}-{task}-{index:06d}"
@@ -107,7 +111,12 @@ def draw_item(
         return ShapesItem("caption", item_id, scene.key(), {"caption": caption(scene)})
     if task == "vqa":
         heldout = None if split == "heldout" else world.config.heldout
-        qa = sample_question(scene, rng, heldout, question_weights)
+        share = verify_share(question_weights)
+        # The coin is drawn only when verification is asked for: other items stay as they were.
+        if share > 0 and rng.random() < share:
+            scene, qa = verify_question(world, rng, split, split_prompts(world, split))
+        else:
+            qa = sample_question(scene, rng, heldout, question_weights)
         texts = {"question": qa.question, "answer": qa.answer}
         return ShapesItem("vqa", item_id, scene.key(), texts, kind=qa.type)
     # The kind is drawn first and scenes are redrawn until one admits an edit of that kind

@@ -43,7 +43,12 @@ QUESTION_TYPES: tuple[str, ...] = ("count", "colour", "shape", "relation", "exis
 #: with numbers, ``position_words`` with the words of relations and captions.
 POSITION_TYPE = "position"
 POSITION_WORDS_TYPE = "position_words"
-TRAINING_TYPES: tuple[str, ...] = (POSITION_TYPE, POSITION_WORDS_TYPE)
+#: "does the picture show exactly: {prompt}?" (:mod:`kineflow.data.shapes.verify`).
+VERIFY_TYPE = "verify"
+TRAINING_TYPES: tuple[str, ...] = (POSITION_TYPE, POSITION_WORDS_TYPE, VERIFY_TYPE)
+#: The verification question, yes when the picture shows exactly the prompt's objects (the
+#: strict-scene rule); the question the self-judge of best-of-N asks (kineflow.pipelines.judge).
+VERIFY_QUESTION = "does the picture show exactly: {prompt}?"
 #: Rows counted from the top, columns from the left; one-token answers in the shipped tokenizer.
 ORDINAL_ANSWERS: tuple[str, ...] = ("one", "two", "three")
 #: Rows and columns in words, the captions' position words (up to 3 tokens + EOS in the shipped
@@ -256,11 +261,15 @@ def sample_question(
 
     The type is uniform (the benchmark's draw) unless ``weights`` are given (training only):
     then ``P(type) ∝ weights[type]`` over the supported types, where a type not named weighs 1
-    and the :data:`TRAINING_TYPES` (:func:`position_questions`) weigh 0 unless named; a scene
-    that supports no type of positive weight falls back to the uniform draw."""
+    and the position types (:func:`position_questions`) weigh 0 unless named; a scene that
+    supports no type of positive weight falls back to the uniform draw. ``weights["verify"]``
+    is not drawn here: the dataset decides first whether a row is a verification question
+    (:func:`kineflow.data.shapes.verify.verify_share`)."""
     by_type = {t: qs for t, qs in questions(scene, rng, heldout).items() if qs}
     if weights is not None:
-        for kind in TRAINING_TYPES:  # built only when asked for: this runs per training row
+        # Built only when asked for: this runs per training row. Verification questions need a
+        # scene drawn for a prompt, so the dataset draws them (kineflow.data.shapes.verify).
+        for kind in (POSITION_TYPE, POSITION_WORDS_TYPE):
             if weights.get(kind, 0) > 0:
                 by_type[kind] = position_questions(scene, words=kind == POSITION_WORDS_TYPE)
         w = {t: float(weights.get(t, 0.0 if t in TRAINING_TYPES else 1.0)) for t in by_type}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from itertools import permutations
+from itertools import permutations, product
 
 import numpy as np
 
@@ -141,6 +141,32 @@ def check(prompt: Prompt, scene: Scene) -> list[str]:
 
 def passes(prompt: Prompt, scene: Scene) -> bool:
     return not check(prompt, scene)
+
+
+def strict_check(prompt: Prompt, scene: Scene) -> list[str]:
+    """The reasons ``scene`` fails ``prompt`` under the strict-scene rule; empty when it passes.
+
+    Strict rule: the GenEval-style check passes (:func:`check`: counts, colours, the relation)
+    *and* the detected objects are exactly the prompt's
+    objects: there is an assignment of every object to a requirement it matches (shape, and
+    colour where the prompt states one) that gives each requirement exactly ``count`` objects,
+    so ``len(scene) = Σ count`` and nothing is extra. What a prompt leaves unstated stays free:
+    size always, colour where none is named, cells where there is no relation (a prompt names
+    no absolute position)."""
+    failures = check(prompt, scene)
+    want = sum(r.count for r in prompt.requirements)
+    if len(scene) != want:
+        extra = len(scene) - want
+        what = f"{extra} extra object(s)" if extra > 0 else f"{-extra} object(s) missing"
+        return [*failures, f"strict: {len(scene)} objects, the prompt names {want} ({what})"]
+    # At most MAX_OBJECTS objects: try every assignment of objects to matching requirements.
+    options = [[k for k, r in enumerate(prompt.requirements) if r.matches(o)] for o in scene]
+    counts = [r.count for r in prompt.requirements]
+    if not any([c.count(k) for k in range(len(counts))] == counts for c in product(*options)):
+        stray = [o.colour + " " + o.shape for o, opt in zip(scene, options, strict=True) if not opt]
+        why = f"objects the prompt does not name: {stray}" if stray else "no one-to-one match"
+        return [*failures, f"strict: {why}"]
+    return failures
 
 
 # -- the prompt set -----------------------------------------------------------------------------
