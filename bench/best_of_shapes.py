@@ -25,7 +25,12 @@ def _ci(d: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["fudoki-shapes", "unifluid-shapes"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["fudoki-shapes", "unifluid-shapes"],
+        help="names in checkpoints/ or model folders",
+    )
     parser.add_argument("--per-category", type=int, default=16)
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--device", default="cpu")
@@ -42,7 +47,8 @@ def main() -> None:
           "(95 % CI) | oracle (95 % CI) | mean of the N | s / prompt |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
-        pipe = kineflow.load(ROOT / "checkpoints" / name, device=args.device)
+        folder = Path(name) if Path(name).is_dir() else ROOT / "checkpoints" / name
+        pipe = kineflow.load(folder, device=args.device)
         if not pipe.uses_option("text_to_image", "steps"):
             options.pop("steps", None)
         r = run_best_of_benchmark(

@@ -56,11 +56,14 @@ def run_showcase(
     edit_items: int = 8,
     steps: int | None = None,
     cfg_scale: float | None = None,
+    best_of: int = 1,
     seed: int = 0,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Run the showcase with the checkpoint at ``model``; writes into ``out`` and returns the
-    summary (see the module docstring)."""
+    summary (see the module docstring). ``best_of`` > 1: each shown picture is the one of
+    ``best_of`` candidates the model itself rates likeliest to show its prompt
+    (:mod:`kineflow.pipelines.judge`); the detector only grades what is kept."""
     import kineflow
     from kineflow.data.shapes.dataset import draw_item
     from kineflow.data.shapes.prompts import all_prompts, check
@@ -83,8 +86,9 @@ def run_showcase(
     # Text-to-image: `seeds` pictures per prompt in one batch, the first with its trajectory.
     start = time.perf_counter()
     texts = [p for p in prompts for _ in range(seeds)]
+    judged = {"best_of": best_of} if best_of != 1 else {}
     result = pipe.text_to_image(
-        texts, steps=steps, cfg_scale=cfg_scale, seed=seed, return_trajectory=True
+        texts, steps=steps, cfg_scale=cfg_scale, seed=seed, return_trajectory=True, **judged
     )
     t2i_s = time.perf_counter() - start
     scenes = detect(np.stack([np.asarray(im) for im in result.images]))
@@ -99,6 +103,8 @@ def run_showcase(
             "detected": scene.to_dict(),
             "passes": failures == [] if failures is not None else None, "failures": failures,
         })  # fmt: skip
+        if result.chosen is not None:  # which candidate the model kept, and its yes − no logit
+            records[-1].update(chosen=result.chosen[i], judge_score=result.scores[i])
     for k in range(len(prompts)):
         frames = result.trajectory[k * seeds]
         save_gif(frames, out / f"refine_{k}.gif", scale=4)
@@ -145,7 +151,13 @@ def run_showcase(
         "model": str(model),
         "device": str(pipe.device),
         "threads": torch.get_num_threads(),
-        "t2i": {"pictures": len(texts), "passed": sum(graded), "graded": len(graded)},
+        "t2i": {
+            "pictures": len(texts),
+            "passed": sum(graded),
+            "graded": len(graded),
+            "best_of": best_of,
+            "cfg_scale": cfg_scale,
+        },
         "vqa": {"questions": len(items), "correct": sum(r["correct"] for r in qa[: len(items)])},
         "edit": {"edits": len(edits), "correct": sum(r["passes"] for r in edits)},
         "seconds": {"load": load_s, "text_to_image": t2i_s, "vqa": vqa_s, "edit": edit_s},
@@ -208,8 +220,11 @@ def format_showcase(out: str | os.PathLike[str]) -> str:
     t, v, s = summary["t2i"], summary["vqa"], summary["seconds"]
     e = summary.get("edit", {"edits": 0})
     edited = f", {e['correct']}/{e['edits']} edits right" if e["edits"] else ""
+    n = t.get("best_of", 1)
+    kept = f" (each the best of {n} drawn, judged by the model itself)" if n > 1 else ""
     lines.append(
-        f"{t['passed']}/{t['graded']} pictures pass their prompt, {v['correct']}/{v['questions']} "
+        f"{t['passed']}/{t['graded']} pictures pass their prompt{kept}, "
+        f"{v['correct']}/{v['questions']} "
         f"answers correct{edited}; {s['text_to_image']:.1f} s text-to-image, {s['vqa']:.1f} s "
         f"VQA ({summary['device']}, {summary['threads']} threads). Files in {out}/"
     )

@@ -344,6 +344,15 @@ def _showcase_options(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int_in_range(1, 10000), default=None,
         help="FUDOKI only: solver steps; default: the checkpoint's",
     )  # fmt: skip
+    parser.add_argument(
+        "--cfg-scale", type=float, default=None,
+        help="classifier-free guidance w of the pictures; default: the checkpoint's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--best-of", type=int_in_range(1, 64), default=1,
+        help="draw N candidates per picture and show the one the model itself rates likeliest "
+        "to show the prompt (the detector only grades); default: 1",
+    )  # fmt: skip
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_FORMS)
 
 
@@ -358,6 +367,8 @@ def _run_showcase(args: argparse.Namespace) -> int:
             vqa_items=args.vqa,
             edit_items=args.edits,
             steps=args.steps,
+            cfg_scale=args.cfg_scale,
+            best_of=args.best_of,
             device=args.device,
         )
     except CLI_ERRORS as err:
