@@ -59,7 +59,8 @@ def shipped(name: str, tmp_path: Path, **changes) -> Path:
          "optim.betas must be a list of 2 items, got [0.9]"),
         ("fudoki", "fudoki_shapes.yaml", {"data__question_weights": {"where": 1}},
          "data.question_weights: unknown question type 'where'; the types are ['count', "
-         "'colour', 'shape', 'relation', 'exist', 'position', 'position_words']"),
+         "'colour', 'shape', 'relation', 'exist', 'position', 'position_words', "
+         "'verify']"),
         ("unifluid", "unifluid_shapes.yaml", {"data__question_weights": {"colour": -1}},
          "data.question_weights.colour must be a number >= 0, got -1"),
         ("unifluid", "unifluid_shapes.yaml", {"model__head__width": 12.5},
