@@ -147,10 +147,10 @@ def strict_check(prompt: Prompt, scene: Scene) -> list[str]:
     """The reasons ``scene`` fails ``prompt`` under the strict-scene rule; empty when it passes.
 
     Strict rule: the GenEval-style check passes (:func:`check`: counts, colours, the relation)
-    *and* the detected objects are exactly the prompt's
-    objects: there is an assignment of every object to a requirement it matches (shape, and
-    colour where the prompt states one) that gives each requirement exactly ``count`` objects,
-    so ``len(scene) = Σ count`` and nothing is extra. What a prompt leaves unstated stays free:
+    *and* the detected objects are exactly the prompt's objects: there is an assignment of
+    every object to a requirement it matches (shape, and colour where the prompt states one)
+    that gives each requirement exactly ``count`` objects, so ``len(scene) = Σ count`` and
+    nothing is extra. What a prompt leaves unstated stays free:
     size always, colour where none is named, cells where there is no relation (a prompt names
     no absolute position)."""
     failures = check(prompt, scene)
