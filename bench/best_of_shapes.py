@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = {k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v}
+    given = (("steps", args.steps), ("cfg_scale", args.cfg_scale))
+    options = {k: v for k, v in given if v is not None}  # cfg_scale 0 (no guidance) is an option
     reports = []
     print("| model | rule | N | self-judge (95 % CI) | self − N=1 (95 % CI) | "
           "overall: category mean "
@@ -49,11 +50,9 @@ def main() -> None:
     for name in args.models:
         folder = Path(name) if Path(name).is_dir() else ROOT / "checkpoints" / name
         pipe = kineflow.load(folder, device=args.device)
-        if not pipe.uses_option("text_to_image", "steps"):
-            options.pop("steps", None)
-        r = run_best_of_benchmark(
-            pipe, ns=tuple(args.ns), per_category=args.per_category, **options
-        )
+        # Per model: UniFluid takes no solver steps, the FUDOKI model after it still does.
+        ok = {k: v for k, v in options.items() if pipe.uses_option("text_to_image", k)}
+        r = run_best_of_benchmark(pipe, ns=tuple(args.ns), per_category=args.per_category, **ok)
         reports.append(r)
         for rule in RULES:
             for n, by_rule in r["by_n"].items():

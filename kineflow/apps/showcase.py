@@ -86,10 +86,10 @@ def run_showcase(
     # Text-to-image: `seeds` pictures per prompt in one batch, the first with its trajectory.
     start = time.perf_counter()
     texts = [p for p in prompts for _ in range(seeds)]
-    judged = {"best_of": best_of} if best_of != 1 else {}
     result = pipe.text_to_image(
-        texts, steps=steps, cfg_scale=cfg_scale, seed=seed, return_trajectory=True, **judged
-    )
+        texts, steps=steps, cfg_scale=cfg_scale, seed=seed, return_trajectory=True,
+        best_of=best_of,
+    )  # fmt: skip
     t2i_s = time.perf_counter() - start
     scenes = detect(np.stack([np.asarray(im) for im in result.images]))
     records, verdicts = [], []

@@ -45,7 +45,8 @@ POSITION_TYPE = "position"
 POSITION_WORDS_TYPE = "position_words"
 #: "does the picture show exactly: {prompt}?" (:mod:`kineflow.data.shapes.verify`).
 VERIFY_TYPE = "verify"
-TRAINING_TYPES: tuple[str, ...] = (POSITION_TYPE, POSITION_WORDS_TYPE, VERIFY_TYPE)
+POSITION_TYPES: tuple[str, ...] = (POSITION_TYPE, POSITION_WORDS_TYPE)
+TRAINING_TYPES: tuple[str, ...] = (*POSITION_TYPES, VERIFY_TYPE)
 #: The verification question, yes when the picture shows exactly the prompt's objects (the
 #: strict-scene rule); the question the self-judge of best-of-N asks (kineflow.pipelines.judge).
 VERIFY_QUESTION = "does the picture show exactly: {prompt}?"
@@ -269,10 +270,10 @@ def sample_question(
     if weights is not None:
         # Built only when asked for: this runs per training row. Verification questions need a
         # scene drawn for a prompt, so the dataset draws them (kineflow.data.shapes.verify).
-        for kind in (POSITION_TYPE, POSITION_WORDS_TYPE):
+        for kind in POSITION_TYPES:
             if weights.get(kind, 0) > 0:
                 by_type[kind] = position_questions(scene, words=kind == POSITION_WORDS_TYPE)
-        w = {t: float(weights.get(t, 0.0 if t in TRAINING_TYPES else 1.0)) for t in by_type}
+        w = {t: question_weight(weights, t) for t in by_type}
         types = sorted(t for t in by_type if by_type[t] and w[t] > 0)
         if types:
             p = np.array([w[t] for t in types])
@@ -282,6 +283,12 @@ def sample_question(
     types = sorted(by_type)
     qs = by_type[types[rng.integers(len(types))]]
     return qs[rng.integers(len(qs))]
+
+
+def question_weight(weights: Mapping[str, float], kind: str) -> float:
+    """The weight of question type ``kind`` under ``question_weights``: as given, else 1 for a
+    benchmark type (:data:`QUESTION_TYPES`) and 0 for a training-only one."""
+    return float(weights.get(kind, 0.0 if kind in TRAINING_TYPES else 1.0))
 
 
 def check_question_weights(weights: object, where: str) -> None:

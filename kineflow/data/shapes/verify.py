@@ -29,12 +29,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from kineflow.data.shapes.language import (
-    POSITION_TYPE,
-    POSITION_WORDS_TYPE,
+    POSITION_TYPES,
     QA,
     QUESTION_TYPES,
     VERIFY_QUESTION,
     VERIFY_TYPE,
+    question_weight,
     sample_edit,
 )
 from kineflow.data.shapes.prompts import Prompt, scene_for_prompt, strict_check
@@ -56,10 +56,8 @@ def verify_share(weights: Mapping[str, float] | None) -> float:
     ``verify`` weight."""
     if not weights or weights.get(VERIFY_TYPE, 0) <= 0:
         return 0.0
-    rest = sum(float(weights.get(t, 1.0)) for t in QUESTION_TYPES)
-    rest += sum(float(weights.get(t, 0.0)) for t in (POSITION_TYPE, POSITION_WORDS_TYPE))
-    w = float(weights[VERIFY_TYPE])
-    return w / (w + rest)
+    w = question_weight(weights, VERIFY_TYPE)
+    return w / (w + sum(question_weight(weights, t) for t in (*QUESTION_TYPES, *POSITION_TYPES)))
 
 
 def verify_question(
