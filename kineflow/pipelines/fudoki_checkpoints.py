@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Self
 
 import torch
 from safetensors.torch import load_file
@@ -37,12 +37,7 @@ from kineflow.pipelines.janus_release import read_janus_release
 from kineflow.pipelines.model_card import card_writer
 from kineflow.tokenizers.text import TextTokenizer
 
-if TYPE_CHECKING:
-    from kineflow.pipelines.fudoki import FudokiPipeline
-
 __all__ = ["FudokiCheckpoints"]
-
-F = TypeVar("F", bound="FudokiPipeline")
 
 
 class FudokiCheckpoints:
@@ -86,25 +81,25 @@ class FudokiCheckpoints:
 
     @classmethod
     def from_pretrained(
-        cls: type[F],
+        cls,
         name: str | os.PathLike[str],
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> F:
+    ) -> Self:
         """What :func:`kineflow.load` returns for a Janus / FUDOKI release, a kineflow FUDOKI
         folder or a hub id holding either (a UniFluid checkpoint is refused)."""
         return open_checkpoint(name, device=device, dtype=dtype, expect=cls)
 
     @classmethod
     def load_checkpoint(
-        cls: type[F],
+        cls,
         folder: Path,
         config: Mapping[str, Any],
         *,
         max_bytes: int | None = None,
         check_finite: bool | None = None,
-    ) -> F:
+    ) -> Self:
         """A kineflow FUDOKI folder (after :func:`~kineflow.pipelines.checkpoints.load_checked`
         and the metric tables' checks) or a Janus / FUDOKI release (float32); on the CPU."""
         if config.get(TYPE_FIELD) != KIND:
@@ -119,13 +114,13 @@ class FudokiCheckpoints:
 
     @classmethod
     def from_janus_release(
-        cls: type[F],
+        cls,
         folder: str | os.PathLike[str],
         config: Mapping[str, Any] | None = None,
         *,
         max_bytes: int | None = None,
         check_finite: bool | None = None,
-    ) -> F:
+    ) -> Self:
         """A Janus / FUDOKI release folder as a pipeline, on the CPU (the checks are
         :func:`~kineflow.pipelines.janus_release.read_janus_release`'s)."""
         release = read_janus_release(folder, config, max_bytes=max_bytes,
@@ -139,7 +134,7 @@ class FudokiCheckpoints:
             raise ValueError(f"{folder}: {e} (metric tables: {sources})") from e
 
     @classmethod
-    def from_kineflow_folder(cls: type[F], folder: str | os.PathLike[str]) -> F:
+    def from_kineflow_folder(cls, folder: str | os.PathLike[str]) -> Self:
         """Read what :meth:`save_pretrained` wrote (see :func:`kineflow.load`)."""
         folder = Path(folder)
         config, weights = load_pretrained_folder(folder, KIND, "FUDOKI checkpoint")
