@@ -3,8 +3,10 @@
 Issue 18's first question is whether the understanding ceiling (VQA ≈ 0.59 for every model
 family, although linear probes read the scene from the language model's inputs: see
 ``docs/understanding.md``) comes from sharing the model with generation or from the training
-budget. This trains two tiny FUDOKI models on ShapesWorld from ``configs/fudoki_shapes.yaml``
-with the same seeds, batch and steps, differing only in ``data.understanding_ratio``:
+budget. This trains two tiny models on ShapesWorld from ``--config`` (default
+``configs/fudoki_shapes.yaml``; a UniFluid config such as ``configs/unifluid_shapes.yaml``
+trains UniFluid, an ``objective: {kind: ar}`` config the AR baseline) with the same seeds,
+batch and steps, differing only in ``data.understanding_ratio``:
 
 * ``unified``: the shipped recipe (0.5: half the samples text-to-image);
 * ``understanding_only``: 1.0 (VQA and captioning only: twice the unified run's understanding
@@ -59,25 +61,31 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
         node[leaf] = value
 
 
+def family(raw: dict[str, Any]) -> str:
+    """The trainer of a run config: UniFluid's read a KL-VAE (``vae``), FUDOKI's a VQ."""
+    return "unifluid" if "vae" in raw else "fudoki"
+
+
 def train(name: str, args: argparse.Namespace) -> subprocess.Popen:
-    """Start one training run in its own process (``kineflow train fudoki``)."""
+    """Start one training run in its own process (``kineflow train fudoki|unifluid``)."""
     import yaml
 
-    raw = yaml.safe_load((REPO / "configs/fudoki_shapes.yaml").read_text())
-    for key in ("vq", "vision", "text_tokenizer"):
-        raw[key] = str(REPO / raw[key])
+    raw = yaml.safe_load(Path(args.config).read_text())
+    for key in ("vq", "vae", "vision", "text_tokenizer", "init_from"):
+        if raw.get(key) is not None:
+            raw[key] = str(REPO / raw[key])
     raw["out"] = str(Path(args.out) / name)
     apply_overrides(raw, args.variants[name])
     raw["optim"].update(steps=args.steps, seed=args.seed)
     raw["data"]["seed"] = args.seed
     if args.text_t_max is not None:  # answers trained at t ~ U(t_min, text_t_max) only
-        raw["objective"]["text_t_max"] = args.text_t_max
+        raw.setdefault("objective", {})["text_t_max"] = args.text_t_max
     raw.update(export_steps=args.checkpoints, threads=args.threads, log_every=100,
                ckpt_every=max(args.checkpoints))  # fmt: skip
     config = Path(args.out) / f"{name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "kineflow", "train", "fudoki", "--config", str(config),
+    cmd = [sys.executable, "-m", "kineflow", "train", family(raw), "--config", str(config),
            "--no-progress"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
 
@@ -96,6 +104,11 @@ def evaluate(folder: Path, n: int, threads: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--out", default="outputs/understanding_curve")
+    p.add_argument(
+        "--config",
+        default=str(REPO / "configs/fudoki_shapes.yaml"),
+        help="the run config every run starts from (FUDOKI, AR or UniFluid)",
+    )
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--checkpoints", type=int, nargs="+", default=[300, 600, 1200, 2400])
     p.add_argument("--vqa", type=int, default=300, help="test questions per checkpoint")
@@ -145,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[understanding_curve] {name} step {step}", file=sys.stderr, flush=True)
             folder = Path(args.out) / name / f"model_step{step}"
             curves[name][str(step)] = evaluate(folder, args.vqa, max(1, args.threads))
-    report = {"steps": args.steps, "checkpoints": args.checkpoints, "vqa_items": args.vqa,
+    report = {"config": args.config,
+              "steps": args.steps, "checkpoints": args.checkpoints, "vqa_items": args.vqa,
               "seed": args.seed, "overrides": args.variants,
               "text_t_max": args.text_t_max,
               "train_seconds": round(train_s, 1),

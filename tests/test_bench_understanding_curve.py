@@ -41,6 +41,25 @@ def test_curve_has_every_run_and_checkpoint(tmp_path):
     assert "text_t_max: 0.45" in config  # the runs train answers at t <= 0.45 only
 
 
+@pytest.mark.slow  # one 2-step UniFluid run at the shipped size and one small VQA evaluation
+def test_curve_of_a_unifluid_config(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    variant = "und:data.understanding_ratio=1.0,data.edit_ratio=0.0,model.text_loss_weight=1.0"
+    cmd = [sys.executable, str(REPO / "bench" / "understanding_curve.py"), "--out",
+           str(tmp_path), "--config", str(REPO / "configs" / "unifluid_shapes.yaml"),
+           "--steps", "2", "--checkpoints", "1", "--vqa", "4", "--variant", variant]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["config"].endswith("unifluid_shapes.yaml") and list(report["curves"]) == ["und"]
+    assert set(report["curves"]["und"]) == {"1", "2"}
+    assert report["curves"]["und"]["2"]["n"] == 4
+    import kineflow
+
+    pipe = kineflow.load(tmp_path / "und" / "model_step1")
+    assert pipe.supports("edit")  # a UniFluid folder, trained by `kineflow train unifluid`
+
+
 @pytest.fixture
 def bench():
     with bench_script("understanding_curve") as module:
@@ -69,3 +88,12 @@ def test_variant_parses_dotted_yaml_values_and_sets_them(bench):
     for bad in ("no-colon", ":x=1", "v:novalue"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_variant(bad)
+
+
+def test_the_config_names_its_trainer(bench):
+    import yaml
+
+    for name, family in (("fudoki_shapes", "fudoki"), ("ar_shapes", "fudoki"),
+                         ("unifluid_shapes", "unifluid")):  # fmt: skip
+        raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+        assert bench.family(raw) == family

@@ -77,10 +77,14 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Full reports (with per-item rows) for ``pipe``, a kineflow pipeline
     (:class:`~kineflow.pipelines.base.Pipeline`: ``text_to_image``, ``answer`` and, where it
-    :meth:`~kineflow.pipelines.base.Pipeline.supports` it, ``edit``)."""
+    :meth:`~kineflow.pipelines.base.Pipeline.supports` it, ``edit``). A task asked for no items
+    (``images_per_prompt`` or ``max_prompts_per_category`` 0, ``vqa_items`` 0, …) is left out
+    of the report."""
     world = ShapesWorld()
     report: dict[str, Any] = {}
-    for split in ("test", "heldout"):
+    # Like the other tasks, generation is skipped when asked for no pictures.
+    generate = images_per_prompt > 0 and max_prompts_per_category != 0
+    for split in ("test", "heldout") if generate else ():
         prompts = prompt_set(split, max_per_category=max_prompts_per_category, seed=seed)
         report[f"t2i_{split}"] = text_to_image_report(
             pipe, prompts, images_per_prompt=images_per_prompt, batch_size=batch_size,

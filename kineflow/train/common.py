@@ -27,11 +27,12 @@ from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.data.shards import ShardReader, file_digest, write_shards
 from kineflow.inputs.layout import Layout, understanding_layout
+from kineflow.models.lora import merged_view
 from kineflow.pipelines.model_card import SHAPESWORLD
 from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.loop import Task, run_training
 from kineflow.train.run_config import TrainRunConfig
-from kineflow.train.run_folder import hold_run_folder
+from kineflow.train.run_folder import hold_run_folder, process_rank
 
 __all__ = [
     "EncodableTask",
@@ -46,6 +47,7 @@ __all__ = [
     "open_shards",
     "picture_tensor",
     "record_layout",
+    "step_exports",
     "train_task",
     "understanding_sample",
 ]
@@ -193,6 +195,33 @@ def train_task(
         desc=desc,
         on_step=on_step,
     )
+
+
+def step_exports(
+    config: TrainRunConfig, model: torch.nn.Module, out: Path, save: Callable[[Path], None]
+) -> Callable[[int], None] | None:
+    """The loop's ``on_step`` hook that writes ``out/model_step{s}`` (``save(folder)``: the
+    model's pipeline folder) after each step ``s`` of ``config.export_steps`` — the live
+    weights, not an EMA, with LoRA adapters folded in; rank 0 only. None when the run exports
+    nothing.
+
+    Raises:
+        ValueError: ``export_steps`` with FSDP (no process holds the whole weights).
+    """
+    steps = set(getattr(config, "export_steps", ()))
+    if not steps:
+        return None
+    if getattr(config, "parallel", "none") == "fsdp":
+        raise ValueError("export_steps needs whole weights on every process: not with FSDP")
+
+    def export(done: int) -> None:
+        if done in steps and process_rank() == 0:
+            training = model.training
+            with merged_view(model):  # a LoRA run's adapters folded in: base key names
+                save(out / f"model_step{done}")
+            model.train(training)
+
+    return export
 
 
 # -- pre-tokenised shards ------------------------------------------------------------------------

@@ -52,7 +52,6 @@ from kineflow.inputs.layout import (
 from kineflow.inputs.packing import PackPlan, pack_inputs, plan_packing
 from kineflow.io import atomic_save_safetensors, atomic_write_json
 from kineflow.models.fudoki import FudokiConfig, FudokiModel
-from kineflow.models.lora import merged_view
 from kineflow.pipelines.fudoki import FudokiPipeline
 from kineflow.pipelines.fudoki_config import FudokiPipelineConfig, make_paths
 from kineflow.tokenizers.text import TextTokenizer
@@ -68,6 +67,7 @@ from kineflow.train.common import (
     open_shards,
     picture_tensor,
     record_layout,
+    step_exports,
     train_task,
     understanding_sample,
 )
@@ -159,15 +159,6 @@ class FudokiTrainConfig(TrainRunConfig):
     export_steps: list[int] = field(default_factory=list)
     train_vision: bool = False
     lora: LoraSettings | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        steps = self.optim.steps
-        bad = [s for s in self.export_steps if not isinstance(s, int) or not 0 < s <= steps]
-        if bad:
-            raise ValueError(
-                f"export_steps must be steps in [1, optim.steps={self.optim.steps}], got {bad}"
-            )
 
 
 # -- building the model --------------------------------------------------------------------------
@@ -465,16 +456,8 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
             model, tokenizer, tables["text"], tables["image"], task.pipeline_config()
         )
 
-    def export(done: int) -> None:
-        # The live (not EMA) weights, e.g. the AR half of an AR -> DFM run at equal compute.
-        if done in config.export_steps and process_rank() == 0:
-            training = model.training
-            with merged_view(model):  # a LoRA run's adapters folded in: base key names
-                pipeline().save_pretrained(out / f"model_step{done}")
-            model.train(training)
-
-    if config.export_steps and config.parallel == "fsdp":
-        raise ValueError("export_steps needs whole weights on every process: not with FSDP")
+    # e.g. the AR half of an AR -> DFM run at equal compute
+    export = step_exports(config, model, out, lambda folder: pipeline().save_pretrained(folder))
     summary = train_task(task, config, out, progress, f"train {config.objective.kind}", export)
     if config.lora is not None:
         finish_lora(model, config.lora, out, "fudoki")  # out/adapter, then merged in place

@@ -38,7 +38,8 @@ def check_intervals(log_every: Any, ckpt_every: Any, ckpt_minutes: Any = None) -
 
 class TrainRunConfig(RunConfig):
     """Base of the training-run configs (dataclasses with ``model``, ``log_every``,
-    ``ckpt_every``, ``ckpt_minutes`` and ``threads`` fields).
+    ``ckpt_every``, ``ckpt_minutes`` and ``threads`` fields; ``export_steps`` is checked
+    against ``optim.steps`` where a config has it).
 
     ``MODEL_TYPES``: the model-config dataclasses whose field annotations the ``model``
     section's values are checked against (:func:`~kineflow.config.check_types`; nested
@@ -55,6 +56,13 @@ class TrainRunConfig(RunConfig):
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):
             raise ValueError(f"threads must be an integer >= 1 or null, got {threads!r}")
+        export = getattr(self, "export_steps", None)
+        if export:  # out/model_step{s} folders (FUDOKI and UniFluid runs); types checked above
+            steps = self.optim.steps
+            if bad := [s for s in export if not 0 < s <= steps]:
+                raise ValueError(
+                    f"export_steps must be steps in [1, optim.steps={steps}], got {bad}"
+                )
         if isinstance(self.model, Mapping):
             for cls in self.model_types():
                 check_types(self.model, cls, "model.")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +48,7 @@ from kineflow.train.common import (
     open_shards,
     picture_tensor,
     record_layout,
+    step_exports,
     train_task,
     understanding_sample,
 )
@@ -111,6 +113,7 @@ class UnifluidTrainConfig(TrainRunConfig):
     parallel: str = "none"
     threads: int | None = None
     token_scale: float | None = None
+    export_steps: list[int] = field(default_factory=list)
     lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
@@ -352,7 +355,8 @@ class UnifluidTask:
 
 def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a UniFluid training run; writes ``out/model`` (a pipeline folder that
-    :func:`kineflow.load` reads) and ``out/summary.json``; ``out`` is held for the whole run
+    :func:`kineflow.load` reads), ``out/model_step{s}`` for each of ``export_steps`` and
+    ``out/summary.json``; ``out`` is held for the whole run
     (:func:`~kineflow.train.run_folder.hold_run_folder`). Under torchrun only rank 0 writes
     ``out/model`` and the summary; every rank returns the summary."""
     with held_run(config) as out:
@@ -363,9 +367,6 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
         if config.lora is not None:
             prepare_lora(model, config.lora, out)
         task = UnifluidTask(model, tokenizer, config)
-        summary = train_task(task, config, out, progress, "train unifluid")
-        if config.lora is not None:
-            finish_lora(model, config.lora, out, "unifluid")  # out/adapter, then merged in place
         from kineflow.pipelines.unifluid import UnifluidPipeline, UnifluidPipelineConfig
 
         pipeline_config = UnifluidPipelineConfig(
@@ -374,9 +375,15 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
             caption_tokens=config.data.caption_tokens,
             caption_instruction=config.data.caption_instruction,
         )
+
+        def save(folder: Path, **card: Any) -> None:
+            UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(folder, **card)
+
+        export = step_exports(config, model, out, save)
+        summary = train_task(task, config, out, progress, "train unifluid", export)
+        if config.lora is not None:
+            finish_lora(model, config.lora, out, "unifluid")  # out/adapter, then merged in place
         if process_rank() == 0:  # every rank holds the same whole model by now
-            UnifluidPipeline(model, tokenizer, pipeline_config).save_pretrained(
-                out / "model", training=card_record(config, summary)
-            )
+            save(out / "model", training=card_record(config, summary))
             atomic_write_json(out / "summary.json", summary)
     return summary

@@ -6,6 +6,7 @@ import copy
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -488,3 +489,38 @@ def test_shared_evaluation_runs_on_unifluid_with_editing(trained) -> None:
     numbers = summary(report)
     assert numbers["edit"]["n"] == 3 and 0 <= numbers["edit"]["accuracy"] <= 1
     assert numbers["vqa"]["n"] == 2 and numbers["t2i_test"]["n"] > 0
+
+
+def test_export_steps_write_the_live_weights_of_those_steps(assets, tmp_path) -> None:
+    """``export_steps`` (a VQA-against-steps curve, bench/understanding_curve.py): after step
+    ``s`` the run writes ``out/model_step{s}``, a folder ``kineflow.load`` reads; the last
+    step's export holds exactly the final model's weights, an earlier one other weights."""
+    from safetensors.torch import load_file
+
+    import kineflow
+
+    config = make_config(assets, tmp_path / "run", steps=2)
+    config.export_steps = [1, 2]
+    train_unifluid(config, progress=False)
+    final = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    last = load_file(str(tmp_path / "run" / "model_step2" / "model.safetensors"))
+    first = load_file(str(tmp_path / "run" / "model_step1" / "model.safetensors"))
+    assert last.keys() == final.keys() == first.keys()
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    key = "backbone.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(first[key], final[key])  # one optimizer step apart
+    assert kineflow.load(tmp_path / "run" / "model_step1").answer(
+        np.zeros((32, 32, 3), np.uint8), "how many shapes are there?"
+    ).texts
+    for bad, error in (([0], "must be steps in [1, optim.steps=2], got [0]"), ([3], "got [3]"),
+                       ([True], "export_steps[0] must be an integer, got True")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(error)):
+            UnifluidTrainConfig.from_dict({**config.to_dict(), "export_steps": bad})
+
+
+def test_evaluation_leaves_out_tasks_asked_for_no_items(trained) -> None:
+    from kineflow.eval.benchmark import evaluate_model, summary
+
+    report = evaluate_model(trained, images_per_prompt=0, vqa_items=2, caption_items=0,
+                            batch_size=4, progress=False)  # fmt: skip
+    assert set(report) == {"vqa"} and summary(report)["vqa"]["n"] == 2
