@@ -509,9 +509,11 @@ def test_export_steps_write_the_live_weights_of_those_steps(assets, tmp_path) ->
     assert all(torch.equal(last[k], final[k]) for k in final)
     key = "backbone.layers.0.mlp.up_proj.weight"
     assert not torch.equal(first[key], final[key])  # one optimizer step apart
-    assert kineflow.load(tmp_path / "run" / "model_step1").answer(
-        np.zeros((32, 32, 3), np.uint8), "how many shapes are there?"
-    ).texts
+    assert (
+        kineflow.load(tmp_path / "run" / "model_step1")
+        .answer(np.zeros((32, 32, 3), np.uint8), "how many shapes are there?")
+        .texts
+    )
     for bad, error in (([0], "must be steps in [1, optim.steps=2], got [0]"), ([3], "got [3]"),
                        ([True], "export_steps[0] must be an integer, got True")):  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(error)):
