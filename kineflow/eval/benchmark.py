@@ -162,6 +162,12 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
                     "strict_by_category": {c: v["strict_accuracy"] for c, v in cats.items()},
                     "strict_by_category_ci": {c: v["strict_accuracy_ci"] for c, v in cats.items()},
                 }
+            if "surplus_objects" in value:
+                out[key] |= {
+                    "surplus_objects": value["surplus_objects"],
+                    "surplus_objects_ci": value["surplus_objects_ci"],
+                    "surplus_by_category": {c: v["surplus_objects"] for c, v in cats.items()},
+                }
         elif key in ("vqa", "edit"):
             group = "by_type" if key == "vqa" else "by_kind"
             out[key] = {

@@ -68,7 +68,11 @@ def score_t2i(
     each picture made for that prompt; every prompt needs at least one picture. Intervals
     redraw prompts (all pictures of a prompt together) within each category, ``seed`` fixed:
     a category's accuracy is ``Σ passed / Σ pictures`` over its redrawn prompts, the overall
-    one the mean over categories."""
+    one the mean over categories.
+
+    ``surplus_objects``: the mean over pictures of ``len(scene) − Σ count``, the objects drawn
+    beyond (negative: short of) the ones the prompt names — the failure the GenEval-style rule
+    lets pass and the strict one does not; per category too, with intervals over prompts."""
     missing = [p.id for p in prompts if not scenes.get(p.id)]
     if missing:
         raise ValueError(f"no pictures for {len(missing)} prompt(s), e.g. {missing[:3]}")
@@ -88,6 +92,7 @@ def score_t2i(
                     "failures": failures,
                     "strict_failures": strict[len(failures) :],
                     "detected": scene.key(),
+                    "surplus": len(scene) - sum(r.count for r in p.requirements),
                 }
             )
     # Per prompt: its pass counts and picture count (the bootstrap unit).
@@ -97,6 +102,7 @@ def score_t2i(
         units[p.category]["passed"].append(sum(i["passed"] for i in rows))
         units[p.category]["strict"].append(sum(i["strict"] for i in rows))
         units[p.category]["pictures"].append(len(rows))
+        units[p.category]["surplus"].append(np.mean([i["surplus"] for i in rows]))
     cats = [c for c in CATEGORIES if units[c]["pictures"]]
     report: dict = {"task": "t2i"}
     by_category: dict[str, dict] = {c: {} for c in cats}
@@ -112,6 +118,14 @@ def score_t2i(
         for c, x, w in zip(cats, ratios, weights, strict=True):
             one = bootstrap_ci(x, seed=seed, weights=w)
             by_category[c] |= {key: one[0], f"{key}_ci": ci_pair(one), "n": int(w.sum())}
+    # Per-prompt mean surplus, weighted by pictures: the mean over pictures.
+    surplus = [np.asarray(units[c]["surplus"], float) for c in cats]
+    weights = [np.asarray(units[c]["pictures"], float) for c in cats]
+    all_s = bootstrap_ci(np.concatenate(surplus), seed=seed, weights=np.concatenate(weights))
+    report["surplus_objects"], report["surplus_objects_ci"] = all_s[0], ci_pair(all_s)
+    for c, x, w in zip(cats, surplus, weights, strict=True):
+        one = bootstrap_ci(x, seed=seed, weights=w)
+        by_category[c] |= {"surplus_objects": one[0], "surplus_objects_ci": ci_pair(one)}
     return report | {
         "by_category": by_category,
         "prompts": len(prompts),

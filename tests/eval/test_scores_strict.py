@@ -109,3 +109,28 @@ def test_summary_keeps_intervals_and_the_results_table_shows_them():
     low, high = vqa["accuracy_ci"]
     assert f"| 0.750 [{low:.2f}, {high:.2f}] |" in table[2]
     assert "| `m` | 1.000 [1.00, 1.00] | 0.250 [" in table[2] and table[0].count("|") == 15
+
+
+def test_surplus_objects_counts_what_the_prompt_does_not_name():
+    """``surplus_objects``: objects drawn minus objects named, the mean over pictures (each
+    prompt's pictures weighted by their number), by category; negative when short."""
+    from kineflow.eval.benchmark import summary
+
+    exact = _scene((0, 0, "circle", "red"), (0, 1, "square", "blue"))
+    four = _scene(*[(r, c, "triangle", "red") for r, c in ((0, 0), (0, 1), (1, 1), (2, 2))])
+    two = _scene((0, 0, "triangle", "red"), (1, 1, "triangle", "blue"))
+    crowded = _scene((0, 0, "circle", "red"), (0, 1, "square", "blue"), (1, 1, "circle", "red"),
+                     (2, 2, "square", "green"))  # fmt: skip
+    scenes = {TWO.id: [exact, crowded], THREE.id: [four, two, four]}
+    report = score_t2i([TWO, THREE], scenes)
+    # Oracle: count each picture's objects by hand against the prompt's named objects.
+    surplus = [2 - 2, 4 - 2, 4 - 3, 2 - 3, 4 - 3]
+    assert [i["surplus"] for i in report["items"]] == surplus
+    assert report["surplus_objects"] == pytest.approx(sum(surplus) / 5)
+    low, high = report["surplus_objects_ci"]
+    assert low <= report["surplus_objects"] <= high
+    assert report["by_category"]["two_object"]["surplus_objects"] == pytest.approx(1.0)
+    assert report["by_category"]["counting"]["surplus_objects"] == pytest.approx(1 / 3)
+    numbers = summary({"t2i_test": report})["t2i_test"]
+    assert numbers["surplus_objects"] == report["surplus_objects"]
+    assert numbers["surplus_by_category"] == {"two_object": 1.0, "counting": pytest.approx(1 / 3)}
