@@ -59,11 +59,14 @@ def run_showcase(
     best_of: int = 1,
     seed: int = 0,
     device: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Run the showcase with the checkpoint at ``model``; writes into ``out`` and returns the
     summary (see the module docstring). ``best_of`` > 1: each shown picture is the one of
     ``best_of`` candidates the model itself rates likeliest to show its prompt
-    (:mod:`kineflow.pipelines.judge`); the detector only grades what is kept."""
+    (:mod:`kineflow.pipelines.judge`); the detector only grades what is kept. ``dtype``:
+    the model's precision (default: the checkpoint's); float64 draws the same pictures on
+    every CPU, float32 may flip a few between instruction sets."""
     import kineflow
     from kineflow.data.shapes.dataset import draw_item
     from kineflow.data.shapes.prompts import all_prompts, check
@@ -76,7 +79,7 @@ def run_showcase(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    pipe = kineflow.load(model, device=device)
+    pipe = kineflow.load(model, device=device, dtype=dtype)
     load_s = time.perf_counter() - start
     if steps is not None and not pipe.uses_option("text_to_image", "steps"):
         raise ValueError("steps (--steps) applies to FUDOKI models only: UniFluid takes one "
