@@ -28,10 +28,13 @@ $(DEV): $(BASE)
 	touch $@
 
 # The main job: the tiny FUDOKI and UniFluid models shipped in checkpoints/ generate, answer
-# and (UniFluid) edit ShapesWorld pictures (< 1 min).
+# and (UniFluid) edit ShapesWorld pictures (< 1 min). float64: the same pictures on every CPU
+# (in float32 a few of FUDOKI's depend on the instruction set; README, "Scores and the CPU").
 demo: $(BASE)
-	$(PY) -m kineflow showcase --model checkpoints/fudoki-shapes --out outputs/showcase/fudoki
-	$(PY) -m kineflow showcase --model checkpoints/unifluid-shapes --out outputs/showcase/unifluid
+	$(PY) -m kineflow showcase --model checkpoints/fudoki-shapes --out outputs/showcase/fudoki \
+		--dtype float64
+	$(PY) -m kineflow showcase --model checkpoints/unifluid-shapes \
+		--out outputs/showcase/unifluid --dtype float64
 
 # The flow core alone: metric / uniform / masked paths with an exact denoiser.
 demo-flow: $(BASE)

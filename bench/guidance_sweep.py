@@ -6,7 +6,8 @@ Question: how much of a model's generation score is the sampler's? Every setting
 ``--pictures`` each, seed 0, as the reproduction's evaluation), the detector reads the
 pictures back, and :func:`kineflow.eval.scores.score_t2i` gives the GenEval-style score and the
 strict-scene one (no extra objects), each with its 95 % bootstrap interval, and per category
-(the benchmark's own generation and summary: :mod:`kineflow.eval.benchmark`).
+(the benchmark's own generation and summary: :mod:`kineflow.eval.benchmark`), and
+``surplus_objects``: how many objects a picture holds beyond the ones its prompt names.
 
 Usage: ``python bench/guidance_sweep.py --model checkpoints/fudoki-shapes --out FILE``.
 Output: one JSON object on stdout (and ``--out``), progress on stderr.
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=24, help="test prompts per category")
     p.add_argument("--pictures", type=int, default=2, help="pictures per prompt")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--dtype", choices=("float32", "float64"), default=None,
+        help="the model's precision (default: the folder's); float64 samples the same pictures "
+        "on every CPU",
+    )  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     grid = json.loads(args.grid) if args.grid else GRID
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from kineflow.data.shapes.prompts import prompt_set
 
     torch.set_num_threads(args.threads)
-    pipe = kineflow.load(args.model)
+    pipe = kineflow.load(args.model, dtype=args.dtype and getattr(torch, args.dtype))
     prompts = prompt_set("test", max_per_category=args.prompts, seed=0)
     rows = []
     for options in grid:
@@ -65,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[guidance_sweep] {options}: {row['overall']:.3f} GenEval-style, "
               f"{row['strict']:.3f} strict", file=sys.stderr, flush=True)  # fmt: skip
         rows.append(row)
-    report = {"model": args.model, "prompts_per_category": args.prompts,
+    report = {"model": args.model, "dtype": args.dtype or "the folder's own",
+              "prompts_per_category": args.prompts,
               "pictures_per_prompt": args.pictures, "settings": rows}  # fmt: skip
     text = json.dumps(report, indent=1)
     if args.out:

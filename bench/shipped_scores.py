@@ -38,7 +38,9 @@ def eval_settings() -> Any:
     return ReproduceConfig.from_yaml(REPO / "configs" / "reproduce.yaml").eval
 
 
-def score(path: str, threads: int, settings: Any) -> dict[str, Any]:
+def score(path: str, threads: int, settings: Any, dtype: str | None = None) -> dict[str, Any]:
+    """The benchmark's numbers for the folder at ``path`` (``dtype``: e.g. ``"float64"``,
+    whose samples do not depend on the CPU; default: the folder's own precision)."""
     import torch
 
     import kineflow
@@ -46,7 +48,7 @@ def score(path: str, threads: int, settings: Any) -> dict[str, Any]:
     from kineflow.eval.benchmark import summary
 
     torch.set_num_threads(threads)
-    pipe = kineflow.load(path)
+    pipe = kineflow.load(path, dtype=None if dtype is None else getattr(torch, dtype))
     started = time.perf_counter()
     out = {"checkpoint": path, **summary(benchmark_report(pipe, settings))}
     out["eval_seconds"] = round(time.perf_counter() - started, 1)
@@ -100,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", metavar="NAME=PATH", default=[
         "fudoki=checkpoints/fudoki-shapes", "unifluid=checkpoints/unifluid-shapes"])  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--dtype", choices=("float32", "float64"), default=None,
+        help="the models' precision (default: each folder's); float64 samples the same "
+        "pictures on every CPU, float32 sampling differs between instruction sets",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--tables", metavar="JSON", default=None,
                    help="print the Markdown tables of a JSON this wrote, and stop")  # fmt: skip
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if not eq or not name or not Path(path).is_dir():
             p.error(f"--models wants NAME=FOLDER with an existing folder, got {item!r}")
         print(f"[shipped_scores] {name}: {path}", file=sys.stderr, flush=True)
-        runs[name] = score(path, args.threads, settings)
+        runs[name] = score(path, args.threads, settings, args.dtype)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     report = {"about": "model folders scored on the test split with the reproduction's eval "
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
               "percentile-bootstrap intervals (kineflow.eval.stats, seed 0); made by "
               "bench/shipped_scores.py", "commit": commit,
               "eval": {name: getattr(settings, name) for name in EVAL_FIELDS},
+              "dtype": args.dtype or "the folders' own",
               "runs": runs}  # fmt: skip
     text = json.dumps(report, indent=1)
     if args.out:
