@@ -65,8 +65,8 @@ def run_showcase(
     summary (see the module docstring). ``best_of`` > 1: each shown picture is the one of
     ``best_of`` candidates the model itself rates likeliest to show its prompt
     (:mod:`kineflow.pipelines.judge`); the detector only grades what is kept. ``dtype``:
-    the model's precision (default: the checkpoint's); float64 draws the same pictures on
-    every CPU, float32 may flip a few between instruction sets."""
+    the model's precision (default: the checkpoint's); float64 draws the same pictures across
+    CPUs, where float32 redraws a few of FUDOKI's on another instruction set."""
     import kineflow
     from kineflow.data.shapes.dataset import draw_item
     from kineflow.data.shapes.prompts import all_prompts, check

@@ -20,8 +20,9 @@ from kineflow.cli.command import Command
 
 __all__ = ["CLI_ERRORS", "COMMANDS"]
 
-#: ``float64`` gives the same samples on every CPU (float32 matmuls round differently across
-#: instruction sets, and one flipped draw changes a whole picture): the golden showcase test.
+#: ``float64`` samples the same pictures across CPUs (float32 matmuls round differently on
+#: other instruction sets, and one flipped draw changes a whole picture; README, "Scores and
+#: the CPU"): ``make demo`` and the golden showcase test use it.
 DTYPES = ("float32", "bfloat16", "float64")
 #: What a sampling call raises for a user mistake (each with a message naming it).
 CLI_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
@@ -358,7 +359,7 @@ def _showcase_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default=None, help=DEVICE_FORMS)
     parser.add_argument(
         "--dtype", choices=DTYPES, default="float32",
-        help="model precision; float64 draws the same pictures on every CPU",
+        help="model precision; float64 draws the same pictures across CPUs (make demo)",
     )  # fmt: skip
 
 

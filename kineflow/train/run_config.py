@@ -57,7 +57,7 @@ class TrainRunConfig(RunConfig):
         ):
             raise ValueError(f"threads must be an integer >= 1 or null, got {threads!r}")
         export = getattr(self, "export_steps", None)
-        if export:  # out/model_step{s} folders (FUDOKI and UniFluid runs); types checked above
+        if export:  # out/model_step{s} (FUDOKI, UniFluid); from_dict checked they are ints
             steps = self.optim.steps
             if bad := [s for s in export if not 0 < s <= steps]:
                 raise ValueError(
