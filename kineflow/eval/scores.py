@@ -106,9 +106,9 @@ def score_t2i(
     cats = [c for c in CATEGORIES if units[c]["pictures"]]
     report: dict = {"task": "t2i"}
     by_category: dict[str, dict] = {c: {} for c in cats}
+    weights = [np.asarray(units[c]["pictures"], float) for c in cats]  # pictures per prompt
     for rule, key in (("passed", "accuracy"), ("strict", "strict_accuracy")):
         ratios = [np.divide(units[c][rule], units[c]["pictures"]) for c in cats]
-        weights = [np.asarray(units[c]["pictures"], float) for c in cats]
         mean, low, high = stratified_ci(ratios, seed=seed, weights=weights)
         report[key], report[f"{key}_ci"] = mean, [low, high]
         all_x, all_w = np.concatenate(ratios), np.concatenate(weights)
@@ -120,7 +120,6 @@ def score_t2i(
             by_category[c] |= {key: one[0], f"{key}_ci": ci_pair(one), "n": int(w.sum())}
     # Per-prompt mean surplus, weighted by pictures: the mean over pictures.
     surplus = [np.asarray(units[c]["surplus"], float) for c in cats]
-    weights = [np.asarray(units[c]["pictures"], float) for c in cats]
     all_s = bootstrap_ci(np.concatenate(surplus), seed=seed, weights=np.concatenate(weights))
     report["surplus_objects"], report["surplus_objects_ci"] = all_s[0], ci_pair(all_s)
     for c, x, w in zip(cats, surplus, weights, strict=True):
