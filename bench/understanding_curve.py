@@ -61,16 +61,14 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
         node[leaf] = value
 
 
-def family(raw: dict[str, Any]) -> str:
-    """The trainer of a run config: UniFluid's read a KL-VAE (``vae``), FUDOKI's a VQ."""
-    return "unifluid" if "vae" in raw else "fudoki"
-
-
 def train(name: str, args: argparse.Namespace) -> subprocess.Popen:
     """Start one training run in its own process (``kineflow train fudoki|unifluid``)."""
     import yaml
 
+    from kineflow.apps.reproduce.recipes import trainer_of
+
     raw = yaml.safe_load(Path(args.config).read_text())
+    trainer = trainer_of(Path(args.config), raw)  # before the overrides, as the file says
     for key in ("vq", "vae", "vision", "text_tokenizer", "init_from"):
         if raw.get(key) is not None:
             raw[key] = str(REPO / raw[key])
@@ -85,7 +83,7 @@ def train(name: str, args: argparse.Namespace) -> subprocess.Popen:
     config = Path(args.out) / f"{name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "kineflow", "train", family(raw), "--config", str(config),
+    cmd = [sys.executable, "-m", "kineflow", "train", trainer, "--config", str(config),
            "--no-progress"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from kineflow.apps.reproduce.config import read_yaml
 
-__all__ = ["Stage", "recipe_chain", "recipe_result"]
+__all__ = ["Stage", "recipe_chain", "recipe_result", "trainer_of"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,13 @@ class Stage:
     start: str | None = None
 
 
-def _kind(path: Path, config: dict[str, Any]) -> str:
+def trainer_of(path: Path, config: dict[str, Any]) -> str:
+    """The trainer of the run config read from ``path``: ``"unifluid"`` when it names a KL-VAE
+    (``vae``), ``"fudoki"`` when it names a VQ (``vq``; the AR objective too).
+
+    Raises:
+        ValueError: the config names neither, naming ``path``.
+    """
     if "vae" in config:
         return "unifluid"
     if "vq" in config:
@@ -86,14 +92,14 @@ def recipe_chain(last: str | Path) -> list[Stage]:
         seen.add(path.resolve())
         start = config.get("init_from")
         if start is None:
-            chain.append(Stage(Path(config["out"]).name, _kind(path, config), path, config))
+            chain.append(Stage(Path(config["out"]).name, trainer_of(path, config), path, config))
             break
         source = Path(str(start))
         before = writers.get(source.parent)
         if before is None:
             raise ValueError(f"{path}: init_from {start}: no config in {path.parent}/ writes "
                              f"{source.parent}")  # fmt: skip
-        chain.append(Stage(Path(config["out"]).name, _kind(path, config), path, config,
+        chain.append(Stage(Path(config["out"]).name, trainer_of(path, config), path, config,
                            before=source.parent.name, start=source.name))  # fmt: skip
         path = before
     return chain[::-1]
