@@ -438,8 +438,14 @@ def _train(config: FudokiTrainConfig, out: Path, progress: bool) -> dict[str, An
     tokenizer = TextTokenizer.load(config.text_tokenizer)
     torch.manual_seed(config.optim.seed)
     model = build_model(config, tokenizer)
-    fresh = ("gen_vision_model.", "understanding_pos_embed")  # own VQ; a table starts at zero
-    init_weights_from(model, config.init_from, out, fresh)
+    # The VQ is the config's (a stage may swap it); the position table starts at zero.
+    swapped = init_weights_from(
+        model, config.init_from, out, ("understanding_pos_embed",), own=("gen_vision_model.",)
+    )
+    if swapped:  # another VQ: the copied code embeddings meant other pictures
+        with torch.no_grad():
+            K = model.config.gen_vision.codebook_size
+            model.gen_embed.weight[:K].copy_(model.gen_vision_model.quantize.codebook())
     if config.lora is not None:  # a vq other than the base's replaces it (kineflow.train.lora)
         codebook = {"image": _metric_tables(model)["image"]}
         prepare_lora(model, config.lora, out, ("gen_vision_model", "gen_embed"), codebook)

@@ -363,7 +363,7 @@ def train_unifluid(config: UnifluidTrainConfig, progress: bool = True) -> dict[s
         tokenizer = TextTokenizer.load(config.text_tokenizer)
         torch.manual_seed(config.optim.seed)
         model = build_unifluid(config, tokenizer)
-        init_weights_from(model, config.init_from, out)
+        init_weights_from(model, config.init_from, out, own=("vae.",))  # the config's VAE
         if config.lora is not None:
             prepare_lora(model, config.lora, out)
         task = UnifluidTask(model, tokenizer, config)

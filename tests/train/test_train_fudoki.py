@@ -239,6 +239,37 @@ def test_init_from_a_model_without_a_position_table_starts_it_at_zero(assets, tm
         torch.testing.assert_close(pipe.model.state_dict()[key], base[key], atol=1e-6, rtol=0)
 
 
+def test_a_stage_may_swap_the_vq_under_a_trained_model(assets, tmp_path) -> None:
+    """``init_from`` with another ``vq``: the run keeps its own VQ (never the folder's), its code
+    embeddings restart from that VQ's codebook, as do the metric tables; everything else is the
+    folder's. With the folder's own VQ the learnt code embeddings are copied as usual."""
+    from safetensors.torch import load_file
+
+    train_fudoki(make_config(assets, tmp_path / "base", steps=1), progress=False)
+    base = load_file(str(tmp_path / "base" / "model" / "model.safetensors"))
+    torch.manual_seed(7)  # another VQ of the same shape (another codebook, other weights)
+    other = VQModel(VQModel.from_pretrained(assets["vq"]).config)
+    other.save_pretrained(tmp_path / "vq2")
+    K = other.codebook_size
+    for vq, swapped in ((assets["vq"], False), (str(tmp_path / "vq2"), True)):
+        out = tmp_path / f"stage_{swapped}"
+        config = make_config(assets, out, steps=1)
+        config.vq, config.init_from = vq, str(tmp_path / "base" / "model")
+        config.optim.lr = 1e-12  # one step that barely moves: the weights are the start's
+        train_fudoki(config, progress=False)
+        got = load_file(str(out / "model" / "model.safetensors"))
+        own_vq = VQModel.from_pretrained(vq)
+        for key, value in own_vq.state_dict().items():
+            torch.testing.assert_close(got[f"gen_vision_model.{key}"], value, atol=0, rtol=0)
+        codebook = own_vq.quantize.codebook()[:K]
+        start = codebook if swapped else base["gen_embed.weight"][:K]
+        torch.testing.assert_close(got["gen_embed.weight"][:K], start, atol=1e-6, rtol=0)
+        torch.testing.assert_close(load_file(str(out / "metric.safetensors"))["image"], codebook)
+        key = "language_model.model.layers.0.mlp.up_proj.weight"
+        torch.testing.assert_close(got[key], base[key], atol=1e-6, rtol=0)
+    assert not torch.equal(base["gen_embed.weight"][:K], codebook)
+
+
 def test_config_errors(assets, tmp_path) -> None:
     config = make_config(assets, tmp_path)
     config.model = {**MODEL, "language": {**MODEL["language"], "vocab_size": 99}}

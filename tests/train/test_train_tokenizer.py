@@ -83,6 +83,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(kind, tmp_path):
     assert len(_losses(straight)) == 6
     saved = json.loads((straight / "eval.json").read_text())
     assert saved["pictures"] == 20 and 0 <= saved["scene_preserved"] <= 1
+    assert saved["heldout"]["pictures"] == 20 and 0 <= saved["heldout"]["scene_preserved"] <= 1
     assert saved["token_grid"] == ([16, 16] if kind == "vq" else [8, 8])  # f = 2; KL: 2x2 patches
     assert report["psnr"] == pytest.approx(saved["psnr"])
     assert (straight / "model" / "model.safetensors").is_file()
@@ -176,6 +177,24 @@ def test_cli_train_tokenizer(tmp_path, capsys):
     assert main(["train", "tokenizer", "--config", str(path), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["pictures"] == 20
     assert main(["train", "tokenizer", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_compositions_all_shows_held_out_pictures_but_never_test_ones():
+    from kineflow.data.shapes.scene import ShapesWorld, WorldConfig
+    from kineflow.train.tokenizer import ImageData
+
+    default = ShapesWorld(WorldConfig())  # the split owner the text models and the eval use
+    n = 400
+    train_only = [PictureStream(ImageData()).scene(i) for i in range(n)]
+    assert {default.split_of(s) for s in train_only} == {"train"}
+    every = [PictureStream(ImageData(compositions="all")).scene(i) for i in range(n)]
+    owners = [default.split_of(s) for s in every]
+    # Red triangles and blue circles appear (about a third of the pictures show one);
+    # test and validation scenes never do.
+    assert 0.1 < owners.count("heldout") / n < 0.4
+    assert set(owners) == {"train", "heldout"}
+    with pytest.raises(ValueError, match=r"data\.compositions must be 'train' or 'all'"):
+        ImageData(compositions="heldout")
 
 
 def test_schedule_and_psnr():

@@ -187,6 +187,25 @@ def test_init_from_starts_a_stage_from_a_saved_model(assets, trained_folder, tmp
         train_unifluid(wide, progress=False)
 
 
+def test_a_stage_keeps_its_own_vae(assets, trained_folder, tmp_path) -> None:
+    """``init_from`` never copies the folder's frozen KL-VAE over the one the config names."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(3)
+    other = AutoencoderKL(AutoencoderKL.from_pretrained(assets["vae"]).config)
+    other.save_pretrained(tmp_path / "vae2")
+    config = make_config(assets, tmp_path / "stage2", steps=1)
+    config.vae, config.init_from = str(tmp_path / "vae2"), str(trained_folder)
+    config.optim.lr = 1e-12
+    train_unifluid(config, progress=False)
+    got = load_file(str(tmp_path / "stage2" / "model" / "model.safetensors"))
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(got[f"vae.{key}"], value, atol=0, rtol=0)
+    saved = load_file(str(trained_folder / "model.safetensors"))
+    key = "backbone.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(got[key], saved[key], atol=1e-6, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def trained(trained_folder):
     import kineflow
