@@ -38,19 +38,33 @@ def eval_settings() -> Any:
     return ReproduceConfig.from_yaml(REPO / "configs" / "reproduce.yaml").eval
 
 
-def score(path: str, threads: int, settings: Any, dtype: str | None = None) -> dict[str, Any]:
+def score(
+    path: str, threads: int, settings: Any, dtype: str | None = None, heldout: int | None = None
+) -> dict[str, Any]:
     """The benchmark's numbers for the folder at ``path`` (``dtype``: e.g. ``"float64"``,
-    whose samples do not depend on the CPU; default: the folder's own precision)."""
+    whose samples do not depend on the CPU; default: the folder's own precision). ``heldout``:
+    pictures per held-out prompt instead of the settings' (the split has 28 prompts; two of its
+    three categories have two each, so 2 pictures per prompt leave 4 pictures a category)."""
     import torch
 
     import kineflow
     from kineflow.apps.reproduce.evaluate import benchmark_report
-    from kineflow.eval.benchmark import summary
+    from kineflow.data.shapes.prompts import prompt_set
+    from kineflow.eval.benchmark import summary, text_to_image_report
 
     torch.set_num_threads(threads)
     pipe = kineflow.load(path, dtype=None if dtype is None else getattr(torch, dtype))
     started = time.perf_counter()
-    out = {"checkpoint": path, **summary(benchmark_report(pipe, settings))}
+    report = benchmark_report(pipe, settings)
+    if heldout is not None:
+        prompts = prompt_set("heldout", max_per_category=settings.max_prompts_per_category,
+                             seed=settings.seed)  # fmt: skip
+        steps = settings.steps if pipe.uses_option("text_to_image", "steps") else None
+        report["t2i_heldout"] = text_to_image_report(
+            pipe, prompts, images_per_prompt=heldout, seed=settings.seed, steps=steps,
+            cfg_scale=settings.cfg_scale,
+        )  # fmt: skip
+    out = {"checkpoint": path, **summary(report)}
     out["eval_seconds"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -107,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the models' precision (default: each folder's); float64 samples the same "
         "pictures on every CPU, float32 sampling differs between instruction sets",
     )  # fmt: skip
+    p.add_argument("--heldout-pictures", type=int, default=None, metavar="K",
+                   help="pictures per held-out prompt (default: the eval's, 2)")  # fmt: skip
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--tables", metavar="JSON", default=None,
                    help="print the Markdown tables of a JSON this wrote, and stop")  # fmt: skip
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if not eq or not name or not Path(path).is_dir():
             p.error(f"--models wants NAME=FOLDER with an existing folder, got {item!r}")
         print(f"[shipped_scores] {name}: {path}", file=sys.stderr, flush=True)
-        runs[name] = score(path, args.threads, settings, args.dtype)
+        runs[name] = score(path, args.threads, settings, args.dtype, args.heldout_pictures)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     report = {"about": "model folders scored on the test split with the reproduction's eval "
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               "bench/shipped_scores.py", "commit": commit,
               "eval": {name: getattr(settings, name) for name in EVAL_FIELDS},
               "dtype": args.dtype or "the folders' own",
+              "heldout_pictures_per_prompt": args.heldout_pictures or settings.images_per_prompt,
               "runs": runs}  # fmt: skip
     text = json.dumps(report, indent=1)
     if args.out:

@@ -40,13 +40,14 @@ CLAIMS = "claims.yaml"
 #: app's test instead (tests/apps/test_finetune_example.py).
 APP_CONFIGS = {"finetune_fudoki_fashion.yaml", "vq_fashion.yaml"}
 #: Configs that start from another config's model (``init_from``): config -> that config.
-#: The shipped models' recipes: FUDOKI in seven stages, UniFluid in four.
+#: The shipped models' recipes: FUDOKI in eight stages, UniFluid in four.
 SECOND_STAGE = {"fudoki_from_ar_shapes.yaml": "ar_shapes.yaml",
                 "fudoki_understanding_shapes.yaml": "fudoki_from_ar_shapes.yaml",
                 "fudoki_relations_shapes.yaml": "fudoki_understanding_shapes.yaml",
                 "fudoki_relations2_shapes.yaml": "fudoki_relations_shapes.yaml",
                 "fudoki_mix_shapes.yaml": "fudoki_relations2_shapes.yaml",
                 "fudoki_generation_shapes.yaml": "fudoki_mix_shapes.yaml",
+                "fudoki_generation2_shapes.yaml": "fudoki_generation_shapes.yaml",
                 "unifluid_understanding_shapes.yaml": "unifluid_shapes.yaml",
                 "unifluid_editing_shapes.yaml": "unifluid_understanding_shapes.yaml",
                 "unifluid_editing2_shapes.yaml": "unifluid_editing_shapes.yaml"}  # fmt: skip
