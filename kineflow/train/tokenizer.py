@@ -49,7 +49,7 @@ class ImageData:
     pictures also show the red triangles and blue circles that no caption, prompt or question
     of the training split names. A tokenizer is an image codec trained without text: with
     ``all`` the ``heldout`` prompts measure whether the generator composes, not whether the
-    codec can draw the picture at all (a VQ trained with ``train`` keeps 0.71 of held-out
+    codec can draw the picture at all (a VQ trained with ``train`` keeps 0.70 of held-out
     scenes against 1.00 of test scenes; ``docs/generation.md``). Test and validation scenes
     stay out either way (their split is a hash of the scene).
     """
@@ -70,6 +70,9 @@ class ImageData:
             raise ValueError(
                 f"data.compositions must be 'train' or 'all', got {self.compositions!r}"
             )
+        if self.compositions == "all" and self.split == "heldout":
+            raise ValueError("data.split 'heldout' needs data.compositions 'train' ('all' holds "
+                             "no composition out, so no scene belongs to that split)")  # fmt: skip
         for name in ("image_size", "seed"):
             value, low = getattr(self, name), 1 if name == "image_size" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

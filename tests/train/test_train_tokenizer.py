@@ -195,6 +195,8 @@ def test_compositions_all_shows_held_out_pictures_but_never_test_ones():
     assert set(owners) == {"train", "heldout"}
     with pytest.raises(ValueError, match=r"data\.compositions must be 'train' or 'all'"):
         ImageData(compositions="heldout")
+    with pytest.raises(ValueError, match=r"data\.split 'heldout' needs data\.compositions 'train'"):
+        ImageData(split="heldout", compositions="all")
 
 
 def test_schedule_and_psnr():
