@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,16 +38,11 @@ def pair_scenes(colour: str, shape: str) -> list:
     return [Scene((Obj(r, c, shape, colour, size),)) for r, c in CELLS for size in SIZES]
 
 
-@torch.no_grad()
 def preserved(model: torch.nn.Module, scenes: list) -> float:
     """The share of ``scenes`` whose reconstruction the detector reads back unchanged."""
-    from kineflow.data.example import image_to_tensor, tensor_to_array
-    from kineflow.data.shapes.render import render
-    from kineflow.eval.detector import detect
+    from kineflow.eval.reconstruction import evaluate_reconstruction
 
-    images = torch.stack([image_to_tensor(render(s, 32)) for s in scenes])
-    recon = tensor_to_array(model.reconstruct(images).float())
-    return float(np.mean([a == b for a, b in zip(detect(recon), scenes, strict=True)]))
+    return evaluate_reconstruction(model, scenes=scenes)["scene_preserved"]
 
 
 def load_tokenizer(path: str) -> torch.nn.Module:

@@ -14,6 +14,7 @@ class _Codec(torch.nn.Module):
     def __init__(self, lose: tuple[int, ...] | None = None, into: tuple[int, ...] = (0, 0, 0)):
         super().__init__()
         self.lose, self.into = lose, into
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the device and dtype to run in
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         if self.lose is None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from kineflow.data.example import image_to_tensor, tensor_to_array
 from kineflow.data.shapes.render import render
-from kineflow.data.shapes.scene import ShapesWorld, WorldConfig
+from kineflow.data.shapes.scene import Scene, ShapesWorld, WorldConfig
 from kineflow.eval.detector import detect
 
 
@@ -32,11 +32,16 @@ def evaluate_reconstruction(
     split: str = "test",
     batch_size: int = 100,
     world: WorldConfig | None = None,
+    scenes: list[Scene] | None = None,
 ) -> dict:
-    """Reconstruct the first ``n`` pictures of ``split`` with ``model.reconstruct`` and report
-    mean PSNR, the scene-preservation rate, the token grid and (VQ) codebook usage."""
-    world_ = ShapesWorld(world or WorldConfig(image_size=image_size))
-    scenes = [world_.scene(split, i) for i in range(n)]
+    """Reconstruct the first ``n`` pictures of ``split`` (or the given ``scenes``, then ``n``
+    and ``split`` are not used) with ``model.reconstruct`` and report mean PSNR, the
+    scene-preservation rate, the token grid and (VQ) codebook usage."""
+    given = scenes is not None
+    if scenes is None:
+        world_ = ShapesWorld(world or WorldConfig(image_size=image_size))
+        scenes = [world_.scene(split, i) for i in range(n)]
+    n = len(scenes)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -57,7 +62,7 @@ def evaluate_reconstruction(
         psnrs.append(psnr(originals, recon))
     model.train(was_training)
     report = {
-        "split": split,
+        "split": None if given else split,
         "pictures": n,
         "image_size": image_size,
         "psnr": float(np.concatenate(psnrs).mean()),
