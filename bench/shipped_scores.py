@@ -49,21 +49,12 @@ def score(
 
     import kineflow
     from kineflow.apps.reproduce.evaluate import benchmark_report
-    from kineflow.data.shapes.prompts import prompt_set
-    from kineflow.eval.benchmark import summary, text_to_image_report
+    from kineflow.eval.benchmark import summary
 
     torch.set_num_threads(threads)
     pipe = kineflow.load(path, dtype=None if dtype is None else getattr(torch, dtype))
     started = time.perf_counter()
-    report = benchmark_report(pipe, settings)
-    if heldout is not None:
-        prompts = prompt_set("heldout", max_per_category=settings.max_prompts_per_category,
-                             seed=settings.seed)  # fmt: skip
-        steps = settings.steps if pipe.uses_option("text_to_image", "steps") else None
-        report["t2i_heldout"] = text_to_image_report(
-            pipe, prompts, images_per_prompt=heldout, seed=settings.seed, steps=steps,
-            cfg_scale=settings.cfg_scale,
-        )  # fmt: skip
+    report = benchmark_report(pipe, settings, heldout_images_per_prompt=heldout)
     out = {"checkpoint": path, **summary(report)}
     out["eval_seconds"] = round(time.perf_counter() - started, 1)
     return out

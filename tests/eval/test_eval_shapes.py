@@ -230,3 +230,41 @@ def test_cli_tokenizer_on_shapes_corpus(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("hello world\nhello there\n")
     assert main(["data", "tokenizer", "--out", str(tmp_path / "c"), "--corpus", str(corpus)]) == 0
+
+
+class _BlankPainter:
+    """A stand-in pipeline that paints empty pictures and records how many it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def text_to_image(self, texts, seed=0, **options):
+        from types import SimpleNamespace
+
+        self.asked += texts
+        return SimpleNamespace(images=[Image.new("RGB", (32, 32), "white") for _ in texts])
+
+    def supports(self, task: str) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("test_k, heldout_k", [(2, None), (1, 3), (0, 2), (2, 0)])
+def test_evaluate_model_draws_each_split_its_own_picture_count(test_k, heldout_k):
+    """Each split is generated once, with its own pictures per prompt (the held-out count
+    defaults to the test one); a split asked for no pictures is left out of the report."""
+    from kineflow.eval.benchmark import evaluate_model
+
+    painter = _BlankPainter()
+    report = evaluate_model(painter, images_per_prompt=test_k, heldout_images_per_prompt=heldout_k,
+                            max_prompts_per_category=1, vqa_items=0, caption_items=0,
+                            progress=False)  # fmt: skip
+    want = {"test": test_k, "heldout": test_k if heldout_k is None else heldout_k}
+    expected = []
+    for split, k in want.items():
+        prompts = prompt_set(split, max_per_category=1, seed=0)
+        expected += [p.text for p in prompts for _ in range(k)]
+        if k == 0:
+            assert f"t2i_{split}" not in report
+        else:
+            assert len(report[f"t2i_{split}"]["pictures"]) == len(prompts) * k
+    assert painter.asked == expected

@@ -16,10 +16,13 @@ from kineflow.data.shapes.prompts import CATEGORIES
 __all__ = ["benchmark_report", "evaluate_run"]
 
 
-def benchmark_report(pipe: Any, settings: EvalSettings) -> dict[str, Any]:
+def benchmark_report(
+    pipe: Any, settings: EvalSettings, heldout_images_per_prompt: int | None = None
+) -> dict[str, Any]:
     """:func:`~kineflow.eval.benchmark.evaluate_model` of ``pipe`` with ``settings`` (the
     reproduction's): solver steps only where the family has them (UniFluid takes one backbone
-    step per token), edits only where it edits. The full report, per-item rows and pictures
+    step per token), edits only where it edits; ``heldout_images_per_prompt`` overrides the
+    settings' pictures per prompt on the held-out split. The full report, per-item rows and pictures
     included; :func:`~kineflow.eval.benchmark.summary` keeps the numbers."""
     from kineflow.eval.benchmark import evaluate_model
 
@@ -27,6 +30,7 @@ def benchmark_report(pipe: Any, settings: EvalSettings) -> dict[str, Any]:
     return evaluate_model(
         pipe,
         images_per_prompt=s.images_per_prompt,
+        heldout_images_per_prompt=heldout_images_per_prompt,
         max_prompts_per_category=s.max_prompts_per_category,
         vqa_items=s.vqa_items,
         caption_items=s.caption_items,
