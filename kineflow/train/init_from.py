@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kineflow.train.checkpoint import has_checkpoint
+from kineflow.train.start_weights import check_start
 
 
 def init_weights_from(
@@ -27,7 +28,9 @@ def init_weights_from(
     own: tuple[str, ...] = (),
 ) -> bool:
     """Copy every tensor of ``folder/model.safetensors`` that ``model`` has, unless ``folder``
-    is None or the run in ``out`` has a checkpoint to resume (resuming wins).
+    is None or the run in ``out`` has a checkpoint to resume (resuming wins, once
+    :func:`~kineflow.train.start_weights.check_start` finds the folder unchanged since the run
+    began).
 
     ``fresh``: key prefixes the run may lack in the folder (they keep their initial values, e.g.
     a table that starts at zero). ``own``: key prefixes the run loaded from its own config (a
@@ -39,13 +42,18 @@ def init_weights_from(
 
     Raises:
         ValueError: no ``model.safetensors`` in ``folder``, a shared tensor of another shape,
-            or a tensor of ``model`` (outside ``fresh``) the folder does not hold — naming it.
+            a tensor of ``model`` (outside ``fresh``) the folder does not hold — naming it; or,
+            resuming, a folder whose weights changed since the run began.
     """
-    if folder is None or has_checkpoint(out / "checkpoint"):
+    if folder is None:
+        return False
+    if has_checkpoint(out / "checkpoint"):
+        check_start(out, "init_from", folder)  # the folder must still hold what the run began with
         return False
     file = Path(folder) / "model.safetensors"
     if not file.is_file():
         raise ValueError(f"init_from {folder}: no model.safetensors there (train that model first)")
+    check_start(out, "init_from", folder)  # recorded for later resumes
     skip = tuple(own)
     mine = model.state_dict()
     weights = load_file(str(file))

@@ -48,6 +48,7 @@ from kineflow.pipelines.adapters import (
     merge_adapter,
 )
 from kineflow.train.run_folder import process_rank
+from kineflow.train.start_weights import check_start
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -159,6 +160,7 @@ def prepare_lora(
     swapped: list[str] = []
     if settings.base is not None:
         swapped = _load_base(model, settings.base, swap)
+        check_start(out, "lora.base", settings.base)  # a resumed run needs the same base
         tables = Path(settings.base) / "metric.safetensors"
         if tables.is_file() and not (out / "metric.safetensors").exists() and _rank0():
             # Under `torchrun -m kineflow train` no rank has joined the group yet, so every

@@ -4,13 +4,14 @@ folder, merged = base + adapter, exact resume, and `kineflow merge`."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import kineflow
 from kineflow.data.manifest import write_manifest
@@ -141,6 +142,23 @@ def test_lora_resume_is_exact(assets, tmp_path) -> None:
     one = load_file(str(tmp_path / "once" / "adapter" / "adapter_model.safetensors"))
     two = load_file(str(tmp_path / "twice" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_lora_refuses_to_resume_on_a_changed_base(assets, tmp_path) -> None:
+    """A LoRA run's checkpoints carry the base it began on; when ``lora.base`` now holds other
+    weights (a newly shipped base), running the command again is refused, not resumed."""
+    shutil.copytree(assets["base"], tmp_path / "base")
+    lora = {**lora_section(assets), "base": str(tmp_path / "base")}
+    train_fudoki(config(assets, tmp_path / "run", steps=2, lora=lora), progress=False)
+    assert train_fudoki(config(assets, tmp_path / "run", steps=2, lora=lora),
+                        progress=False)["already_complete_at"] == 2  # fmt: skip
+    file = tmp_path / "base" / "model.safetensors"
+    weights = load_file(str(file))
+    key = "gen_head.output_mlp_projector.weight"
+    weights[key] = weights[key] * 2
+    save_file(weights, str(file))
+    with pytest.raises(ValueError, match=r"run: this run started from lora.base .* delete"):
+        train_fudoki(config(assets, tmp_path / "run", steps=2, lora=lora), progress=False)
 
 
 def test_adapter_errors(assets, tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,30 @@ def test_a_stage_may_swap_the_vq_under_a_trained_model(assets, tmp_path) -> None
         key = "language_model.model.layers.0.mlp.up_proj.weight"
         torch.testing.assert_close(got[key], base[key], atol=1e-6, rtol=0)
     assert not torch.equal(base["gen_embed.weight"][:K], codebook)
+
+
+def test_a_stage_refuses_to_resume_when_its_init_from_weights_changed(assets, tmp_path) -> None:
+    """Running a finished (or interrupted) stage again resumes it — unless the ``init_from``
+    folder now holds other weights than the ones the run copied at step 0: then the run says
+    so instead of going on from the old ones. Unchanged, it reports the run complete."""
+    from safetensors.torch import load_file, save_file
+
+    train_fudoki(make_config(assets, tmp_path / "base", steps=1), progress=False)
+    config = make_config(assets, tmp_path / "stage", steps=1)
+    config.init_from = str(tmp_path / "base" / "model")
+    train_fudoki(config, progress=False)
+    assert train_fudoki(config, progress=False)["already_complete_at"] == 1
+    file = tmp_path / "base" / "model" / "model.safetensors"
+    weights = load_file(str(file))
+    key = "gen_head.output_mlp_projector.weight"
+    weights[key] = weights[key] + 1  # a retrained base
+    save_file(weights, str(file))
+    with pytest.raises(ValueError, match=r"stage: this run started from init_from .* now holds "
+                                         r"other weights .* delete"):  # fmt: skip
+        train_fudoki(config, progress=False)
+    shutil.rmtree(tmp_path / "stage")  # starting over records the new weights
+    train_fudoki(config, progress=False)
+    assert train_fudoki(config, progress=False)["already_complete_at"] == 1
 
 
 def test_config_errors(assets, tmp_path) -> None:

@@ -1,0 +1,78 @@
+"""The weights a run started from, recorded so that resuming never mixes two starting points.
+
+A stage that starts from a saved folder (``init_from``, or a LoRA run's ``lora.base``) copies
+that folder's weights once, at step 0; from then on every checkpoint carries them. If the
+folder's weights change while the run sits half-trained or finished (a retrained earlier
+stage, a newly shipped base), running the same command again would resume — or report the run
+complete — on the *old* weights, while the outputs name the new folder. Nothing would say so.
+
+``out/start.json`` therefore records, per role, the folder and the SHA-256 of its
+``model.safetensors`` when the run starts fresh; a resumed run compares the folder's current
+file with the record and refuses to go on when they differ. Runs started before this record
+existed have no ``start.json`` and resume unchecked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from kineflow.io import atomic_write_json
+from kineflow.train.checkpoint import has_checkpoint
+
+__all__ = ["START_FILE", "check_start", "weights_digest"]
+
+START_FILE = "start.json"
+
+
+def weights_digest(folder: str | Path) -> str:
+    """SHA-256 (hex) of ``folder/model.safetensors``, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def check_start(out: Path, role: str, folder: str | Path | None) -> None:
+    """Record (fresh run) or check (resumed run) that ``role``'s starting ``folder`` is the one
+    the run in ``out`` started from.
+
+    A fresh run (no checkpoint in ``out/checkpoint``) writes ``folder``'s digest under ``role``
+    in ``out/start.json``. A resumed run compares the digest of ``folder`` as it is now with
+    the record; no record for ``role``, or a folder that has gone (resuming does not read it),
+    passes.
+
+    Raises:
+        ValueError: the folder's ``model.safetensors`` differs from the one the run started
+            from — naming the run folder, the role and both folders.
+    """
+    if folder is None:
+        return
+    record_file = Path(out) / START_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    if not has_checkpoint(Path(out) / "checkpoint"):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            # Under torchrun every rank may get here before the group forms: each one writes the
+            # same record through its own temporary file.
+            record_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(record_file, {**record, role: _entry(folder)})
+        return
+    started = record.get(role)
+    if started is None or not (Path(folder) / "model.safetensors").is_file():
+        return
+    now = weights_digest(folder)
+    if now != started["sha256"]:
+        raise ValueError(
+            f"{out}: this run started from {role} {started['folder']} (model.safetensors "
+            f"sha256 {started['sha256'][:12]}), but {folder} now holds other weights "
+            f"({now[:12]}); resuming would go on from the old ones: delete {out} to start "
+            "again from the new weights, or set another 'out'"
+        )
+
+
+def _entry(folder: str | Path) -> dict[str, str]:
+    return {"folder": str(folder), "sha256": weights_digest(folder)}
