@@ -15,13 +15,22 @@ from kineflow.cli.command import Command, group
 __all__ = ["COMMANDS"]
 
 
-def _train_tokenizer_options(parser: argparse.ArgumentParser) -> None:
+def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="YAML run config")
     parser.add_argument("--out", type=output_dir, default=None, help="override the config's out")
     parser.add_argument(
         "--steps", type=int_in_range(1, 10**8), default=None, help="override optim.steps"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _tokenizer_options(parser: argparse.ArgumentParser) -> None:
+    _train_options(parser)
+    parser.add_argument(
+        "--eval-images", type=int_in_range(1, 10**6), default=None,
+        help="pictures per split that eval.json's reconstruction scores read (override "
+        "eval_images; fewer for a quick trial of a config)",
+    )  # fmt: skip
 
 
 def _train_config(args: argparse.Namespace, cls: type):
@@ -74,6 +83,8 @@ def _run_train_tokenizer(args: argparse.Namespace) -> int:
     config = _train_config(args, TokenizerTrainConfig)
     if config is None:
         return 2
+    if args.eval_images is not None:
+        config.eval_images = args.eval_images
     return _train_and_report(
         config.out, lambda: train_tokenizer(config, progress=not args.no_progress)
     )
@@ -100,7 +111,7 @@ def _run_train_unifluid(args: argparse.Namespace) -> int:
 
 
 def _train_siglip_options(parser: argparse.ArgumentParser) -> None:
-    _train_tokenizer_options(parser)
+    _train_options(parser)
     parser.add_argument(
         "--tokenizer",
         type=Path,
@@ -135,7 +146,7 @@ COMMANDS: list[Command] = [
             Command(
                 "tokenizer",
                 "train a VQ or KL-VAE image tokenizer from a YAML config (resumes from out/)",
-                _train_tokenizer_options,
+                _tokenizer_options,
                 _run_train_tokenizer,
             ),
             Command(
@@ -149,14 +160,14 @@ COMMANDS: list[Command] = [
                 "fudoki",
                 "train FUDOKI (metric path), the masked baseline or the AR baseline on "
                 "ShapesWorld from a YAML config (resumes from out/; torchrun for DDP/FSDP)",
-                _train_tokenizer_options,
+                _train_options,
                 _run_train_fudoki,
             ),
             Command(
                 "unifluid",
                 "train UniFluid (continuous image tokens, diffusion head) on ShapesWorld "
                 "text-to-image, editing and understanding from a YAML config (resumes)",
-                _train_tokenizer_options,
+                _train_options,
                 _run_train_unifluid,
             ),
         ),
