@@ -176,6 +176,10 @@ def test_cli_train_tokenizer(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", "tokenizer", "--config", str(path), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["pictures"] == 20
+    args = ["--out", str(tmp_path / "quick"), "--eval-images", "8", "--no-progress"]
+    assert main(["train", "tokenizer", "--config", str(path), *args]) == 0
+    report = json.loads(capsys.readouterr().out)  # --eval-images overrides eval_images
+    assert (report["pictures"], report["heldout"]["pictures"]) == (8, 8)
     assert main(["train", "tokenizer", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
