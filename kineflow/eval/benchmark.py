@@ -137,6 +137,7 @@ def evaluate_model(
             {it.id: Scene.from_key(it.target_key) for it in items},
             {it.id: sc for it, sc in zip(items, scenes, strict=True)},
             {it.id: it.kind for it in items},
+            sources={it.id: Scene.from_key(it.scene_key) for it in items},
         )
         report["edit"]["pictures"] = edited
     return report
@@ -184,6 +185,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             if "accuracy_ci" in value:
                 out[key]["accuracy_ci"] = value["accuracy_ci"]
                 out[key][f"{group}_ci"] = {t: v["accuracy_ci"] for t, v in value[group].items()}
+            for name in ("applied", "kept", "unchanged"):  # edits judged against their source
+                if name in value:
+                    out[key] |= {k: value[k] for k in (name, f"{name}_ci", f"{name}_by_kind")}
         elif key == "caption":
             out[key] = {k: value[k] for k in ("accuracy", "parse_rate", "n")}
             out[key] |= {k: value[k] for k in ("accuracy_ci", "parse_rate_ci") if k in value}

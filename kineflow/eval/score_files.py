@@ -206,7 +206,9 @@ def evaluate(
         flat = [_read_picture(root / f"{it['id']}.png") for it in items]
         detected = dict(zip(ids, detect(np.stack(flat)), strict=True))
         targets = {it["id"]: Scene.from_key(it["target_scene"]) for it in items}
-        report = score_edits(targets, detected, {it["id"]: it["kind"] for it in items})
+        sources = {it["id"]: Scene.from_key(it["scene"]) for it in items}
+        report = score_edits(targets, detected, {it["id"]: it["kind"] for it in items},
+                             sources=sources)  # fmt: skip
         labels = [it["instruction"] for it in items]
     else:
         raise ValueError(f"unknown task {task!r}; expected t2i, vqa, caption or edit")

@@ -13,7 +13,10 @@ Every scorer takes the benchmark items and a model's outputs and returns a JSON-
   question type and overall.
 - **caption**: a caption is right when :func:`~kineflow.data.shapes.language.parse_caption`
   reads back exactly the picture's scene; ``parse_rate`` says how many followed the grammar.
-- **edit**: an edited picture is right when the detector reads exactly the target scene.
+- **edit**: an edited picture is right when the detector reads exactly the target scene. Given
+  the source scenes, a failure is split in two: ``applied`` (the objects the edit adds are
+  there and the ones it takes away are gone) and ``kept`` (every object the edit leaves alone
+  is still there, unchanged); ``unchanged`` counts pictures that read back as the source.
 
 Every accuracy comes with its percentile-bootstrap 95 % interval (``<name>_ci: [low, high]``,
 :mod:`kineflow.eval.stats`, seeded): t2i redraws prompts (a prompt's pictures stay together)
@@ -198,10 +201,21 @@ def score_edits(
     detected: Mapping[str, Scene],
     kinds: Mapping[str, str],
     seed: int = 0,
+    sources: Mapping[str, Scene] | None = None,
 ) -> dict:
     """Editing report. ``targets[id]``: the scene the instruction asks for; ``detected[id]``:
     the scene read from the edited picture; ``kinds[id]``: the edit kind. Intervals redraw
-    edits (``seed`` fixed)."""
+    edits (``seed`` fixed).
+
+    With ``sources[id]`` (the scene before the edit), with S, T, D the object sets of source,
+    target and detected scene, each edit is also judged on
+
+    - ``applied``: ``T − S ⊆ D`` and ``(S − T) ∩ D = ∅`` — what the instruction changes is done;
+    - ``kept``: ``S ∩ T ⊆ D`` — every object it leaves alone is still drawn, unchanged;
+    - ``unchanged``: ``D = S`` — the picture came back as it went in;
+
+    so ``passed`` (``D = T``) is ``applied ∧ kept`` with nothing extra drawn. Each has its rate,
+    interval and per-kind rates (``<name>``, ``<name>_ci``, ``<name>_by_kind``)."""
     _check_ids([{"id": i} for i in targets], detected)
     rows = [
         {
@@ -213,7 +227,7 @@ def score_edits(
         }
         for i, t in targets.items()
     ]
-    return {
+    report = {
         "task": "edit",
         "accuracy": _accuracy([r["passed"] for r in rows]),
         "accuracy_ci": _ci([r["passed"] for r in rows], seed),
@@ -221,6 +235,22 @@ def score_edits(
         "n": len(rows),
         "items": rows,
     }
+    if sources is not None:
+        _check_ids([{"id": i} for i in targets], sources)
+        for row in rows:
+            S, T = set(sources[row["id"]]), set(targets[row["id"]])
+            D = set(detected[row["id"]])
+            row["source"] = sources[row["id"]].key()
+            row["applied"] = (T - S) <= D and not (S - T) & D
+            row["kept"] = (S & T) <= D
+            row["unchanged"] = D == S
+        for name in ("applied", "kept", "unchanged"):
+            flags = [r[name] for r in rows]
+            report[name], report[f"{name}_ci"] = _accuracy(flags), _ci(flags, seed)
+            by_kind = _group([{"kind": r["kind"], "passed": r[name]} for r in rows], "kind",
+                             seed=seed)  # fmt: skip
+            report[f"{name}_by_kind"] = {k: v["accuracy"] for k, v in by_kind.items()}
+    return report
 
 
 def _check_ids(items: Sequence[Mapping[str, str]], predictions: Mapping[str, object]) -> None:

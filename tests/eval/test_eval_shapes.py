@@ -87,6 +87,8 @@ def test_ground_truth_scores_one(task, tmp_path):
     samples = write_reference(task, tmp_path / "ref", "test", n=120)
     report, paths = evaluate(task, samples, tmp_path / "out")
     assert report["accuracy"] == 1.0 and report["n"] == 120
+    if task == "edit":  # the target pictures: every change made, every other object kept
+        assert (report["applied"], report["kept"], report["unchanged"]) == (1.0, 1.0, 0.0)
     assert Path(paths["contact_sheet"]).is_file()
 
 
@@ -138,6 +140,37 @@ def test_unedited_pictures_fail_every_edit(tmp_path):
     report = evaluate("edit", tmp_path, tmp_path / "r")[0]
     assert report["accuracy"] == 0.0 and report["n"] == 60
     assert set(report["by_kind"]) == {"recolour", "remove", "add", "move"}
+    # The source pictures: nothing applied, everything kept, all unchanged, for every kind.
+    assert (report["applied"], report["kept"], report["unchanged"]) == (0.0, 1.0, 1.0)
+    assert set(report["applied_by_kind"].values()) == {0.0}
+
+
+def test_edit_failures_split_into_applied_and_kept():
+    """Hand-made edits of one scene: the right object removed; the wrong one removed; the
+    right one removed but another drawn anew; a recolour that also recolours a bystander."""
+    from kineflow.eval.scores import score_edits
+
+    source = Scene.from_key("00circle-red-small;11square-blue-large;22triangle-green-small")
+    remove = Scene.from_key("00circle-red-small;11square-blue-large")  # remove the triangle
+    recolour = Scene.from_key("00circle-red-small;11square-cyan-large;22triangle-green-small")
+    cases = {  # id: (kind, target, detected, passed, applied, kept)
+        "right": ("remove", remove, remove, True, True, True),
+        "wrong": ("remove", remove, Scene.from_key("00circle-red-small;22triangle-green-small"),
+                  False, False, False),
+        "extra": ("remove", remove, Scene.from_key(
+            "00circle-red-small;02square-red-small;11square-blue-large"), False, True, True),
+        "bystander": ("recolour", recolour, Scene.from_key(
+            "00circle-red-small;11square-cyan-large;22triangle-cyan-small"), False, True, False),
+    }  # fmt: skip
+    report = score_edits({i: c[1] for i, c in cases.items()}, {i: c[2] for i, c in cases.items()},
+                         {i: c[0] for i, c in cases.items()},
+                         sources={i: source for i in cases})  # fmt: skip
+    rows = {r["id"]: r for r in report["items"]}
+    for i, (_, _, _, passed, applied, kept) in cases.items():
+        assert (rows[i]["passed"], rows[i]["applied"], rows[i]["kept"]) == (passed, applied, kept)
+        assert not rows[i]["unchanged"]
+    assert report["applied"] == 0.75 and report["kept"] == 0.5
+    assert report["applied_by_kind"] == {"recolour": 1.0, "remove": 2 / 3}
 
 
 def test_bad_outputs_are_named(tmp_path):
