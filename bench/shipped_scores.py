@@ -29,6 +29,7 @@ EVAL_FIELDS = ("steps", "cfg_scale", "max_prompts_per_category", "images_per_pro
                "vqa_items", "caption_items", "edit_items", "seed")  # fmt: skip
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TYPES = ("colour", "count", "exist", "relation", "shape")
+EDIT_JUDGEMENTS = ("applied", "kept", "unchanged")
 
 
 def eval_settings() -> Any:
@@ -67,7 +68,8 @@ def _cell(value: float | None, ci: list[float] | None) -> str:
 
 
 def tables(runs: dict[str, dict[str, Any]]) -> str:
-    """The three Markdown tables (overall, strict by category, VQA by type) of ``runs``."""
+    """The Markdown tables of ``runs``: overall, strict by category, VQA by type and, for runs
+    whose edits were judged against their sources, editing by kind."""
     head = ["model", "gen overall", "strict", *CATEGORIES, "held-out", "VQA", "caption exact",
             "caption parse", "edit"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -99,6 +101,19 @@ def tables(runs: dict[str, dict[str, Any]]) -> str:
         v = r["vqa"]
         cells = [_cell(v["by_type"].get(k), v["by_type_ci"].get(k)) for k in TYPES]
         lines.append(f"| `{Path(r['checkpoint']).name}` | " + " | ".join(cells) + " |")
+    editors = [r for r in runs.values() if "applied" in r.get("edit", {})]
+    if editors:  # each edit judged against its source (kineflow.eval.scores.score_edits)
+        head = ["model", "edit kind", "passed", "applied", "kept", "unchanged"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in editors:
+        e = r["edit"]
+        name = f"`{Path(r['checkpoint']).name}`"
+        cells = [_cell(e[k], e[f"{k}_ci"]) for k in ("accuracy", *EDIT_JUDGEMENTS)]
+        lines.append(f"| {name} | all | " + " | ".join(cells) + " |")
+        for kind, passed in e["by_kind"].items():  # per kind, intervals on the pass rate only
+            cells = [_cell(passed, e["by_kind_ci"][kind]),
+                     *(_cell(e[f"{k}_by_kind"][kind], None) for k in EDIT_JUDGEMENTS)]  # fmt: skip
+            lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
