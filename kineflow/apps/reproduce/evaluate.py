@@ -22,8 +22,8 @@ def benchmark_report(
     """:func:`~kineflow.eval.benchmark.evaluate_model` of ``pipe`` with ``settings`` (the
     reproduction's): solver steps only where the family has them (UniFluid takes one backbone
     step per token), edits only where it edits; ``heldout_images_per_prompt`` overrides the
-    settings' pictures per prompt on the held-out split. The full report, per-item rows and pictures
-    included; :func:`~kineflow.eval.benchmark.summary` keeps the numbers."""
+    settings' pictures per prompt on the held-out split. The full report, per-item rows and
+    pictures included; :func:`~kineflow.eval.benchmark.summary` keeps the numbers."""
     from kineflow.eval.benchmark import evaluate_model
 
     s = settings
