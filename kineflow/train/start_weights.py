@@ -15,12 +15,11 @@ existed have no ``start.json`` and resume unchecked.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch.distributed as dist
 
-from kineflow.io import atomic_write_json
+from kineflow.io import atomic_write_json, read_json_object
 from kineflow.train.checkpoint import has_checkpoint
 
 __all__ = ["START_FILE", "check_start", "weights_digest"]
@@ -48,12 +47,13 @@ def check_start(out: Path, role: str, folder: str | Path | None) -> None:
 
     Raises:
         ValueError: the folder's ``model.safetensors`` differs from the one the run started
-            from — naming the run folder, the role and both folders.
+            from — naming the run folder, the role and both folders; a ``start.json`` that is
+            not a JSON object (naming it).
     """
     if folder is None:
         return
     record_file = Path(out) / START_FILE
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    record = read_json_object(record_file) if record_file.is_file() else {}
     if not has_checkpoint(Path(out) / "checkpoint"):
         if not dist.is_initialized() or dist.get_rank() == 0:
             # Under torchrun every rank may get here before the group forms: each one writes the
