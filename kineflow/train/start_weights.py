@@ -47,27 +47,34 @@ def check_start(out: Path, role: str, folder: str | Path | None) -> None:
 
     Raises:
         ValueError: the folder's ``model.safetensors`` differs from the one the run started
-            from — naming the run folder, the role and both folders; a ``start.json`` that is
-            not a JSON object (naming it).
+            from — naming the run folder, the role and both folders; on a resume, a
+            ``start.json`` that is not such a record (naming it; a fresh run replaces it).
     """
     if folder is None:
         return
     record_file = Path(out) / START_FILE
-    record = read_json_object(record_file) if record_file.is_file() else {}
     if not has_checkpoint(Path(out) / "checkpoint"):
+        try:
+            record = read_json_object(record_file) if record_file.is_file() else {}
+        except ValueError:  # left damaged by a run that never saved a checkpoint: replaced
+            record = {}
         if not dist.is_initialized() or dist.get_rank() == 0:
             # Under torchrun every rank may get here before the group forms: each one writes the
             # same record through its own temporary file.
             record_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(record_file, {**record, role: _entry(folder)})
         return
+    record = read_json_object(record_file) if record_file.is_file() else {}
     started = record.get(role)
     if started is None or not (Path(folder) / "model.safetensors").is_file():
         return
+    if not isinstance(started, dict) or not isinstance(started.get("sha256"), str):
+        raise ValueError(f"{record_file}: {role!r} holds no 'sha256' string; delete the file to "
+                         "resume unchecked")  # fmt: skip
     now = weights_digest(folder)
     if now != started["sha256"]:
         raise ValueError(
-            f"{out}: this run started from {role} {started['folder']} (model.safetensors "
+            f"{out}: this run started from {role} {started.get('folder', '?')} (model.safetensors "
             f"sha256 {started['sha256'][:12]}), but {folder} now holds other weights "
             f"({now[:12]}); resuming would go on from the old ones: delete {out} to start "
             "again from the new weights, or set another 'out'"
