@@ -47,13 +47,13 @@ def init_weights_from(
     """
     if folder is None:
         return False
+    # Fresh: records the folder's weights; resumed: they must still be the ones recorded.
+    check_start(out, "init_from", folder)
     if has_checkpoint(out / "checkpoint"):
-        check_start(out, "init_from", folder)  # the folder must still hold what the run began with
         return False
     file = Path(folder) / "model.safetensors"
     if not file.is_file():
         raise ValueError(f"init_from {folder}: no model.safetensors there (train that model first)")
-    check_start(out, "init_from", folder)  # recorded for later resumes
     skip = tuple(own)
     mine = model.state_dict()
     weights = load_file(str(file))

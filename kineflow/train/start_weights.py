@@ -41,9 +41,10 @@ def check_start(out: Path, role: str, folder: str | Path | None) -> None:
     the run in ``out`` started from.
 
     A fresh run (no checkpoint in ``out/checkpoint``) writes ``folder``'s digest under ``role``
-    in ``out/start.json``. A resumed run compares the digest of ``folder`` as it is now with
-    the record; no record for ``role``, or a folder that has gone (resuming does not read it),
-    passes.
+    in ``out/start.json`` (nothing when ``folder`` holds no ``model.safetensors``: the caller
+    that needs the weights says so). A resumed run compares the digest of ``folder`` as it is
+    now with the record; no record for ``role``, or a folder that has gone (resuming does not
+    read it), passes.
 
     Raises:
         ValueError: the folder's ``model.safetensors`` differs from the one the run started
@@ -53,7 +54,10 @@ def check_start(out: Path, role: str, folder: str | Path | None) -> None:
     if folder is None:
         return
     record_file = Path(out) / START_FILE
+    weights = Path(folder) / "model.safetensors"
     if not has_checkpoint(Path(out) / "checkpoint"):
+        if not weights.is_file():
+            return
         try:
             record = read_json_object(record_file) if record_file.is_file() else {}
         except ValueError:  # left damaged by a run that never saved a checkpoint: replaced
@@ -66,7 +70,7 @@ def check_start(out: Path, role: str, folder: str | Path | None) -> None:
         return
     record = read_json_object(record_file) if record_file.is_file() else {}
     started = record.get(role)
-    if started is None or not (Path(folder) / "model.safetensors").is_file():
+    if started is None or not weights.is_file():
         return
     if not isinstance(started, dict) or not isinstance(started.get("sha256"), str):
         raise ValueError(f"{record_file}: {role!r} holds no 'sha256' string; delete the file to "

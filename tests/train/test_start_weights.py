@@ -35,6 +35,8 @@ def test_digest_is_the_files_sha256(tmp_path: Path) -> None:
 
 def test_fresh_run_records_and_resume_checks(tmp_path: Path, resumed: dict[str, bool]) -> None:
     base, out = write_weights(tmp_path / "base", b"first"), tmp_path / "run"
+    check_start(out, "init_from", tmp_path / "empty")  # no weights there: the caller says so
+    assert not (out / START_FILE).exists()
     check_start(out, "init_from", base)
     record = json.loads((out / START_FILE).read_text())
     assert record == {"init_from": {"folder": str(base), "sha256": weights_digest(base)}}
