@@ -29,7 +29,6 @@ EVAL_FIELDS = ("steps", "cfg_scale", "max_prompts_per_category", "images_per_pro
                "vqa_items", "caption_items", "edit_items", "seed")  # fmt: skip
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TYPES = ("colour", "count", "exist", "relation", "shape")
-EDIT_JUDGEMENTS = ("applied", "kept", "unchanged")
 
 
 def eval_settings() -> Any:
@@ -70,6 +69,7 @@ def _cell(value: float | None, ci: list[float] | None) -> str:
 def tables(runs: dict[str, dict[str, Any]]) -> str:
     """The Markdown tables of ``runs``: overall, strict by category, VQA by type and, for runs
     whose edits were judged against their sources, editing by kind."""
+    from kineflow.eval.scores import EDIT_JUDGEMENTS
     head = ["model", "gen overall", "strict", *CATEGORIES, "held-out", "VQA", "caption exact",
             "caption parse", "edit"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -103,7 +103,7 @@ def tables(runs: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| `{Path(r['checkpoint']).name}` | " + " | ".join(cells) + " |")
     editors = [r for r in runs.values() if "applied" in r.get("edit", {})]
     if editors:  # each edit judged against its source (kineflow.eval.scores.score_edits)
-        head = ["model", "edit kind", "passed", "applied", "kept", "unchanged"]
+        head = ["model", "edit kind", "passed", *EDIT_JUDGEMENTS]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in editors:
         e = r["edit"]

@@ -22,7 +22,13 @@ from kineflow.data.shapes.prompts import Prompt, prompt_set
 from kineflow.data.shapes.render import render_image
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.eval.detector import detect
-from kineflow.eval.scores import score_captions, score_edits, score_t2i, score_vqa
+from kineflow.eval.scores import (
+    EDIT_JUDGEMENTS,
+    score_captions,
+    score_edits,
+    score_t2i,
+    score_vqa,
+)
 
 __all__ = ["evaluate_model", "summary", "text_to_image_report"]
 
@@ -185,7 +191,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             if "accuracy_ci" in value:
                 out[key]["accuracy_ci"] = value["accuracy_ci"]
                 out[key][f"{group}_ci"] = {t: v["accuracy_ci"] for t, v in value[group].items()}
-            for name in ("applied", "kept", "unchanged"):  # edits judged against their source
+            for name in EDIT_JUDGEMENTS:  # edits judged against their source
                 if name in value:
                     out[key] |= {k: value[k] for k in (name, f"{name}_ci", f"{name}_by_kind")}
         elif key == "caption":

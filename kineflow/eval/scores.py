@@ -40,6 +40,9 @@ from kineflow.data.shapes.prompts import CATEGORIES, Prompt, check, strict_check
 from kineflow.data.shapes.scene import Scene
 from kineflow.eval.stats import bootstrap_ci, ci_pair, stratified_ci
 
+#: What :func:`score_edits` judges each edit on beside ``passed``, given its source scene.
+EDIT_JUDGEMENTS = ("applied", "kept", "unchanged")
+
 
 def _accuracy(passed: Sequence[bool]) -> float:
     return float(np.mean(passed)) if len(passed) else float("nan")
@@ -244,7 +247,7 @@ def score_edits(
             row["applied"] = (T - S) <= D and not (S - T) & D
             row["kept"] = (S & T) <= D
             row["unchanged"] = D == S
-        for name in ("applied", "kept", "unchanged"):
+        for name in EDIT_JUDGEMENTS:
             flags = [r[name] for r in rows]
             report[name], report[f"{name}_ci"] = _accuracy(flags), _ci(flags, seed)
             by_kind = _group([{"kind": r["kind"], "passed": r[name]} for r in rows], "kind",
