@@ -70,6 +70,7 @@ def tables(runs: dict[str, dict[str, Any]]) -> str:
     """The Markdown tables of ``runs``: overall, strict by category, VQA by type and, for runs
     whose edits were judged against their sources, editing by kind."""
     from kineflow.eval.scores import EDIT_JUDGEMENTS
+
     head = ["model", "gen overall", "strict", *CATEGORIES, "held-out", "VQA", "caption exact",
             "caption parse", "edit"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
