@@ -30,6 +30,12 @@ to generate next, in editing it also says what the source holds there:
 pooled understanding features do not describe; with the source cell in the input, keeping it
 is the easy default and the instruction decides where to depart from it.
 
+With ``edit_features`` the prompt also shows the source as understanding reads a picture, its
+``P`` features ``aligner(SigLIP(source))`` before the latent tokens:
+``BOS f_0 … f_(P−1) s_0 … s_(L−1) instruction <boi>``. The latents keep every pixel; the
+features (one per ShapesWorld cell for the 9-patch tower) say *which* object sits where, what
+an instruction naming "the green circle" must find (docs/generation.md, editing).
+
 **Attention** (PaliGemma prefix-LM, :func:`~kineflow.models.masking.build_attention_mask`):
 generation is bidirectional over the prompt through ``<boi>`` and causal over image tokens;
 understanding is bidirectional over the SigLIP features and the question and causal over the
@@ -76,6 +82,7 @@ class UnifluidConfig:
     head: dict[str, int] = field(default_factory=dict)
     text_loss_weight: float = 0.005
     order: str = "random"
+    edit_features: bool = False  # editing prompts also hold the source's SigLIP features
 
     def __post_init__(self) -> None:
         if isinstance(self.language, dict):
@@ -88,6 +95,8 @@ class UnifluidConfig:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if not self.text_loss_weight >= 0:
             raise ValueError(f"text_loss_weight must be >= 0, got {self.text_loss_weight!r}")
+        if self.edit_features and self.vision is None:
+            raise ValueError("edit_features needs the understanding tower (config.vision)")
         self.head_config()  # validates the head fields now
 
     def head_config(self) -> DiffusionHeadConfig:
@@ -99,6 +108,13 @@ class UnifluidConfig:
     def num_image_tokens(self) -> int:
         return self.vae.num_tokens
 
+    @property
+    def edit_placeholders(self) -> int:
+        """Picture positions of an editing prompt: ``L`` latent tokens, plus the ``P``
+        understanding features before them with ``edit_features``."""
+        features = self.vision.num_patches if self.edit_features and self.vision else 0
+        return features + self.num_image_tokens
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "language": self.language.to_dict(),
@@ -107,6 +123,7 @@ class UnifluidConfig:
             "head": dict(self.head),
             "text_loss_weight": self.text_loss_weight,
             "order": self.order,
+            "edit_features": self.edit_features,
         }
 
 
@@ -186,10 +203,23 @@ class UnifluidModel(nn.Module):
         self.check_tokens(tokens, "source image tokens")
         return self.image_in(tokens.to(self.pos_in.dtype)) + self.pos_in
 
-    def edit_embeds(self, input_ids: Tensor, source_mask: Tensor, tokens: Tensor) -> Tensor:
+    def edit_embeds(
+        self, input_ids: Tensor, source_mask: Tensor, tokens: Tensor,
+        features: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """An editing prompt ``[B, N, D]``: the text embeddings with the ``source_mask``
-        positions (``L`` per row) filled by :meth:`source_embeds` of ``tokens [B, L, C]``."""
-        return self.understanding_embeds(input_ids, source_mask, self.source_embeds(tokens))
+        positions (:attr:`UnifluidConfig.edit_placeholders` per row) filled, in order, by the
+        source's understanding ``features [B, P, D]`` (:meth:`encode_images`; with
+        ``config.edit_features`` only) and :meth:`source_embeds` of its ``tokens [B, L, C]``."""
+        source = self.source_embeds(tokens)
+        if self.config.edit_features:
+            if features is None:
+                raise ValueError("this model edits with the source picture's understanding "
+                                 "features (config.edit_features): pass features")  # fmt: skip
+            source = torch.cat([features.to(source.dtype), source], dim=1)
+        elif features is not None:
+            raise ValueError("features given, but config.edit_features is off")
+        return self.understanding_embeds(input_ids, source_mask, source)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """Understanding features ``aligner(SigLIP(x))``: [I, 3, S, S] -> [I, P, D]."""
@@ -346,7 +376,8 @@ class UnifluidModel(nn.Module):
         """Per-sample losses of a training batch in one call (one forward per step, as DDP
         wants): ``{"image": [G + E], "text": [U]}`` for its ``gen`` / ``edit`` / ``und`` parts
         (each a dict or None; see :class:`kineflow.train.unifluid.UnifluidTask`). Editing
-        prompts carry the source picture's tokens at their ``image_mask`` positions. A part
+        prompts carry the source picture at their ``image_mask`` positions (:meth:`edit_embeds`;
+        its understanding pixels are ``source_pixels``). A part
         with ``diffusion_t`` / ``diffusion_noise`` uses those pre-drawn draws
         (:meth:`image_loss`), else ``generator``'s."""
         device = self.pos_in.device
@@ -357,7 +388,9 @@ class UnifluidModel(nn.Module):
                 continue
             prompt, source = b["ids"], b.get("source")
             if part == "edit":
-                prompt = self.edit_embeds(b["ids"], b["image_mask"], source)
+                features = (self.encode_images(b["source_pixels"])
+                            if self.config.edit_features else None)  # fmt: skip
+                prompt = self.edit_embeds(b["ids"], b["image_mask"], source, features)
             draws = (b["diffusion_t"], b["diffusion_noise"]) if "diffusion_t" in b else None
             image.append(self.image_loss(prompt, b["mask"], b["tokens"], b["order"], generator,
                                          source, draws))  # fmt: skip

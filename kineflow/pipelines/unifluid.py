@@ -171,7 +171,7 @@ class UnifluidPipeline(UnifluidFirstAnswer, UnifluidInfill, UnifluidSaving, Pipe
                                                      system=""), bos=True)  # fmt: skip
             if image:
                 at = ids.index(tok.image_id)
-                ids[at : at + 1] = [tok.image_id] * L
+                ids[at : at + 1] = [tok.image_id] * self.model.config.edit_placeholders
             ids.append(tok.boi_id)
             counted = f"the chat template{' and the source picture' if image else ''}"
             error = too_many_positions(what, i, len(ids), self.max_positions, L, "the picture",
@@ -296,7 +296,8 @@ class UnifluidPipeline(UnifluidFirstAnswer, UnifluidInfill, UnifluidSaving, Pipe
         pictures (see :meth:`encode`) or their latent tokens ``[B, L, C]``. No guidance: the
         trainer never blanks editing prompts. ``return_trajectory``, ``progress``: as in
         :meth:`text_to_image`. The options and instructions are checked (lengths included)
-        before any picture is read or encoded."""
+        before any picture is read or encoded. A model with ``edit_features`` also reads the
+        source with its understanding tower (given latent tokens: their decoded picture)."""
         # No guidance (cfg_scale 1): the trainer never blanks editing prompts.
         options = SamplingOptions(cfg_scale=1.0, temperature=temperature, seed=seed,
                                   return_trajectory=return_trajectory,
@@ -316,7 +317,11 @@ class UnifluidPipeline(UnifluidFirstAnswer, UnifluidInfill, UnifluidSaving, Pipe
         ids, mask = self._left_pad(self._prompt_rows(instructions, "instruction", image=True))
         if not isinstance(images, Tensor):
             tokens = self.encode(images)
-        prompt = self.model.edit_embeds(ids, ids == self.tokenizer.image_id, tokens)
+        features = None
+        if self.model.config.edit_features:  # latent tokens given: read their decoded pictures
+            features = self._features(self.decode(tokens) if isinstance(images, Tensor)
+                                      else images)  # fmt: skip
+        prompt = self.model.edit_embeds(ids, ids == self.tokenizer.image_id, tokens, features)
         return self._images(prompt, mask, None, options, frames=frames, source=tokens)
 
     def _images(

@@ -5,7 +5,8 @@ CFG dropout) from its own seeded generator:
 
     gen    BOS "User: {caption}\\n\\nAssistant:" <boi>  →  the picture's L KL-VAE tokens
     edit   BOS "User: " <boi> <img>×L <eoi> "{instruction}\\n\\nAssistant:" <boi>
-           →  the edited picture's tokens (the source picture enters as its own L tokens)
+           →  the edited picture's tokens (the source picture enters as its own L tokens,
+           after its P understanding features with ``model.edit_features``: <img>×(P + L))
     und    the understanding layout of :mod:`kineflow.inputs.layout` (VQA or captioning)
            →  the answer slots (answer, then EOS)
 
@@ -207,7 +208,7 @@ class UnifluidTask:
         ids = tok.encode(chat, bos=True)
         if image:
             at = ids.index(tok.image_id)
-            ids[at : at + 1] = [tok.image_id] * self.model.config.num_image_tokens
+            ids[at : at + 1] = [tok.image_id] * self.model.config.edit_placeholders
         elif float(torch.rand((), generator=g)) < self.data.cfg_dropout:
             ids = ids[:1] + [tok.pad_id] * (len(ids) - 1)
         return [*ids, tok.boi_id]
@@ -245,6 +246,10 @@ class UnifluidTask:
     def encode_records(self, records: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Generation / editing records with their pictures replaced by KL-VAE tokens
         (``tokens``, ``source``: ``[L, C]``)."""
+        if self.model.config.edit_features:  # the understanding tower reads the picture
+            for r in records:
+                if "source_picture" in r:
+                    r["source_view"] = r["source_picture"]
         for name, key in (("picture", "tokens"), ("source_picture", "source")):
             rows = [r for r in records if int(r["kind"]) < 2 and name in r]
             if rows:
@@ -257,7 +262,8 @@ class UnifluidTask:
         c = self.model.config
         return data_meta(self.data, self.config.text_tokenizer, self.config.vae,
                          image_tokens=c.num_image_tokens, patches=self.num_patches,
-                         order=c.order, token_scale=c.vae.scaling_factor)  # fmt: skip
+                         order=c.order, token_scale=c.vae.scaling_factor,
+                         **({"edit_features": True} if c.edit_features else {}))  # fmt: skip
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
         """CPU work only. The gen / edit parts carry the KL-VAE tokens when read from shards,
@@ -318,6 +324,11 @@ class UnifluidTask:
                 out[f"{key}_pictures"] = torch.stack([r[pixels] for r in rows])
         if name == "edit":
             out["image_mask"] = ids == tok.image_id
+            if self.model.config.edit_features:
+                views = [r.get("source_view", r.get("source_picture")) for r in rows]
+                out["source_pixels"] = preprocess_understanding(
+                    [Image.fromarray(v.numpy()) for v in views], self.model.config.vision.image_size
+                )
         return out
 
     @torch.no_grad()

@@ -233,3 +233,40 @@ def test_editing_prompt_carries_the_source_tokens(monkeypatch) -> None:
         model.edit_embeds(ids, image_mask, source[:, :8])
     with pytest.raises(ValueError, match="image_mask marks 16 positions"):
         model.edit_embeds(ids, image_mask, torch.cat([source, source]))
+
+
+def test_edit_features_fill_the_first_placeholders() -> None:
+    """With ``edit_features`` an editing prompt holds P + L picture positions: the source's
+    understanding features (as given) in the first P of each row, then its latent tokens
+    ``W_in x_i + P_in[i]``; the text keeps its embeddings. Features missing or unasked for,
+    and the option without a tower, are refused by name."""
+    import dataclasses
+
+    base = tiny()
+    model = UnifluidModel(dataclasses.replace(base.config, edit_features=True)).double()
+    model.load_state_dict(base.state_dict())
+    c = model.config
+    P = c.vision.num_patches
+    assert c.edit_placeholders == P + L and base.config.edit_placeholders == L
+    assert UnifluidConfig(**{**c.to_dict(), "vae": c.vae}).edit_features  # round trip
+    ids = torch.randint(1, V, (2, P + L + 4), generator=torch.Generator().manual_seed(2))
+    image_mask = torch.zeros_like(ids, dtype=torch.bool)
+    image_mask[0, 1 : 1 + P + L] = True
+    image_mask[1, 3 : 3 + P + L] = True  # rows may place the picture differently
+    g = torch.Generator().manual_seed(3)
+    source = torch.randn(2, L, C, dtype=torch.float64, generator=g)
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=g)
+    features = model.encode_images(pixels)
+    prompt = model.edit_embeds(ids, image_mask, source, features)
+    for b, at in ((0, 1), (1, 3)):
+        torch.testing.assert_close(prompt[b, at : at + P], features[b])
+        torch.testing.assert_close(prompt[b, at + P : at + P + L],
+                                   model.image_in(source[b]) + model.pos_in)  # fmt: skip
+        text = ~image_mask[b]
+        torch.testing.assert_close(prompt[b, text], model.backbone.embed(ids[b : b + 1])[0, text])
+    with pytest.raises(ValueError, match=r"config\.edit_features.*pass features"):
+        model.edit_embeds(ids, image_mask, source)
+    with pytest.raises(ValueError, match=r"features given, but config\.edit_features is off"):
+        base.edit_embeds(ids[:, P:], image_mask[:, P:], source, features)
+    with pytest.raises(ValueError, match="edit_features needs the understanding tower"):
+        UnifluidConfig(c.language, c.vae, None, c.head, edit_features=True)
