@@ -36,7 +36,7 @@ run unifluid_decoding "$PY" bench/unifluid_decoding.py --device cuda --dtype bfl
     --no-baseline --repeats 3 --out "$OUT/unifluid_decoding_file.json"
 # Issue 17: the real-size training step (DFM and AR), MFU against the H100/H200 dense bf16 peak.
 run train_real "$PY" bench/train_throughput.py --real --device cuda --peak-tflops 989 \
-    --steps 10 --warmup 3
+    --steps 10 --warmup 3 --compile
 # Issue 17: tiny configs on the GPU: data wait and samples/s, in process and with workers.
 run train_tiny "$PY" bench/train_throughput.py --device cuda --models fudoki unifluid \
     --workers 4 --steps 24 --warmup 4 --shards "$OUT/shards" --pack

@@ -15,13 +15,17 @@ What is measured
   training from them (``shards_workers_N``: no renderer or frozen encoder per step), and
   with ``--pack`` also with packed rows (``shards_packed_workers_N``, FUDOKI: ``data.pack``,
   rows of ``--pack-length`` tokens); each reports its samples/s over the older checkout's.
+  ``--compile`` also times the in-process run with ``optim.compile: true``
+  (``compiled_workers_N``; ``compiled_over_eager``: its samples/s over the eager run's; give a
+  ``--warmup`` that covers the compilation and the recompiles of the first batch shapes).
   On the CPU the loader workers share the cores
   with the training process, whose threads are cut to ``--threads − workers`` in those runs
   (``--oversubscribe`` keeps them: OpenMP threads competing with the workers for the cores
   can make a step several times slower).
 * ``--real`` (CUDA): a FUDOKI model of Janus-1.3B's shapes (random weights, VQ and SigLIP
   frozen), B = 8 sequences of 64 text + 576 image tokens, bf16 autocast, fused AdamW: the
-  model step alone (synthetic ids), with ``mask="full"`` (DFM) and ``mask="causal"`` (AR).
+  model step alone (synthetic ids), with ``mask="full"`` (DFM) and ``mask="causal"`` (AR);
+  ``--compile`` adds the DFM step of ``torch.compile(model)`` (``dfm_compiled``).
 
 Numbers
 -------
@@ -126,6 +130,7 @@ def measure_tiny(spec: dict[str, Any]) -> dict[str, Any]:
         config.log_every, config.ckpt_every = 1, 10**6
         o = config.optim
         o.steps, o.loader_workers, o.device = spec["steps"], spec["workers"], spec["device"]
+        o.compile = bool(spec.get("compile"))
         if spec.get("batch_size"):
             o.batch_size = spec["batch_size"]
         if spec.get("objective"):
@@ -190,15 +195,18 @@ def measure_real(spec: dict[str, Any]) -> dict[str, Any]:
     text_at = ~image_at
     text_at[:, 0] = False
     result: dict[str, Any] = {"trainable_params": sum(p.numel() for p in params)}
-    for name, mask in (("dfm", "full"), ("ar", "causal")):
+    steps = [("dfm", "full", model), ("ar", "causal", model)]
+    if spec.get("compile"):
+        steps.append(("dfm_compiled", "full", torch.compile(model)))
+    for name, mask, runner in steps:
         times = []
         for _ in range(spec["warmup"] + spec["steps"]):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                tl, il = model(ids, image_ids=image_ids, image_mask=image_at, mask=mask,
-                               heads=(text_at, image_at))  # fmt: skip
+                tl, il = runner(ids, image_ids=image_ids, image_mask=image_at, mask=mask,
+                                heads=(text_at, image_at))  # fmt: skip
                 loss = F.cross_entropy(tl.float(), ids[text_at]) + F.cross_entropy(
                     il.float(), image_ids[image_at]
                 )
@@ -284,6 +292,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--real-size", default="janus", choices=["janus", "tiny"],
                    help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--tiny-config", default="{}", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the step with torch.compile (optim.compile)",
+    )
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. the machine)")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -348,9 +361,13 @@ def main(argv: list[str] | None = None) -> int:
                     variants.append((f"shards_packed_workers_{args.workers}", args.workers, None))
             if model == "fudoki" and not args.no_ar:
                 variants.append((f"ar_workers_{args.workers}", args.workers, "ar"))
+            if args.compile:
+                variants.append((f"compiled_workers_{args.baseline_workers}",
+                                 args.baseline_workers, None))  # fmt: skip
             for name, workers, objective in variants:
                 log(f"{model}: {name}")
-                spec = {**base, "model": model, "workers": workers, "objective": objective}
+                spec = {**base, "model": model, "workers": workers, "objective": objective,
+                        "compile": name.startswith("compiled_")}  # fmt: skip
                 if name.startswith("shards_"):
                     spec["shards"] = str(_encode_shards(model, args))
                 spec["pack"], spec["pack_length"] = "_packed_" in name, args.pack_length
@@ -368,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                     runs[f"{name}_over_baseline_repo"] = round(
                         runs[name]["samples_per_s"] / runs["baseline_repo"]["samples_per_s"], 3
                     )
+            if args.compile:
+                runs["compiled_over_eager"] = round(
+                    runs[f"compiled_workers_{args.baseline_workers}"]["samples_per_s"]
+                    / old["samples_per_s"], 3
+                )  # fmt: skip
             if "ar_workers_" + str(args.workers) in runs:
                 ar = runs[f"ar_workers_{args.workers}"]
                 runs["dfm_over_ar_step"] = round(
@@ -379,10 +401,15 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"what": "real", "device": args.device, "steps": args.steps,
                 "warmup": args.warmup, "batch_size": args.batch_size or 8, "text_tokens": 64,
                 "image_tokens": 576, "size": args.real_size,
-                "tiny_config": args.tiny_config}  # fmt: skip
+                "tiny_config": args.tiny_config, "compile": args.compile}  # fmt: skip
         r = fresh(spec)
-        for name in ("dfm", "ar"):
-            r[name]["mfu"] = mfu(r, r[name]["tokens_per_s"], args.peak_tflops)
+        for name in ("dfm", "ar", "dfm_compiled"):
+            if name in r:
+                r[name]["mfu"] = mfu(r, r[name]["tokens_per_s"], args.peak_tflops)
+        if "dfm_compiled" in r:
+            r["compiled_over_eager"] = round(
+                r["dfm"]["seconds_per_step"] / r["dfm_compiled"]["seconds_per_step"], 3
+            )
         report["real"] = r
     report["peak_tflops"] = args.peak_tflops
     report["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)

@@ -58,8 +58,8 @@ def test_shards_and_packing_variants(tmp_path):
     assert runs["workers_0"]["tokens_per_step"] == shards["tokens_per_step"]
 
 
-def test_real_mode_at_tiny_shapes():
-    config = FudokiConfig(
+def tiny_real_config() -> FudokiConfig:
+    return FudokiConfig(
         language=LlamaConfig(
             vocab_size=64,
             hidden_size=32,
@@ -80,6 +80,10 @@ def test_real_mode_at_tiny_shapes():
         gen_aligner_hidden=32,
         gen_head_hidden=32,
     )
+
+
+def test_real_mode_at_tiny_shapes():
+    config = tiny_real_config()
     report = bench("--real", "--real-size", "tiny", "--tiny-config", json.dumps(config.to_dict()),
                    "--steps", "2", "--warmup", "1", "--batch-size", "2")  # fmt: skip
     real = report["real"]
@@ -87,3 +91,15 @@ def test_real_mode_at_tiny_shapes():
     for name in ("dfm", "ar"):
         assert STEP_KEYS | {"mfu"} <= real[name].keys() and real[name]["mfu"] is None
     assert real["dfm_over_ar_step"] > 0 and real["trainable_params"] > 0
+
+
+@pytest.mark.slow  # compiles a tiny FUDOKI (about half a minute on a CPU)
+def test_real_mode_times_the_compiled_step_too():
+    config = json.loads(json.dumps(tiny_real_config().to_dict()))
+    report = bench("--real", "--real-size", "tiny", "--tiny-config", json.dumps(config),
+                   "--steps", "2", "--warmup", "1", "--batch-size", "2", "--compile")  # fmt: skip
+    real = report["real"]
+    assert STEP_KEYS | {"mfu"} <= real["dfm_compiled"].keys()
+    assert real["compiled_over_eager"] == pytest.approx(
+        real["dfm"]["seconds_per_step"] / real["dfm_compiled"]["seconds_per_step"], rel=1e-2
+    )
