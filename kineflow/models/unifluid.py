@@ -30,11 +30,9 @@ to generate next, in editing it also says what the source holds there:
 pooled understanding features do not describe; with the source cell in the input, keeping it
 is the easy default and the instruction decides where to depart from it.
 
-With ``edit_features`` the prompt also shows the source as understanding reads a picture, its
-``P`` features ``aligner(SigLIP(source))`` before the latent tokens:
-``BOS f_0 … f_(P−1) s_0 … s_(L−1) instruction <boi>``. The latents keep every pixel; the
-features (one per ShapesWorld cell for the 9-patch tower) say *which* object sits where, what
-an instruction naming "the green circle" must find (docs/generation.md, editing).
+With ``edit_features`` the prompt is ``BOS f_0 … f_(P−1) s_0 … s_(L−1) instruction <boi>``:
+the source also as understanding reads it, ``f = aligner(SigLIP(source))``. The latents keep the
+pixels; the features (one per cell for the 9-patch tower) say which object sits where.
 
 **Attention** (PaliGemma prefix-LM, :func:`~kineflow.models.masking.build_attention_mask`):
 generation is bidirectional over the prompt through ``<boi>`` and causal over image tokens;
@@ -203,10 +201,8 @@ class UnifluidModel(nn.Module):
         self.check_tokens(tokens, "source image tokens")
         return self.image_in(tokens.to(self.pos_in.dtype)) + self.pos_in
 
-    def edit_embeds(
-        self, input_ids: Tensor, source_mask: Tensor, tokens: Tensor,
-        features: Tensor | None = None,
-    ) -> Tensor:  # fmt: skip
+    def edit_embeds(self, input_ids: Tensor, source_mask: Tensor, tokens: Tensor,
+                    features: Tensor | None = None) -> Tensor:  # fmt: skip
         """An editing prompt ``[B, N, D]``: the text embeddings with the ``source_mask``
         positions (:attr:`UnifluidConfig.edit_placeholders` per row) filled, in order, by the
         source's understanding ``features [B, P, D]`` (:meth:`encode_images`; with
@@ -214,8 +210,7 @@ class UnifluidModel(nn.Module):
         source = self.source_embeds(tokens)
         if self.config.edit_features:
             if features is None:
-                raise ValueError("this model edits with the source picture's understanding "
-                                 "features (config.edit_features): pass features")  # fmt: skip
+                raise ValueError("config.edit_features: pass the source's features too")
             source = torch.cat([features.to(source.dtype), source], dim=1)
         elif features is not None:
             raise ValueError("features given, but config.edit_features is off")

@@ -33,6 +33,7 @@ from kineflow.tokenizers.text import TextTokenizer
 from kineflow.train.loop import Task, run_training
 from kineflow.train.run_config import TrainRunConfig
 from kineflow.train.run_folder import hold_run_folder, process_rank
+from kineflow.train.threads import follow_threads
 
 __all__ = [
     "EncodableTask",
@@ -181,7 +182,8 @@ def train_task(
 ) -> dict[str, Any]:
     """:func:`~kineflow.train.loop.run_training` with the run settings of ``config``
     (``optim``, ``log_every``, ``ckpt_every``, ``ckpt_minutes``, ``parallel``); its summary.
-    Configs without ``parallel`` (tokenizer and SigLIP runs) train in one process."""
+    Configs without ``parallel`` (tokenizer and SigLIP runs) train in one process. The run
+    follows ``$KINEFLOW_THREADS_FILE`` when a scheduler sets it (:mod:`kineflow.train.threads`)."""
     return run_training(
         task,
         config.optim,
@@ -193,7 +195,7 @@ def train_task(
         parallel=getattr(config, "parallel", "none"),
         progress=progress,
         desc=desc,
-        on_step=on_step,
+        on_step=follow_threads(on_step),
     )
 
 

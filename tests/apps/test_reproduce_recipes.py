@@ -58,3 +58,36 @@ def test_a_job_runs_alone_only_when_every_other_pending_job_waits_for_it() -> No
     other = job("other")
     assert not _waits_for(a, [a, b, other])  # other could run beside a
     assert _waits_for(a, [a])
+
+
+def test_a_job_takes_every_core_once_the_job_beside_it_ends(tmp_path, monkeypatch) -> None:
+    """Two jobs start side by side with ``threads`` each; when the short one ends the
+    scheduler rewrites the long one's thread file to every core, and the long one (which
+    records what it reads) sees the change while it runs."""
+    import sys
+
+    from kineflow.apps.reproduce import jobs as jobs_module
+    from kineflow.train.threads import THREADS_FILE
+
+    monkeypatch.setattr(jobs_module.os, "cpu_count", lambda: 4)
+    long_job = (
+        "import os, pathlib, time\n"
+        f"f = pathlib.Path(os.environ[{THREADS_FILE!r}])\n"
+        "seen = []\n"
+        "for _ in range(400):\n"
+        "    n = f.read_text()\n"
+        "    if not seen or seen[-1] != n: seen.append(n)\n"
+        "    if n == '4': break\n"
+        "    time.sleep(0.05)\n"
+        "pathlib.Path(os.environ['OUT_SEEN']).write_text(','.join(seen))\n"
+    )
+    commands = {"long": [sys.executable, "-c", long_job],
+                "short": [sys.executable, "-c", "import time; time.sleep(1.5)"]}  # fmt: skip
+    monkeypatch.setattr(Job, "command", lambda self, config_file: commands[self.name])
+    monkeypatch.setenv("OUT_SEEN", str(tmp_path / "seen"))
+    done: list[str] = []
+    jobs = [Job(n, "fudoki", {}, tmp_path / n / "done") for n in ("long", "short")]
+    jobs_module.run_jobs(jobs, tmp_path, 2, 2, lambda m: None, lambda n, s: done.append(n))
+    assert done == ["short", "long"]
+    assert (tmp_path / "seen").read_text() == "2,4"
+    assert (tmp_path / "logs" / "long.threads").read_text() == "4"

@@ -264,7 +264,7 @@ def test_edit_features_fill_the_first_placeholders() -> None:
                                    model.image_in(source[b]) + model.pos_in)  # fmt: skip
         text = ~image_mask[b]
         torch.testing.assert_close(prompt[b, text], model.backbone.embed(ids[b : b + 1])[0, text])
-    with pytest.raises(ValueError, match=r"config\.edit_features.*pass features"):
+    with pytest.raises(ValueError, match=r"config\.edit_features: pass the source.s features"):
         model.edit_embeds(ids, image_mask, source)
     with pytest.raises(ValueError, match=r"features given, but config\.edit_features is off"):
         base.edit_embeds(ids[:, P:], image_mask[:, P:], source, features)

@@ -24,6 +24,7 @@ from kineflow.apps.reproduce.config import (
 )
 from kineflow.apps.reproduce.recipes import Stage, recipe_chain
 from kineflow.io import atomic_write
+from kineflow.train.threads import THREADS_FILE, write_threads
 
 __all__ = ["Job", "plan_jobs", "run_jobs"]
 
@@ -200,7 +201,12 @@ def run_jobs(
 ) -> None:  # fmt: skip
     """Run the jobs that are not done yet, ``parallel`` at a time, in dependency order, with
     ``threads`` threads each (every core for an exclusive job, and for a job that nothing can
-    run beside); ``on_done(name, wall seconds)`` after each one that succeeds."""
+    run beside); ``on_done(name, wall seconds)`` after each one that succeeds.
+
+    Shares follow the jobs that run: a training job reads its count from
+    ``out/logs/<job>.threads`` after every step (:mod:`kineflow.train.threads`), which holds
+    every core while it runs alone and ``threads`` while another job runs beside it, so a stage
+    that started beside another job takes both cores once that job ends."""
     import yaml
 
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -209,6 +215,16 @@ def run_jobs(
     pending = [j for j in jobs if j.name not in finished]
     running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     exclusive = {j.name for j in jobs if j.exclusive}
+    every = os.cpu_count() or 1
+    shares: dict[str, int] = {}  # the thread count each running job was last given
+
+    def share_cores() -> None:
+        for name in running:
+            n = every if len(running) == 1 else threads
+            if shares.get(name) != n:
+                write_threads(out / "logs" / f"{name}.threads", n)
+                shares[name] = n
+
     while pending or running:
         for job in list(pending):
             if len(running) >= parallel or exclusive & set(running):
@@ -219,10 +235,14 @@ def run_jobs(
                 # A job that nothing can run beside (no job running, every other pending job
                 # waits for it) gets every core: the last stages of a long recipe chain.
                 alone = job.exclusive or (not running and _waits_for(job, pending))
-                n = str(os.cpu_count() or 1) if alone else str(threads)
+                n = str(every) if alone else str(threads)
                 if "threads" in job.config:
                     job.config["threads"] = int(n)
-                env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+                share = out / "logs" / f"{job.name}.threads"
+                write_threads(share, int(n))
+                shares[job.name] = int(n)
+                env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
+                       THREADS_FILE: str(share)}  # fmt: skip
                 path = out / "configs" / f"{job.name}.yaml"
                 atomic_write(path, lambda t, c=job.config: t.write_text(yaml.safe_dump(c)))
                 cmd = job.command(path)
@@ -231,6 +251,7 @@ def run_jobs(
                 proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
                 running[job.name] = (proc, time.perf_counter(), handle)
                 pending.remove(job)
+        share_cores()
         if not running:
             blocked = [j.name for j in pending]
             raise RuntimeError(f"jobs {blocked} wait for jobs that did not finish")
@@ -250,6 +271,8 @@ def run_jobs(
                     f"{out / 'logs' / f'{name}.log'}:\n" + "\n".join(tail)
                 )
             finished.add(name)
+            shares.pop(name, None)
+            share_cores()
             took = time.perf_counter() - start
             on_done(name, took)
             log(f"done  {name} in {took / 60:.1f} min")
