@@ -34,7 +34,9 @@ DFM. The UniFluid runs share that backbone size and batch size on continuous tok
 Training and evaluation jobs run as subprocesses (``kineflow train ...``, ``python -m
 kineflow.apps.reproduce eval RUN``), ``jobs`` at a time in dependency order, each with
 ``cpu_count // jobs`` threads (two one-thread jobs use a 2-core CPU better than one two-thread
-job), so a finished model is evaluated while the others train; logs are in out/logs/.
+job) and every core while a training job runs alone (its share follows the jobs that run:
+:func:`~kineflow.apps.reproduce.jobs.run_jobs`), so a finished model is evaluated while the
+others train; logs are in out/logs/.
 """
 
 from __future__ import annotations
