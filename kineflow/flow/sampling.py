@@ -65,6 +65,14 @@ def categorical(
     return (cols.gather(-1, _search(w_block.cumsum(-1), u))).reshape(lead)
 
 
+def widened(logits: Tensor) -> Tensor:
+    """``logits`` in float32 at least: half-precision logits are widened, float64 ones kept.
+    A float64 model then samples in float64 end to end: a difference of one float64 rounding
+    (another thread count sums in another order) no longer crosses a float32 rounding boundary
+    and flips a draw."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def uniforms(rows: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
     """The Float64[rows, 1] uniforms :func:`categorical` consumes for ``rows`` draws."""
     return torch.rand(rows, 1, generator=generator, device=device, dtype=torch.float64)
@@ -104,7 +112,7 @@ def sample_logits(
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
-    logits = logits.float()
+    logits = widened(logits)
     if temperature != 1:
         logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 from kineflow.flow._checks import check_ids
 from kineflow.flow.jumps import Rate, check_rate, jump_probability
 from kineflow.flow.path import DiscretePath
-from kineflow.flow.sampling import categorical, sample_logits
+from kineflow.flow.sampling import categorical, sample_logits, widened
 from kineflow.flow.static_step import SAMPLERS, Sampler, draw_noise, static_step
 
 ModelFn = Callable[[Tensor, Tensor], "Tensor | Mapping[str, Tensor]"]
@@ -392,7 +392,7 @@ class EulerSolver:
         top_k: int | None,
         generator: torch.Generator | None,
     ) -> Tensor:
-        logits = path.without_invalid_targets(logits.float())
+        logits = path.without_invalid_targets(widened(logits))
         # max() propagates NaN and +inf, and is -inf only when no valid target is left.
         peak = logits.amax(-1)
         if not torch.isfinite(peak).all():

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from kineflow.flow.jumps import jump_probability
 from kineflow.flow.path import DiscretePath
-from kineflow.flow.sampling import categorical, race, uniforms
+from kineflow.flow.sampling import categorical, race, uniforms, widened
 
 Sampler = Literal["inverse_cdf", "race"]
 SAMPLERS: tuple[str, ...] = ("inverse_cdf", "race")
@@ -158,7 +158,7 @@ def static_step(
         ``(x_next Long[M], x_1 Long[M], bad Bool[M])``; ``bad`` marks rows whose logits had
         NaN or +inf, or no valid target: their ``x_1`` was drawn from a uniform stand-in.
     """
-    logits = path.without_invalid_targets(logits.float())
+    logits = path.without_invalid_targets(widened(logits))
     # max() propagates NaN and +inf, and is -inf only when no valid target is left.
     bad = ~torch.isfinite(logits.amax(-1))
     logits = torch.where(bad.unsqueeze(-1), torch.zeros_like(logits), logits)

@@ -54,6 +54,7 @@ from kineflow.models.masking import (
     default_position_ids,
     plain_attention,
 )
+from kineflow.models.rope import rope_cos_sin, rotate_half
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -185,27 +186,6 @@ class LlamaConfig:
     def from_dict(cls, d: dict) -> LlamaConfig:
         check_config_keys(d, cls, "LlamaConfig")
         return cls(**d)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``[x1, x2] -> [-x2, x1]`` on the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def rope_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``, ``sin`` ``[B, N, head_dim]`` for integer positions ``[B, N]``.
-
-    Angles are computed in float32 (bf16 positions lose precision past 256) then cast.
-    """
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    )
-    angles = position_ids.float()[..., None] * inv_freq  # [B, N, head_dim / 2]
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 class RMSNorm(nn.Module):

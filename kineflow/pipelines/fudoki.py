@@ -36,6 +36,7 @@ from torch import Tensor
 
 from kineflow.data.example import tensor_to_image
 from kineflow.flow import EulerSolver, classifier_free_guidance
+from kineflow.flow.sampling import widened
 from kineflow.inputs.checks import check_device, check_options
 from kineflow.inputs.images import load_image, pair_images, preprocess_understanding
 from kineflow.inputs.layout import (
@@ -161,16 +162,19 @@ class FudokiPipeline(FudokiFirstAnswer, FudokiInfill, FudokiCheckpoints, Pipelin
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> FudokiPipeline:
-        """Move the model (and the metric paths, which stay float32) in place; returns self.
+        """Move the model (and the paths) in place; returns self. The paths' tables stay
+        float32 under a float32, bfloat16 or float16 model (cosines near 1 need the bits) and
+        follow a float64 one, which then samples in float64 end to end.
 
         Raises:
             ValueError: a device string torch does not know, or a device not present here.
         """
         device = check_device(device)
         self.model.to(device=device, dtype=dtype)
+        tables = torch.float64 if self.dtype == torch.float64 else torch.float32
         for path in (self.text_path, self.image_path):
             if path is not None:
-                path.to(self.device)
+                path.to(self.device, tables)
         return self
 
     @property
@@ -401,7 +405,7 @@ class FudokiPipeline(FudokiFirstAnswer, FudokiInfill, FudokiCheckpoints, Pipelin
                 attention_mask=attention,
             )
             # Shifted logits: column i is read from the hidden state at i - 1 (lo >= 1).
-            logits = read(hidden[:, lo - 1 : hi - 1], shift=False).float()
+            logits = widened(read(hidden[:, lo - 1 : hi - 1], shift=False))
             if head == "image" and self.config.path == "masked":
                 # The mask id K is a state of the path but never a prediction.
                 logits = torch.nn.functional.pad(logits, (0, 1), value=-torch.inf)

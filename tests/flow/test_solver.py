@@ -356,3 +356,12 @@ def test_low_precision_logits_are_accepted(oracle: ExactPosterior) -> None:
         samples = run(solver, lambda x, t, d=dtype: oracle(x, t).to(d), B=4000, N=2, steps=32)
         tv = total_variation(oracle.empirical_law(samples.samples), euler_law(oracle, 32))
         assert tv < 0.05
+
+
+def test_widened_keeps_float64_and_widens_half_precision() -> None:
+    from kineflow.flow.sampling import widened
+
+    x64 = torch.randn(3, 5, dtype=torch.float64)
+    assert widened(x64) is x64
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert widened(x64.to(dtype)).dtype == torch.float32

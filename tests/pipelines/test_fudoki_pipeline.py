@@ -318,3 +318,34 @@ def test_masked_path_trajectory_shows_masked_cells_grey() -> None:
     first = np.asarray(out.trajectory[0][0])
     assert np.abs(first.astype(int) - 127).max() <= 1  # every cell still masked: all grey
     assert (out.codes < K).all()
+
+
+def test_a_float64_model_samples_in_float64_end_to_end(pipe: FudokiPipeline, monkeypatch) -> None:
+    """A float64 pipeline's paths, logits and draws stay float64 (no float32 rounding a thread
+    count could move a draw across), and it draws the same picture on one and two threads;
+    float32 and bfloat16 pipelines keep float32 tables."""
+    import kineflow.flow.sampling
+    import kineflow.flow.solver
+
+    wide = copy.deepcopy(pipe).to(dtype=torch.float64)
+    tables = [wide.text_path.metric.unit, wide.image_path.metric.unit]
+    assert wide.dtype == torch.float64 and all(t.dtype == torch.float64 for t in tables)
+    seen: set[torch.dtype] = set()
+    draw = kineflow.flow.sampling.categorical
+
+    def spy(weights, generator=None, u=None):
+        seen.add(weights.dtype)
+        return draw(weights, generator, u)
+
+    monkeypatch.setattr(kineflow.flow.sampling, "categorical", spy)
+    monkeypatch.setattr(kineflow.flow.solver, "categorical", spy)
+    codes = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        codes[threads] = wide.text_to_image(["a red circle"], steps=4, seed=3).codes
+    torch.set_num_threads(1)
+    assert seen == {torch.float64} and torch.equal(codes[1], codes[2])
+    narrow = copy.deepcopy(wide).to(dtype=torch.float32)
+    assert narrow.image_path.metric.unit.dtype == torch.float32
+    half, _ = bfloat16_twins(pipe)
+    assert half.image_path.metric.unit.dtype == torch.float32
