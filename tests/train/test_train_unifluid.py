@@ -304,29 +304,38 @@ def white_picture():
     return Image.new("RGB", (32, 32), "white")
 
 
+def assert_edit_replays(pipe, codes, prompt, mask, source, seed: int) -> None:
+    """Each edited token is the diffusion head's draw (the pipeline's noise, replayed in its
+    order: cells, then noise) from the training forward's hidden state for ``prompt``,
+    teacher-forced on the edit's own ``codes``."""
+    from kineflow.models.unifluid import generation_order
+
+    model, c = pipe.model, pipe.config
+    g = pipe._generator(seed)
+    L = model.config.num_image_tokens
+    order = generation_order(1, L, model.config.order, g)
+    with torch.no_grad():
+        z = model.generation_hidden(prompt, mask, codes, order, source)
+        for j in range(L):
+            x = model.diffusion_head.sample(
+                z[:, j], temperature=c.temperature, generator=g, clip_x0=c.clip_x0
+            )
+            torch.testing.assert_close(codes[:, order[0, j]], x, atol=1e-3, rtol=1e-3)
+
+
 def test_edit_conditions_on_the_source_as_training_does(trained) -> None:
     """Each token of an edit is the diffusion head's draw (same noise) from the hidden state
     that the *training* forward computes, teacher-forced on the tokens the edit produced: the
     KV-cached loop sees the source (prompt and announced cells) exactly as training does."""
-    from kineflow.models.unifluid import generation_order
 
     pipe = sensitive_copy(trained)
-    model, c = pipe.model, pipe.config
+    model = pipe.model
     instruction, seed = "make the square cyan.", 3
     out = pipe.edit([red_square()], [instruction], seed=seed)
     source = pipe.encode([red_square()])
     ids, mask = pipe._left_pad(pipe._prompt_rows([instruction], "instruction", True))
     prompt = model.edit_embeds(ids, ids == pipe.tokenizer.image_id, source)
-    g = pipe._generator(seed)  # replay the draws in the pipeline's order: cells, then noise
-    L = model.config.num_image_tokens
-    order = generation_order(1, L, model.config.order, g)
-    with torch.no_grad():
-        z = model.generation_hidden(prompt, mask, out.codes, order, source)
-        for j in range(L):
-            x = model.diffusion_head.sample(
-                z[:, j], temperature=c.temperature, generator=g, clip_x0=c.clip_x0
-            )
-            torch.testing.assert_close(out.codes[:, order[0, j]], x, atol=1e-3, rtol=1e-3)
+    assert_edit_replays(pipe, out.codes, prompt, mask, source, seed)
     # The source matters: another picture gives another edit from the same noise.
     other = pipe.edit([white_picture()], [instruction], seed=seed)
     assert (other.codes - out.codes).abs().max() > 0.05

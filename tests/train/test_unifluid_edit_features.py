@@ -9,7 +9,13 @@ import json
 import pytest
 import torch
 from PIL import Image
-from test_train_unifluid import MODEL, assets, red_square, sensitive_copy  # noqa: F401
+from test_train_unifluid import (  # noqa: F401 (assets: the fixture)
+    MODEL,
+    assert_edit_replays,
+    assets,
+    red_square,
+    sensitive_copy,
+)
 
 from kineflow.inputs.images import preprocess_understanding
 from kineflow.tokenizers.text import TextTokenizer
@@ -113,25 +119,14 @@ def test_the_pipeline_edits_as_training_sees_the_prompt(pipe) -> None:
     """An edit's tokens are the head's draws (same noise) from the hidden states of the
     training forward on the prompt with the source's features; a source given as latent tokens
     is read by the tower from its decoded picture."""
-    from kineflow.models.unifluid import generation_order
-
-    model, c = pipe.model, pipe.config
+    model = pipe.model
     instruction, seed = "make the square cyan.", 3
     out = pipe.edit([red_square()], [instruction], seed=seed)
     source = pipe.encode([red_square()])
     ids, mask = pipe._left_pad(pipe._prompt_rows([instruction], "instruction", True))
     features = pipe._features([red_square()])
     prompt = model.edit_embeds(ids, ids == pipe.tokenizer.image_id, source, features)
-    g = pipe._generator(seed)
-    L = model.config.num_image_tokens
-    order = generation_order(1, L, model.config.order, g)
-    with torch.no_grad():
-        z = model.generation_hidden(prompt, mask, out.codes, order, source)
-        for j in range(L):
-            x = model.diffusion_head.sample(
-                z[:, j], temperature=c.temperature, generator=g, clip_x0=c.clip_x0
-            )
-            torch.testing.assert_close(out.codes[:, order[0, j]], x, atol=1e-3, rtol=1e-3)
+    assert_edit_replays(pipe, out.codes, prompt, mask, source, seed)
     calls = []
     original = pipe._features
 
