@@ -27,12 +27,13 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos``, ``sin`` ``[B, N, head_dim]`` for integer positions ``[B, N]``.
 
-    Angles are computed in float32 (bf16 positions lose precision past 256); their cosines and
-    sines in float64, rounded once to ``dtype``. On a CPU NumPy takes them, on the calling
-    thread: torch's CPU ``cos`` may hand part of a tensor to another thread whose vector
-    routine is far less accurate (torch 2.13 with two threads: off by up to 1.5e-4 in float32
-    and 7e-9 in float64, in some processes and not others), which made even a float64 model's
-    outputs, and so its samples, depend on the thread count and differ from run to run.
+    Angles are computed in float32 (bf16 positions lose precision past 256). On a CPU NumPy
+    takes their cosines and sines, in float64 on the calling thread, rounded once to ``dtype``:
+    torch's CPU ``cos`` may hand part of a tensor to another thread whose vector routine is far
+    less accurate (torch 2.13 with two threads: off by up to 1.5e-4 in float32 and 7e-9 in
+    float64, in some processes and not others), which made even a float64 model's outputs,
+    and so its samples, depend on the thread count and differ from run to run. Elsewhere torch
+    takes them in float32 (float64 for a float64 model).
     """
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
