@@ -3,8 +3,9 @@
 The benchmark's 300 VQA questions hold about 49 relation questions ("is the red circle left
 of the blue square?"), too few to tell 0.88 from 0.92. This draws test-split VQA items past
 the benchmark's (indices from 100 000, the benchmark's uniform draw of a question type) and
-keeps the relation ones, then answers them like the benchmark (16 solver steps, float64, one
-thread, batches of 64 seeded by their first index) and scores them with their 95 % bootstrap
+keeps the relation ones, then answers them as the benchmark answers its questions
+(:func:`kineflow.eval.benchmark.answer_items`: 16 solver steps, batches of 64, batch ``k``
+seeded ``k``; float64, one thread) and scores them with their 95 % bootstrap
 interval (:func:`kineflow.eval.scores.score_vqa`).
 
     python bench/relation_questions.py --models shipped=checkpoints/fudoki-shapes --questions 300
@@ -25,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import kineflow
     from kineflow.data.shapes.dataset import draw_item
-    from kineflow.data.shapes.render import render_image
-    from kineflow.data.shapes.scene import Scene, ShapesWorld
+    from kineflow.data.shapes.scene import ShapesWorld
+    from kineflow.eval.benchmark import answer_items
     from kineflow.eval.scores import score_vqa
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,13 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"questions": args.questions, "dtype": "float64", "steps": 16, "models": {}}
     for name, folder in (m.split("=", 1) for m in args.models):
         pipe = kineflow.load(folder, dtype=torch.float64)
-        answers: dict[str, str] = {}
-        for k in range(0, len(items), 64):
-            batch = items[k : k + 64]
-            pictures = [render_image(Scene.from_key(it.scene_key)) for it in batch]
-            out = pipe.answer(pictures, [it.texts["question"] for it in batch], steps=16, seed=k)
-            answers.update({it.id: text for it, text in zip(batch, out.texts, strict=True)})
-        scored = score_vqa(rows, answers)
+        scored = score_vqa(rows, answer_items(pipe, items, steps=16))
         report["models"][name] = {"folder": folder, "accuracy": scored["accuracy"],
                                   "accuracy_ci": scored["accuracy_ci"]}  # fmt: skip
         print(f"[relation_questions] {name}: {scored['accuracy']:.3f}", file=sys.stderr)

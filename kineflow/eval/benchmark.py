@@ -30,11 +30,38 @@ from kineflow.eval.scores import (
     score_vqa,
 )
 
-__all__ = ["evaluate_model", "summary", "text_to_image_report"]
+__all__ = ["answer_items", "evaluate_model", "summary", "text_to_image_report"]
 
 
 def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def answer_items(
+    pipe: Any,
+    items: list[Any],
+    question: str | None = None,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "answer",
+    **options: Any,
+) -> dict[str, str]:
+    """``pipe``'s answers ``{item id: text}`` about ShapesWorld ``items``: each item's scene
+    rendered and asked its own ``texts["question"]`` (or ``question`` for every item, e.g. a
+    caption instruction), in batches of ``batch_size``, batch ``k`` seeded ``seed + k``;
+    ``options`` go to ``pipe.answer``."""
+    answers: dict[str, str] = {}
+    for k, rows in enumerate(tqdm(_batches(len(items), batch_size), disable=not progress,
+                                  desc=desc)):  # fmt: skip
+        batch = [items[i] for i in rows]
+        images = [render_image(Scene.from_key(it.scene_key)) for it in batch]
+        questions = [question or it.texts["question"] for it in batch]
+        out = pipe.answer(images, questions, steps=steps, seed=seed + k, **options)
+        answers.update({it.id: text for it, text in zip(batch, out.texts, strict=True)})
+    return answers
 
 
 def text_to_image_report(
@@ -109,20 +136,11 @@ def evaluate_model(
         if n == 0:
             continue
         items = [draw_item(world, task, "test", i) for i in range(n)]
-        answers: dict[str, str] = {}
-        for k, rows in enumerate(tqdm(_batches(n, batch_size), disable=not progress,
-                                      desc=task)):  # fmt: skip
-            batch = [items[i] for i in rows]
-            images = [render_image(Scene.from_key(it.scene_key)) for it in batch]
-            if task == "vqa":
-                questions = [it.texts["question"] for it in batch]
-                out = pipe.answer(images, questions, steps=steps, seed=seed + k)
-            else:
-                questions = [caption_instruction] * len(batch)
-                out = pipe.answer(
-                    images, questions, steps=steps, seed=seed + k, answer_tokens=caption_tokens
-                )
-            answers.update({it.id: text for it, text in zip(batch, out.texts, strict=True)})
+        options = {} if task == "vqa" else {"answer_tokens": caption_tokens}
+        answers = answer_items(
+            pipe, items, None if task == "vqa" else caption_instruction, steps=steps, seed=seed,
+            batch_size=batch_size, progress=progress, desc=task, **options,
+        )  # fmt: skip
         if task == "vqa":
             rows_ = [{"id": it.id, "type": it.kind, **it.texts} for it in items]
             report["vqa"] = score_vqa(rows_, answers)
