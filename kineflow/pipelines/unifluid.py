@@ -315,9 +315,11 @@ class UnifluidPipeline(UnifluidFirstAnswer, UnifluidInfill, UnifluidSaving, Pipe
             images, instructions = pair_images(images, instructions, "instruction")
         # The instructions are checked before any picture is read or encoded.
         ids, mask = self._left_pad(self._prompt_rows(instructions, "instruction", image=True))
-        if not isinstance(images, Tensor):
-            tokens = self.encode(images)
         features = None
+        if not isinstance(images, Tensor):
+            if self.model.config.edit_features:  # read each file once: the VAE and the tower
+                images = [load_image(im) for im in images]
+            tokens = self.encode(images)
         if self.model.config.edit_features:  # latent tokens given: read their decoded pictures
             features = self._features(self.decode(tokens) if isinstance(images, Tensor)
                                       else images)  # fmt: skip
