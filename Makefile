@@ -9,7 +9,7 @@ DEV    := $(VENV)/.kineflow-dev
 # Pinned: an unpinned torch, asked for by any package, pulls a multi-GB CUDA build.
 PIN    := $(VENV)/constraints.txt
 
-.PHONY: demo demo-flow reproduce compare claims test bench lint clean finetune-example
+.PHONY: demo demo-flow reproduce compare claims claims-fudoki test bench lint clean finetune-example
 
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ compare: $(BASE)
 # The papers' claims on three training seeds (resumable; docs/reproduction/claims/results.md).
 claims: $(BASE)
 	$(PY) -m kineflow reproduce --config configs/claims.yaml
+
+# The discrete models' claims on three seeds at 2400 steps each, where the flow models draw
+# something (resumable; docs/reproduction/claims_fudoki/results.md).
+claims-fudoki: $(BASE)
+	$(PY) -m kineflow reproduce --config configs/claims_fudoki.yaml
 
 # LoRA fine-tuning of the shipped FUDOKI model on Fashion-MNIST (docs/finetune.md); installs
 # Debian's dataset-fashion-mnist when its files are missing (needs root or sudo).

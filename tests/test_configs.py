@@ -34,8 +34,10 @@ TRAINING = {
 REPRODUCTION = "reproduce.yaml"
 #: ``make compare``: the compared runs at equal compute.
 COMPARISON = "compare.yaml"
-#: The claims study (``make claims``): the reproduction's machinery on the shipped encoders.
+#: The claims study (``make claims``): the reproduction's machinery on the shipped encoders;
+#: its discrete half at a longer budget (``make claims-fudoki``).
 CLAIMS = "claims.yaml"
+CLAIMS_FUDOKI = "claims_fudoki.yaml"
 #: Configs whose data an app writes first (the manifest under outputs/): each is run by its
 #: app's test instead (tests/apps/test_finetune_example.py).
 APP_CONFIGS = {"finetune_fudoki_fashion.yaml", "vq_fashion.yaml"}
@@ -66,7 +68,8 @@ def stages(name: str) -> list[str]:
 def test_every_config_is_covered() -> None:
     """A new config must be added to this file's table, so that it gets run too."""
     assert {p.name for p in CONFIGS.glob("*.yaml")} == (
-        set(TRAINING) | {REPRODUCTION, COMPARISON, CLAIMS} | APP_CONFIGS | set(SECOND_STAGE)
+        set(TRAINING) | {REPRODUCTION, COMPARISON, CLAIMS, CLAIMS_FUDOKI} | APP_CONFIGS
+        | set(SECOND_STAGE)
     )
 
 
@@ -185,19 +188,29 @@ def test_reproduction_trains_every_shipped_recipe(fresh_clone: Path) -> None:
         assert f"eval_{chain[-1].name}" in jobs
 
 
-def test_claims_config_plans_on_a_fresh_clone(fresh_clone: Path) -> None:
-    """``make claims`` trains nothing before its models: every encoder is a shipped folder
-    (checked by the planner), every compared run is there on three seeds, and each claim of
-    ``claims.py`` has both of its runs at the same step count."""
+@pytest.mark.parametrize("name", [CLAIMS, CLAIMS_FUDOKI])
+def test_claims_config_plans_on_a_fresh_clone(fresh_clone: Path, name: str) -> None:
+    """``make claims`` / ``make claims-fudoki`` train nothing before their models: every
+    encoder is a shipped folder (checked by the planner), every compared run is there on three
+    seeds, and each claim of ``claims.py`` whose runs the config trains has both of its runs at
+    the same step count. The full study covers every claim; the discrete one every claim
+    between discrete runs."""
     from kineflow.apps.reproduce.claims import CLAIMS as CLAIM_LIST
+    from kineflow.apps.reproduce.config import RUNS
     from kineflow.apps.reproduce.jobs import plan_jobs
 
-    config = ReproduceConfig.from_yaml(CONFIGS / CLAIMS)
-    assert Path(config.model).name in TRAINING and Path(config.unifluid).name in TRAINING
+    config = ReproduceConfig.from_yaml(CONFIGS / name)
+    assert Path(config.model).name in TRAINING
     jobs = {j.name: j for j in plan_jobs(config, fresh_clone / "outputs" / "claims", 1)}
     assert not {"vq", "siglip", "kl"} & set(jobs) and len(config.seeds) >= 3
-    trained = {*config.runs, *config.unifluid_runs}
-    for claim in CLAIM_LIST:
+    if config.unifluid is None:
+        trained, wanted = set(config.runs), [c for c in CLAIM_LIST if {c.a, c.b} <= set(RUNS)]
+        assert not any(job.startswith("unifluid") for job in jobs)
+    else:
+        assert Path(config.unifluid).name in TRAINING
+        trained, wanted = {*config.runs, *config.unifluid_runs}, list(CLAIM_LIST)
+    assert wanted
+    for claim in wanted:
         assert {claim.a, claim.b} <= trained, claim.what
         steps = {jobs[config.seeded(r)[0]].config["optim"]["steps"] for r in (claim.a, claim.b)}
         assert len(steps) == 1 or "fudoki_from_ar" in (claim.a, claim.b), claim.what
