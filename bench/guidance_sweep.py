@@ -28,14 +28,24 @@ GRID = [{"cfg_scale": 1.0}, {"cfg_scale": 2.0}, {"cfg_scale": 3.0}, {"cfg_scale"
         {"cfg_scale": 3.0, "temperature": 0.5}]  # fmt: skip
 
 
-def sweep_setting(pipe: Any, prompts: list[Any], pictures: int, options: dict[str, Any]) -> dict:
+#: What ``--items`` keeps of each picture's row (:func:`kineflow.eval.scores.score_t2i`).
+ITEM_FIELDS = ("id", "sample", "category", "prompt", "passed", "strict", "failures", "detected")
+
+
+def sweep_setting(
+    pipe: Any, prompts: list[Any], pictures: int, options: dict[str, Any], items: bool = False
+) -> dict:
     """The scores of ``pipe`` on ``prompts`` with ``text_to_image`` ``options``, generated and
     summarised as the benchmark does (:func:`kineflow.eval.benchmark.text_to_image_report`,
-    :func:`~kineflow.eval.benchmark.summary`)."""
+    :func:`~kineflow.eval.benchmark.summary`); with ``items``, each picture's row too (its
+    prompt, the scene the detector read back, and why it failed)."""
     from kineflow.eval.benchmark import summary, text_to_image_report
 
     report = text_to_image_report(pipe, prompts, images_per_prompt=pictures, **options)
-    return {"options": options, **summary({"t2i_test": report})["t2i_test"]}
+    row = {"options": options, **summary({"t2i_test": report})["t2i_test"]}
+    if items:
+        row["items"] = [{k: it[k] for k in ITEM_FIELDS} for it in report["items"]]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the model's precision (default: the folder's); float64 samples the same pictures "
         "on every CPU",
     )  # fmt: skip
+    p.add_argument("--items", action="store_true",
+                   help="keep every picture's row: prompt, detected scene, failures")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     grid = json.loads(args.grid) if args.grid else GRID
@@ -66,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for options in grid:
         started = time.perf_counter()
-        row = sweep_setting(pipe, prompts, args.pictures, options)
+        row = sweep_setting(pipe, prompts, args.pictures, options, items=args.items)
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(f"[guidance_sweep] {options}: {row['overall']:.3f} GenEval-style, "
               f"{row['strict']:.3f} strict", file=sys.stderr, flush=True)  # fmt: skip

@@ -43,7 +43,7 @@ def test_command_line_writes_the_json(tmp_path) -> None:
     grid = '[{"cfg_scale": 1.0, "steps": 2}, {"cfg_scale": 3.0, "steps": 2}]'
     cmd = [sys.executable, str(REPO / "bench" / "guidance_sweep.py"), "--model", str(MODEL),
            "--grid", grid, "--prompts", "1", "--pictures", "1", "--threads", "1",
-           "--out", str(out)]  # fmt: skip
+           "--items", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
@@ -53,6 +53,13 @@ def test_command_line_writes_the_json(tmp_path) -> None:
         assert 0 <= s["strict"] <= s["overall"] <= 1  # strict passes are GenEval-style passes
         low, high = s["strict_ci"]
         assert low <= s["strict"] <= high
+        # --items: one row per picture (one prompt per category here, so the overall score is
+        # the mean of the rows' passes), each with the scene the detector read back.
+        rows = s["items"]
+        assert len(rows) == s["n"] == len({r["category"] for r in rows})
+        assert s["overall"] == pytest.approx(sum(r["passed"] for r in rows) / len(rows))
+        assert s["strict"] == pytest.approx(sum(r["strict"] for r in rows) / len(rows))
+        assert all(r["passed"] == (not r["failures"]) for r in rows)
     bad = subprocess.run([*cmd[:2], "--grid", "{}"], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "--grid wants a JSON list" in bad.stderr
