@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the model's precision (default: the folder's); float64 samples the same pictures "
         "on every CPU",
     )  # fmt: skip
-    p.add_argument("--items", action="store_true",
-                   help="keep every picture's row: prompt, detected scene, failures")
+    p.add_argument(
+        "--items",
+        action="store_true",
+        help="keep every picture's row: prompt, detected scene, failures",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     grid = json.loads(args.grid) if args.grid else GRID

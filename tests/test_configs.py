@@ -68,7 +68,9 @@ def stages(name: str) -> list[str]:
 def test_every_config_is_covered() -> None:
     """A new config must be added to this file's table, so that it gets run too."""
     assert {p.name for p in CONFIGS.glob("*.yaml")} == (
-        set(TRAINING) | {REPRODUCTION, COMPARISON, CLAIMS, CLAIMS_FUDOKI} | APP_CONFIGS
+        set(TRAINING)
+        | {REPRODUCTION, COMPARISON, CLAIMS, CLAIMS_FUDOKI}
+        | APP_CONFIGS
         | set(SECOND_STAGE)
     )
 
