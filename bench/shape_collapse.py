@@ -1,0 +1,126 @@
+"""Two named shapes, one drawn: how often a model gives both objects of a prompt the same shape.
+
+Question: when "a circle and a square" fails, what went wrong? Every test prompt that names two
+different shapes (the ``two_object``, ``position`` and ``color_attr`` categories, the
+benchmark's 24 per category, seed 0) is drawn ``--pictures`` times per model, the detector
+reads each picture back, and each picture is put in one of three classes:
+
+- ``both``: both named shapes are among the drawn objects (colour, relation and count aside);
+- ``collapsed``: two or more objects, all of one named shape: the model drew the right number
+  of objects and gave them one shape;
+- ``other``: anything else (one object, a shape the prompt does not name, nothing).
+
+Each rate comes with its 95 % bootstrap interval over prompts (a prompt's pictures together,
+:func:`kineflow.eval.stats.bootstrap_ci`). ``passed`` is the GenEval-style pass rate of the same
+pictures. A model drawn as "pick each object's shape on its own" would collapse about half of
+the time (two shapes named, each object picks one of them); one that binds "one of each" would
+collapse never.
+
+    python bench/shape_collapse.py --models shipped=checkpoints/fudoki-shapes --cfg-scale 3
+
+Sampling: ``text_to_image`` with ``--cfg-scale`` and, for the models that take it, ``--steps``
+solver steps (AR and UniFluid decode one token per step); float64, one thread, batch ``k``
+seeded ``k`` (:func:`kineflow.eval.benchmark.text_to_image_report`). Output: one JSON object on
+stdout (and ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+#: The picture classes, in the order of the JSON.
+CLASSES = ("both", "collapsed", "other")
+
+
+def classify(prompt_text: str, detected: str) -> str:
+    """The class of one picture: ``prompt_text`` names two different shapes; ``detected`` is
+    the scene key the detector read back (``"00circle-red-small;21square-blue-large"``)."""
+    from kineflow.data.shapes.scene import SHAPES
+
+    named = {w for w in prompt_text.split() if w in SHAPES}
+    if len(named) != 2:
+        raise ValueError(f"prompt {prompt_text!r} does not name two different shapes")
+    drawn = [obj[2:].split("-")[0] for obj in detected.split(";") if obj]
+    if named <= set(drawn):
+        return "both"
+    if len(drawn) >= 2 and len(set(drawn)) == 1 and drawn[0] in named:
+        return "collapsed"
+    return "other"
+
+
+def two_shape_prompts(per_category: int = 24) -> list[Any]:
+    """The benchmark's test prompts (``per_category``, seed 0) that name two different shapes."""
+    from kineflow.data.shapes.prompts import prompt_set
+
+    prompts = prompt_set("test", max_per_category=per_category, seed=0)
+    return [p for p in prompts if len({r.shape for r in p.requirements}) == 2]
+
+
+def collapse_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rates of :data:`CLASSES` and of GenEval-style passes over ``rows`` (one per picture:
+    ``id``, ``prompt``, ``detected``, ``passed``), each with its interval over prompts."""
+    from kineflow.eval.stats import bootstrap_ci, ci_pair
+
+    ids = sorted({r["id"] for r in rows})
+    by_prompt = {i: [r for r in rows if r["id"] == i] for i in ids}
+    weights = [len(by_prompt[i]) for i in ids]
+    out: dict[str, Any] = {"prompts": len(ids), "pictures": len(rows)}
+    for name in (*CLASSES, "passed"):
+        hits = [
+            sum((r["passed"] if name == "passed" else classify(r["prompt"], r["detected"]) == name)
+                for r in by_prompt[i]) / len(by_prompt[i])
+            for i in ids
+        ]  # fmt: skip
+        result = bootstrap_ci(hits, weights=weights)
+        out[name], out[f"{name}_ci"] = result[0], ci_pair(result)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=16, help="solver steps, where a model has them")
+    p.add_argument("--pictures", type=int, default=4, help="pictures per prompt")
+    p.add_argument("--per-category", type=int, default=24)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="write the JSON here too")
+    args = p.parse_args(argv)
+    bad = [m for m in args.models if "=" not in m]
+    if bad:
+        p.error(f"--models wants NAME=PATH, got {bad[0]!r}")
+    import torch
+
+    import kineflow
+    from kineflow.eval.benchmark import text_to_image_report
+
+    torch.set_num_threads(args.threads)
+    prompts = two_shape_prompts(args.per_category)
+    report: dict[str, Any] = {
+        "cfg_scale": args.cfg_scale, "steps": args.steps, "pictures_per_prompt": args.pictures,
+        "dtype": "float64", "categories": sorted({q.category for q in prompts}), "models": {},
+    }  # fmt: skip
+    for name, folder in (m.split("=", 1) for m in args.models):
+        pipe = kineflow.load(folder, dtype=torch.float64)
+        options = {"cfg_scale": args.cfg_scale}
+        if pipe.uses_option("text_to_image", "steps"):
+            options["steps"] = args.steps
+        scored = text_to_image_report(pipe, prompts, images_per_prompt=args.pictures, **options)
+        row = {"folder": folder, "options": options, **collapse_report(scored["items"])}
+        report["models"][name] = row
+        print(f"[shape_collapse] {name}: both {row['both']:.3f}, collapsed {row['collapsed']:.3f}, "
+              f"passed {row['passed']:.3f}", file=sys.stderr, flush=True)  # fmt: skip
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
