@@ -37,6 +37,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="FUDOKI solver steps")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance w")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="the models' precision (default: each folder's); float64 draws the same pictures "
+        "on every CPU",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,7 +56,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         folder = Path(name) if Path(name).is_dir() else ROOT / "checkpoints" / name
-        pipe = kineflow.load(folder, device=args.device)
+        dtype = args.dtype and getattr(torch, args.dtype)
+        pipe = kineflow.load(folder, device=args.device, dtype=dtype)
         # Per model: UniFluid takes no solver steps, the FUDOKI model after it still does.
         ok = {k: v for k, v in options.items() if pipe.uses_option("text_to_image", k)}
         r = run_best_of_benchmark(pipe, ns=tuple(args.ns), per_category=args.per_category, **ok)
