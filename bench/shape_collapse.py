@@ -16,12 +16,13 @@ pictures. A model drawn as "pick each object's shape on its own" would collapse 
 the time (two shapes named, each object picks one of them); one that binds "one of each" would
 collapse never.
 
-    python bench/shape_collapse.py --models shipped=checkpoints/fudoki-shapes --cfg-scale 3
+    python bench/shape_collapse.py --models shipped=checkpoints/fudoki-shapes --cfg-scales 1 3
 
-Sampling: ``text_to_image`` with ``--cfg-scale`` and, for the models that take it, ``--steps``
+Sampling: ``text_to_image`` with each of ``--cfg-scales`` and, for the models that take it,
+``--steps``
 solver steps (AR and UniFluid decode one token per step); float64, one thread, batch ``k``
 seeded ``k`` (:func:`kineflow.eval.benchmark.text_to_image_report`). Output: one JSON object on
-stdout (and ``--out``).
+stdout (and ``--out``), a row per model and guidance weight under ``"rows"``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def collapse_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH")
-    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[3.0])
     p.add_argument("--steps", type=int, default=16, help="solver steps, where a model has them")
     p.add_argument("--pictures", type=int, default=4, help="pictures per prompt")
     p.add_argument("--per-category", type=int, default=24)
@@ -101,19 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     prompts = two_shape_prompts(args.per_category)
     report: dict[str, Any] = {
-        "cfg_scale": args.cfg_scale, "steps": args.steps, "pictures_per_prompt": args.pictures,
-        "dtype": "float64", "categories": sorted({q.category for q in prompts}), "models": {},
+        "steps": args.steps, "pictures_per_prompt": args.pictures, "dtype": "float64",
+        "categories": sorted({q.category for q in prompts}), "rows": [],
     }  # fmt: skip
     for name, folder in (m.split("=", 1) for m in args.models):
         pipe = kineflow.load(folder, dtype=torch.float64)
-        options = {"cfg_scale": args.cfg_scale}
-        if pipe.uses_option("text_to_image", "steps"):
-            options["steps"] = args.steps
-        scored = text_to_image_report(pipe, prompts, images_per_prompt=args.pictures, **options)
-        row = {"folder": folder, "options": options, **collapse_report(scored["items"])}
-        report["models"][name] = row
-        print(f"[shape_collapse] {name}: both {row['both']:.3f}, collapsed {row['collapsed']:.3f}, "
-              f"passed {row['passed']:.3f}", file=sys.stderr, flush=True)  # fmt: skip
+        for w in args.cfg_scales:
+            options = {"cfg_scale": w}
+            if pipe.uses_option("text_to_image", "steps"):
+                options["steps"] = args.steps
+            scored = text_to_image_report(pipe, prompts, images_per_prompt=args.pictures,
+                                          **options)  # fmt: skip
+            row = {"model": name, "folder": folder, "options": options,
+                   **collapse_report(scored["items"])}  # fmt: skip
+            report["rows"].append(row)
+            print(f"[shape_collapse] {name}, w = {w:g}: both {row['both']:.3f}, collapsed "
+                  f"{row['collapsed']:.3f}, passed {row['passed']:.3f}", file=sys.stderr,
+                  flush=True)  # fmt: skip
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

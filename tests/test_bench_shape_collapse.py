@@ -80,12 +80,17 @@ def test_command_line_writes_the_json(tmp_path: Path) -> None:
     out = tmp_path / "collapse.json"
     cmd = [sys.executable, str(REPO / "bench" / "shape_collapse.py"), "--models",
            f"shipped={MODEL}", "--per-category", "1", "--pictures", "1", "--steps", "2",
-           "--out", str(out)]  # fmt: skip
+           "--cfg-scales", "1", "3", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert json.loads(out.read_text()) == report
-    row = report["models"]["shipped"]
+    rows = report["rows"]
+    assert [(r["model"], r["options"]["cfg_scale"]) for r in rows] == [
+        ("shipped", 1),
+        ("shipped", 3),
+    ]
+    row = rows[0]
     assert row["pictures"] == row["prompts"] == 3 and row["options"]["steps"] == 2
     assert row["both"] + row["collapsed"] + row["other"] == pytest.approx(1)
     bad = subprocess.run([*cmd[:2], "--models", "shipped"], env=env, cwd=REPO,
