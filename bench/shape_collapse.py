@@ -18,6 +18,14 @@ collapse never.
 
     python bench/shape_collapse.py --models shipped=checkpoints/fudoki-shapes --cfg-scales 1 3
 
+``--given-one`` (FUDOKI models: ``infill``) asks whether the model binds once one object is
+there: each prompt is drawn twice, once with its first-named and once with its second-named
+object already drawn (small, the prompt's colour where it names one, at a random cell) and
+kept, everything outside that object's grid cell regenerated for the prompt. ``kept``: the
+given object still reads back at its cell. If the collapse came from both objects being
+decided at once, a drawn and kept object would end it; if it stays, the model does not
+condition one object's shape on the other's.
+
 Sampling: ``text_to_image`` with each of ``--cfg-scales`` and, for the models that take it,
 ``--steps``
 solver steps (AR and UniFluid decode one token per step); float64, one thread, batch ``k``
@@ -81,6 +89,44 @@ def collapse_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def given_one_items(pipe: Any, prompts: list[Any], seed: int = 0, **options: Any) -> list[dict]:
+    """Rows as :func:`collapse_report` reads them (plus ``kept``) for ``pipe.infill`` of each
+    prompt with one named object given: its first-named, then its second-named (module
+    docstring); batches of 64, batch ``k`` seeded ``seed + k``."""
+    import numpy as np
+
+    from kineflow.data.shapes.prompts import check
+    from kineflow.data.shapes.render import cell_bounds, render_image
+    from kineflow.data.shapes.scene import CELLS, Scene, ShapesWorld
+    from kineflow.eval.detector import detect
+
+    world, rng = ShapesWorld(), np.random.default_rng(seed)
+    edges = cell_bounds(32)
+    jobs = []  # (prompt, given object, source picture, mask)
+    for prompt in prompts:
+        for req in prompt.requirements:
+            cell = CELLS[rng.integers(len(CELLS))]
+            obj = world.random_object(rng, cell, shape=req.shape, colour=req.colour,
+                                      size="small")  # fmt: skip
+            mask = np.full((32, 32), 255, np.uint8)
+            (r, c) = cell
+            mask[edges[r] : edges[r + 1], edges[c] : edges[c + 1]] = 0
+            jobs.append((prompt, obj, render_image(Scene((obj,))), mask))
+    pictures = []
+    for k, start in enumerate(range(0, len(jobs), 64)):
+        batch = jobs[start : start + 64]
+        out = pipe.infill([j[2] for j in batch], [j[3] for j in batch],
+                          [j[0].text for j in batch], seed=seed + k, **options)  # fmt: skip
+        pictures += out.images
+    scenes = detect(np.stack([np.asarray(im) for im in pictures]))
+    return [
+        {"id": prompt.id, "prompt": prompt.text, "detected": scene.key(),
+         "passed": not check(prompt, scene),
+         "kept": any(o.cell == obj.cell and o.shape == obj.shape for o in scene.objects)}
+        for (prompt, obj, _, _), scene in zip(jobs, scenes, strict=True)
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH")
@@ -89,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pictures", type=int, default=4, help="pictures per prompt")
     p.add_argument("--per-category", type=int, default=24)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--given-one",
+        action="store_true",
+        help="infill with one named object drawn and kept (FUDOKI models)",
+    )
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args(argv)
     bad = [m for m in args.models if "=" not in m]
@@ -102,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     prompts = two_shape_prompts(args.per_category)
     report: dict[str, Any] = {
-        "steps": args.steps, "pictures_per_prompt": args.pictures, "dtype": "float64",
+        "steps": args.steps, "dtype": "float64", "given_one": args.given_one,
+        "pictures_per_prompt": 2 if args.given_one else args.pictures,
         "categories": sorted({q.category for q in prompts}), "rows": [],
     }  # fmt: skip
     for name, folder in (m.split("=", 1) for m in args.models):
@@ -111,10 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             options = {"cfg_scale": w}
             if pipe.uses_option("text_to_image", "steps"):
                 options["steps"] = args.steps
-            scored = text_to_image_report(pipe, prompts, images_per_prompt=args.pictures,
-                                          **options)  # fmt: skip
+            if args.given_one:
+                items = given_one_items(pipe, prompts, **options)
+                kept = sum(r["kept"] for r in items) / len(items)
+            else:
+                items = text_to_image_report(pipe, prompts, images_per_prompt=args.pictures,
+                                             **options)["items"]  # fmt: skip
+                kept = None
             row = {"model": name, "folder": folder, "options": options,
-                   **collapse_report(scored["items"])}  # fmt: skip
+                   **collapse_report(items)} | ({} if kept is None else {"kept": kept})  # fmt: skip
             report["rows"].append(row)
             print(f"[shape_collapse] {name}, w = {w:g}: both {row['both']:.3f}, collapsed "
                   f"{row['collapsed']:.3f}, passed {row['passed']:.3f}", file=sys.stderr,

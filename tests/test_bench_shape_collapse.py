@@ -96,3 +96,20 @@ def test_command_line_writes_the_json(tmp_path: Path) -> None:
     bad = subprocess.run([*cmd[:2], "--models", "shipped"], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
+
+
+def test_given_one_infills_around_each_named_object() -> None:
+    """``--given-one``: one row per named object of each prompt, the given object drawn where
+    the model may not write (its cell's codes are the source's, so it reads back unless a
+    regenerated neighbour token spills onto it)."""
+    import kineflow
+
+    pipe = kineflow.load(MODEL)
+    with bench_script("shape_collapse") as bench:
+        prompts = bench.two_shape_prompts(1)
+        rows = bench.given_one_items(pipe, prompts, steps=2, cfg_scale=3.0)
+        got = bench.collapse_report(rows)
+    assert [r["id"] for r in rows] == [p.id for p in prompts for _ in range(2)]
+    assert got["pictures"] == 2 * got["prompts"] == 2 * len(prompts)
+    assert sum(r["kept"] for r in rows) >= len(rows) // 2
+    assert all(bench.classify(r["prompt"], r["detected"]) in bench.CLASSES for r in rows)
