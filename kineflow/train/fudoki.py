@@ -29,6 +29,7 @@ start of the run (from ``init_from``: AR → DFM; ``lora``: :mod:`kineflow.train
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -112,6 +113,12 @@ class Objective:
     from scratch) the metric path is close to the uniform path, and the answer token already
     holds most of the mass of ``p_t(·|x_1)`` once ``β_t · d`` exceeds ``log V`` (t ≈ 0.45 for
     FUDOKI's β and V ≈ 400); samples above that teach the model to copy its input.
+
+    ``block_time`` (0: off): the share of generation samples whose picture draws one ``t`` per
+    ``block_size`` × ``block_size`` block of its token grid instead of one for the whole
+    picture, so the model also sees one part of a picture clean and another noisy, where what
+    one object is has to be read off another (docs/generation.md, finding 5). The sampler
+    keeps one ``t`` per picture; the model is not told ``t`` either way.
     """
 
     kind: str = "metric"
@@ -121,8 +128,15 @@ class Objective:
     t_min: float = 0.0
     t_max: float = 1.0
     text_t_max: float | None = None
+    block_time: float = 0.0
+    block_size: int = 3
 
     def __post_init__(self) -> None:
+        if not 0 <= self.block_time <= 1:
+            raise ValueError(f"objective.block_time must be in [0, 1], got {self.block_time!r}")
+        if type(self.block_size) is not int or self.block_size < 1:
+            raise ValueError(f"objective.block_size must be a positive integer, got "
+                             f"{self.block_size!r}")  # fmt: skip
         if self.kind not in OBJECTIVES:
             raise ValueError(f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         for hi, name in ((self.t_max, "t_max"), (self.text_t_max, "text_t_max")):
@@ -307,7 +321,9 @@ class FudokiTask:
         """CPU work only: the layouts, the clean targets ``x1`` (the VQ codes of on-the-fly
         pictures come in :meth:`losses`, from ``pictures`` at rows ``encode_rows``), the SigLIP
         pixels, and each sample's training draws from its own generator: ``t`` Float[B] and
-        ``u`` Float64[B, N], the uniforms of its region's corruption (0 elsewhere)."""
+        ``u`` Float64[B, N], the uniforms of its region's corruption (0 elsewhere); with
+        ``objective.block_time``, ``t_tokens`` Float[B, N], each position's time (``t``, or
+        one per block of the picture's token grid), else None."""
         samples = [self._sample(i) for i in indices]
         records = [r for r, _ in samples]
         lay = stack_layouts([record_layout(r) for r in records], self.tokenizer.pad_id)
@@ -327,11 +343,29 @@ class FudokiTask:
                 hi = o.t_max if is_gen[b] or o.text_t_max is None else o.text_t_max
                 t[b] = o.t_min + (hi - o.t_min) * float(torch.rand((), generator=g))
                 u[b, lay.region[b]] = uniforms(int(lay.region[b].sum()), g, "cpu")[:, 0]
+        t_tokens = None
+        if self.obj.kind != "ar" and self.obj.block_time > 0:
+            t_tokens = t[:, None].repeat(1, N)
+            for b, (_, g) in enumerate(samples):  # drawn after, so block_time 0 draws nothing
+                if is_gen[b] and float(torch.rand((), generator=g)) < self.obj.block_time:
+                    t_tokens[b, lay.region[b]] = self._block_times(int(lay.region[b].sum()), g)
         pictures = torch.stack([records[b]["picture"] for b in encode]) if encode else None
         rows = torch.tensor(encode, dtype=torch.long)
         pack = plan_packing(lay.attention_mask, self.data.pack_length) if self.data.pack else None
         return {"layout": lay, "x1": x1, "is_gen": is_gen, "pixels": pixels, "t": t, "u": u,
+                "t_tokens": t_tokens,
                 "pictures": pictures, "encode_rows": rows, "pack": pack}  # fmt: skip
+
+    def _block_times(self, n: int, g: torch.Generator) -> Tensor:
+        """Float[n]: one ``t ~ U(t_min, t_max)`` per ``block_size``² block of a square grid of
+        ``n`` image tokens (row-major), repeated over the block's tokens."""
+        o, side = self.obj, math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"objective.block_time needs a square token grid, got {n} tokens")
+        k = -(-side // o.block_size)  # blocks per side (the last ones may be smaller)
+        blocks = o.t_min + (o.t_max - o.t_min) * torch.rand(k, k, generator=g)
+        rows = torch.arange(side) // o.block_size
+        return blocks[rows[:, None], rows[None, :]].flatten()
 
     @torch.no_grad()
     def _encode(self, pictures: Tensor) -> Tensor:
@@ -363,7 +397,8 @@ class FudokiTask:
             return x1
         lay: Layout = batch["layout"]
         is_gen = batch["is_gen"].to(x1.device)
-        t = batch["t"].to(x1.device)[:, None].expand(x1.shape)
+        t_tokens = batch.get("t_tokens")
+        t = (batch["t"][:, None].expand(x1.shape) if t_tokens is None else t_tokens).to(x1.device)
         xt = x1.clone()
         for path, at in ((self.image_path, lay.region & is_gen[:, None]),
                          (self.text_path, lay.region & ~is_gen[:, None])):  # fmt: skip

@@ -4,6 +4,7 @@ per-sample corruption, and samples read from shards equal those made on the fly.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -147,3 +148,59 @@ def test_position_words_fit_four_answer_slots() -> None:
     words = {a: n for a, n in answers.items() if a in (*ROW_WORDS, *COLUMN_WORDS)}
     assert sum(words.values()) > 30  # the rest: scenes whose objects are all named by cell
     assert len(words) == 5  # top, center, bottom, left, right all asked
+
+
+def test_block_time_draws_one_t_per_block_of_the_picture(assets, tmp_path) -> None:  # noqa: F811
+    """``objective.block_time``: off, nothing is drawn (``t_tokens`` None, the batch as
+    before); on, a generation sample's picture takes one ``t`` per 3 × 3 block of its token
+    grid (4 × 4 here: blocks of 3 and 1 per side), drawn by its own generator after its other
+    draws (an oracle replays them), understanding samples keep their one ``t``, and the
+    corruption of each block is the path's at that block's ``t``."""
+
+    from dataclasses import replace
+
+    from kineflow.flow.sampling import uniforms
+    from kineflow.train.fudoki import Objective
+
+    task = make_task(assets, tmp_path)
+    indices = list(range(5, 15))
+    assert task.batch(indices)["t_tokens"] is None
+    task.obj = replace(task.obj, block_time=1.0, block_size=3)
+    batch = task.batch(indices)
+    x1 = task.targets(batch)
+    xt = task.corrupt(batch, x1)
+    lay, o, seen = batch["layout"], task.obj, 0
+    for b, index in enumerate(indices):
+        times = batch["t_tokens"][b, lay.region[b]]
+        if not batch["is_gen"][b]:
+            assert (times == batch["t"][b]).all()
+            continue
+        seen += 1
+        _, g = task._draw(index)
+        float(torch.rand((), generator=g))  # t
+        uniforms(int(lay.region[b].sum()), g, "cpu")  # the corruption's uniforms
+        assert float(torch.rand((), generator=g)) < 1.0  # the block_time draw
+        side = math.isqrt(len(times))
+        k = -(-side // 3)
+        blocks = o.t_min + (o.t_max - o.t_min) * torch.rand(k, k, generator=g)
+        grid = times.view(side, side)
+        target = x1[b, lay.region[b]].view(side, side)
+        u = batch["u"][b, lay.region[b]].view(side, side)
+        assert k == 2 and len(set(blocks.flatten().tolist())) == 4
+        for i in range(k):
+            for j in range(k):
+                rows, cols = slice(3 * i, 3 * i + 3), slice(3 * j, 3 * j + 3)
+                assert (grid[rows, cols] == blocks[i, j]).all()
+                cell = target[rows, cols].flatten()
+                want = task.image_path.sample(
+                    cell,
+                    torch.full(cell.shape, float(blocks[i, j])),
+                    u=u[rows, cols].reshape(-1, 1),
+                )
+                got = xt[b, lay.region[b]].view(side, side)[rows, cols].flatten()
+                assert torch.equal(got, want), (index, i, j)
+    assert seen > 0
+    with pytest.raises(ValueError, match="block_time"):
+        Objective(block_time=1.5)
+    with pytest.raises(ValueError, match="block_size"):
+        Objective(block_size=0)
