@@ -29,7 +29,6 @@ start of the run (from ``init_from``: AR → DFM; ``lora``: :mod:`kineflow.train
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,6 +43,7 @@ from kineflow.data.shapes.render import render
 from kineflow.data.shapes.scene import Scene, ShapesWorld
 from kineflow.flow.loss import region_cross_entropy
 from kineflow.flow.sampling import uniforms
+from kineflow.flow.times import block_times
 from kineflow.inputs.images import preprocess_understanding
 from kineflow.inputs.layout import (
     Layout,
@@ -135,8 +135,7 @@ class Objective:
         if not 0 <= self.block_time <= 1:
             raise ValueError(f"objective.block_time must be in [0, 1], got {self.block_time!r}")
         if type(self.block_size) is not int or self.block_size < 1:
-            raise ValueError(f"objective.block_size must be a positive integer, got "
-                             f"{self.block_size!r}")  # fmt: skip
+            raise ValueError(f"objective.block_size must be an integer >= 1: {self.block_size!r}")
         if self.kind not in OBJECTIVES:
             raise ValueError(f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         for hi, name in ((self.t_max, "t_max"), (self.text_t_max, "text_t_max")):
@@ -345,27 +344,17 @@ class FudokiTask:
                 u[b, lay.region[b]] = uniforms(int(lay.region[b].sum()), g, "cpu")[:, 0]
         t_tokens = None
         if self.obj.kind != "ar" and self.obj.block_time > 0:
-            t_tokens = t[:, None].repeat(1, N)
+            o, t_tokens = self.obj, t[:, None].repeat(1, N)
             for b, (_, g) in enumerate(samples):  # drawn after, so block_time 0 draws nothing
-                if is_gen[b] and float(torch.rand((), generator=g)) < self.obj.block_time:
-                    t_tokens[b, lay.region[b]] = self._block_times(int(lay.region[b].sum()), g)
+                if is_gen[b] and float(torch.rand((), generator=g)) < o.block_time:
+                    n = int(lay.region[b].sum())
+                    t_tokens[b, lay.region[b]] = block_times(n, o.block_size, o.t_min, o.t_max, g)
         pictures = torch.stack([records[b]["picture"] for b in encode]) if encode else None
         rows = torch.tensor(encode, dtype=torch.long)
         pack = plan_packing(lay.attention_mask, self.data.pack_length) if self.data.pack else None
         return {"layout": lay, "x1": x1, "is_gen": is_gen, "pixels": pixels, "t": t, "u": u,
                 "t_tokens": t_tokens,
                 "pictures": pictures, "encode_rows": rows, "pack": pack}  # fmt: skip
-
-    def _block_times(self, n: int, g: torch.Generator) -> Tensor:
-        """Float[n]: one ``t ~ U(t_min, t_max)`` per ``block_size``² block of a square grid of
-        ``n`` image tokens (row-major), repeated over the block's tokens."""
-        o, side = self.obj, math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"objective.block_time needs a square token grid, got {n} tokens")
-        k = -(-side // o.block_size)  # blocks per side (the last ones may be smaller)
-        blocks = o.t_min + (o.t_max - o.t_min) * torch.rand(k, k, generator=g)
-        rows = torch.arange(side) // o.block_size
-        return blocks[rows[:, None], rows[None, :]].flatten()
 
     @torch.no_grad()
     def _encode(self, pictures: Tensor) -> Tensor:
