@@ -48,12 +48,12 @@ CLASSES = ("both", "collapsed", "other")
 def classify(prompt_text: str, detected: str) -> str:
     """The class of one picture: ``prompt_text`` names two different shapes; ``detected`` is
     the scene key the detector read back (``"00circle-red-small;21square-blue-large"``)."""
-    from kineflow.data.shapes.scene import SHAPES
+    from kineflow.data.shapes.scene import SHAPES, Scene
 
     named = {w for w in prompt_text.split() if w in SHAPES}
     if len(named) != 2:
         raise ValueError(f"prompt {prompt_text!r} does not name two different shapes")
-    drawn = [obj[2:].split("-")[0] for obj in detected.split(";") if obj]
+    drawn = [obj.shape for obj in Scene.from_key(detected).objects]
     if named <= set(drawn):
         return "both"
     if len(drawn) >= 2 and len(set(drawn)) == 1 and drawn[0] in named:
@@ -74,16 +74,16 @@ def collapse_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ``id``, ``prompt``, ``detected``, ``passed``), each with its interval over prompts."""
     from kineflow.eval.stats import bootstrap_ci, ci_pair
 
-    ids = sorted({r["id"] for r in rows})
-    by_prompt = {i: [r for r in rows if r["id"] == i] for i in ids}
-    weights = [len(by_prompt[i]) for i in ids]
+    marks: dict[str, list[dict[str, bool]]] = {}  # prompt id -> per picture: class -> bool
+    for r in rows:
+        kind = classify(r["prompt"], r["detected"])
+        marks.setdefault(r["id"], []).append({c: kind == c for c in CLASSES} | {
+            "passed": bool(r["passed"])})  # fmt: skip
+    ids = sorted(marks)
+    weights = [len(marks[i]) for i in ids]
     out: dict[str, Any] = {"prompts": len(ids), "pictures": len(rows)}
     for name in (*CLASSES, "passed"):
-        hits = [
-            sum((r["passed"] if name == "passed" else classify(r["prompt"], r["detected"]) == name)
-                for r in by_prompt[i]) / len(by_prompt[i])
-            for i in ids
-        ]  # fmt: skip
+        hits = [sum(m[name] for m in marks[i]) / len(marks[i]) for i in ids]
         result = bootstrap_ci(hits, weights=weights)
         out[name], out[f"{name}_ci"] = result[0], ci_pair(result)
     return out
